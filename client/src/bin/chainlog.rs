@@ -1,0 +1,2 @@
+//! `chainlog` CLI.
+fn main() {}

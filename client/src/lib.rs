@@ -1,0 +1,1 @@
+//! chainlog-client: async and blocking client for chainlog.

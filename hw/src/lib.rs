@@ -1,0 +1,1 @@
+//! chainlog-hw: the only crate with `unsafe` — aligned buffers, io_uring storage, transports, probes.

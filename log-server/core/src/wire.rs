@@ -1,0 +1,664 @@
+//! Frames on a connection (client↔node and node↔node): a fixed header, then a typed body.
+//!
+//! Frame header, `FRAME_HEADER_LEN` = 16 bytes, little-endian:
+//! `body_len u32 | kind u16 | flags u16 | request_id u64`. Requests carry a client-chosen
+//! `request_id`; the reply (or, for `Subscribe`, every pushed `Records`) echoes it, so one
+//! connection pipelines many requests. Batches inside bodies are carried as separate `Bytes`
+//! so a sender can `writev` them straight from the buffer they were received or stored in.
+
+use crate::error::{Error, ErrorCode, Result};
+use crate::limits::{FRAME_BODY_BYTES_MAX, LOG_NAME_BYTES_MAX};
+use crate::record::{self, BatchHeader};
+use crate::types::{ClusterId, Epoch, LogId, NodeId, Offset};
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+
+pub const FRAME_HEADER_LEN: usize = 16;
+/// Version of this frame protocol; a handshake with another version is refused.
+pub const PROTOCOL_VERSION: u16 = 1;
+
+/// Frame kinds. Stable on the wire.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[repr(u16)]
+pub enum Kind {
+    Hello = 1,
+    HelloOk = 2,
+    Error = 3,
+    CreateLog = 10,
+    CreateLogOk = 11,
+    Append = 12,
+    AppendOk = 13,
+    Read = 14,
+    ReadOk = 15,
+    Subscribe = 16,
+    Records = 17,
+    Status = 18,
+    StatusOk = 19,
+    Trim = 20,
+    TrimOk = 21,
+    /// Node-to-node protocol messages; the body is decoded by `PeerMessage`.
+    Peer = 100,
+}
+
+impl Kind {
+    pub fn from_u16(v: u16) -> Option<Kind> {
+        use Kind::*;
+        Some(match v {
+            1 => Hello,
+            2 => HelloOk,
+            3 => Error,
+            10 => CreateLog,
+            11 => CreateLogOk,
+            12 => Append,
+            13 => AppendOk,
+            14 => Read,
+            15 => ReadOk,
+            16 => Subscribe,
+            17 => Records,
+            18 => Status,
+            19 => StatusOk,
+            20 => Trim,
+            21 => TrimOk,
+            100 => Peer,
+            _ => return None,
+        })
+    }
+}
+
+/// A decoded frame header.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameHeader {
+    pub body_len: u32,
+    pub kind: u16,
+    pub flags: u16,
+    pub request_id: u64,
+}
+
+impl FrameHeader {
+    /// Decodes and bounds-checks a frame header. A body longer than the limit is refused before
+    /// any of it is read, so a hostile length cannot make the reader allocate.
+    pub fn decode(b: &[u8; FRAME_HEADER_LEN]) -> Result<FrameHeader> {
+        let mut r = &b[..];
+        let h = FrameHeader {
+            body_len: r.get_u32_le(),
+            kind: r.get_u16_le(),
+            flags: r.get_u16_le(),
+            request_id: r.get_u64_le(),
+        };
+        if h.body_len as usize > FRAME_BODY_BYTES_MAX {
+            return Err(Error::TooLarge {
+                what: "frame",
+                size: h.body_len as usize,
+                limit: FRAME_BODY_BYTES_MAX,
+            });
+        }
+        Ok(h)
+    }
+
+    pub fn encode(&self, out: &mut BytesMut) {
+        out.put_u32_le(self.body_len);
+        out.put_u16_le(self.kind);
+        out.put_u16_le(self.flags);
+        out.put_u64_le(self.request_id);
+    }
+}
+
+/// A frame ready to send: `head` (frame header + fixed fields) followed by zero or more
+/// payload chunks (whole batches) that are sent without copying.
+#[derive(Clone, Debug, Default)]
+pub struct Encoded {
+    pub head: Bytes,
+    pub chunks: Vec<Bytes>,
+}
+
+impl Encoded {
+    /// Total bytes on the wire.
+    pub fn len(&self) -> usize {
+        self.head.len() + self.chunks.iter().map(Bytes::len).sum::<usize>()
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// Flattens into one buffer (tests and small control frames only: it copies).
+    pub fn to_vec(&self) -> Vec<u8> {
+        let mut v = Vec::with_capacity(self.len());
+        v.extend_from_slice(&self.head);
+        for c in &self.chunks {
+            v.extend_from_slice(c);
+        }
+        v
+    }
+}
+
+/// Builds an `Encoded` frame: `fixed` writes the fixed body fields after the header.
+pub fn encode_frame(
+    kind: Kind,
+    request_id: u64,
+    chunks: Vec<Bytes>,
+    fixed: impl FnOnce(&mut BytesMut),
+) -> Encoded {
+    let mut head = BytesMut::with_capacity(FRAME_HEADER_LEN + 64);
+    head.put_bytes(0, FRAME_HEADER_LEN);
+    fixed(&mut head);
+    let body_len = head.len() - FRAME_HEADER_LEN + chunks.iter().map(Bytes::len).sum::<usize>();
+    let fh = FrameHeader {
+        body_len: body_len as u32,
+        kind: kind as u16,
+        flags: 0,
+        request_id,
+    };
+    let mut h = BytesMut::with_capacity(FRAME_HEADER_LEN);
+    fh.encode(&mut h);
+    head[..FRAME_HEADER_LEN].copy_from_slice(&h);
+    Encoded {
+        head: head.freeze(),
+        chunks,
+    }
+}
+
+/// Who opened a connection.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Role {
+    Client,
+    /// Another node of the cluster; `node` is its id.
+    Peer {
+        node: NodeId,
+    },
+}
+
+/// First frame on every connection, in both directions (`Hello` then `HelloOk`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hello {
+    pub version: u16,
+    pub cluster_id: ClusterId,
+    pub role: Role,
+    pub epoch: Epoch,
+}
+
+/// What a node answers to a `Hello`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct HelloOk {
+    pub version: u16,
+    pub cluster_id: ClusterId,
+    pub node: NodeId,
+    pub epoch: Epoch,
+}
+
+/// Requests a client sends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientRequest {
+    CreateLog {
+        name: String,
+    },
+    /// The body is one producer-built batch (see `record`); its header names the log, the
+    /// producer id and the sequence of its first record.
+    Append {
+        batch: Bytes,
+    },
+    Read {
+        log: LogId,
+        from: Offset,
+        max_records: u32,
+        max_bytes: u32,
+        /// How long the node may wait for `from` to be committed before answering with no
+        /// batches (long poll); 0 answers at once.
+        wait_ms: u32,
+    },
+    /// Push every committed batch from `from` on, as `Records` frames with this request id.
+    Subscribe {
+        log: LogId,
+        from: Offset,
+    },
+    Status,
+    /// Deletes whole segments entirely below `before` (retention).
+    Trim {
+        log: LogId,
+        before: Offset,
+    },
+}
+
+/// Replies a node sends.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum ClientReply {
+    CreateLogOk {
+        log: LogId,
+    },
+    AppendOk {
+        base_offset: Offset,
+        record_count: u32,
+    },
+    /// Whole committed batches; the first may start before the requested offset (the reader
+    /// skips records below it). `committed_end` is what this node knew when it answered.
+    ReadOk {
+        committed_end: Offset,
+        batches: Vec<Bytes>,
+    },
+    /// A push for a `Subscribe`.
+    Records {
+        committed_end: Offset,
+        batches: Vec<Bytes>,
+    },
+    /// JSON document describing the node, its chain and its logs.
+    StatusOk {
+        json: Bytes,
+    },
+    TrimOk {
+        start: Offset,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+fn need(b: &Bytes, n: usize, what: &str) -> Result<()> {
+    if b.remaining() < n {
+        return Err(Error::Malformed(format!("{what}: body too short")));
+    }
+    Ok(())
+}
+
+/// Splits a concatenation of whole batches into zero-copy slices, verifying each fully.
+pub fn split_batches(mut body: Bytes) -> Result<Vec<Bytes>> {
+    let mut out = Vec::new();
+    while !body.is_empty() {
+        let h = record::verify(&body)?;
+        out.push(body.split_to(h.batch_len()));
+    }
+    Ok(out)
+}
+
+fn batches_len(batches: &[Bytes]) -> usize {
+    batches.iter().map(Bytes::len).sum()
+}
+
+impl Hello {
+    pub fn encode(&self, request_id: u64) -> Encoded {
+        encode_frame(Kind::Hello, request_id, vec![], |b| {
+            b.put_u16_le(self.version);
+            match self.role {
+                Role::Client => {
+                    b.put_u16_le(0);
+                    b.put_u32_le(0);
+                }
+                Role::Peer { node } => {
+                    b.put_u16_le(1);
+                    b.put_u32_le(node.0);
+                }
+            }
+            b.put_u64_le(self.cluster_id.0);
+            b.put_u64_le(self.epoch.0);
+        })
+    }
+
+    pub fn decode(mut body: Bytes) -> Result<Hello> {
+        need(&body, 24, "hello")?;
+        let version = body.get_u16_le();
+        let role = body.get_u16_le();
+        let node = body.get_u32_le();
+        let cluster_id = ClusterId(body.get_u64_le());
+        let epoch = Epoch(body.get_u64_le());
+        let role = match role {
+            0 => Role::Client,
+            1 => Role::Peer { node: NodeId(node) },
+            r => return Err(Error::Malformed(format!("hello: unknown role {r}"))),
+        };
+        Ok(Hello {
+            version,
+            cluster_id,
+            role,
+            epoch,
+        })
+    }
+}
+
+impl HelloOk {
+    pub fn encode(&self, request_id: u64) -> Encoded {
+        encode_frame(Kind::HelloOk, request_id, vec![], |b| {
+            b.put_u16_le(self.version);
+            b.put_u16_le(0);
+            b.put_u32_le(self.node.0);
+            b.put_u64_le(self.cluster_id.0);
+            b.put_u64_le(self.epoch.0);
+        })
+    }
+
+    pub fn decode(mut body: Bytes) -> Result<HelloOk> {
+        need(&body, 24, "hello-ok")?;
+        let version = body.get_u16_le();
+        let _ = body.get_u16_le();
+        let node = NodeId(body.get_u32_le());
+        let cluster_id = ClusterId(body.get_u64_le());
+        let epoch = Epoch(body.get_u64_le());
+        Ok(HelloOk {
+            version,
+            cluster_id,
+            node,
+            epoch,
+        })
+    }
+}
+
+impl ClientRequest {
+    pub fn encode(&self, request_id: u64) -> Encoded {
+        match self {
+            ClientRequest::CreateLog { name } => {
+                encode_frame(Kind::CreateLog, request_id, vec![], |b| {
+                    b.put_u16_le(name.len() as u16);
+                    b.put_slice(name.as_bytes());
+                })
+            }
+            ClientRequest::Append { batch } => {
+                encode_frame(Kind::Append, request_id, vec![batch.clone()], |_| {})
+            }
+            ClientRequest::Read {
+                log,
+                from,
+                max_records,
+                max_bytes,
+                wait_ms,
+            } => encode_frame(Kind::Read, request_id, vec![], |b| {
+                b.put_u64_le(log.0);
+                b.put_u64_le(from.0);
+                b.put_u32_le(*max_records);
+                b.put_u32_le(*max_bytes);
+                b.put_u32_le(*wait_ms);
+            }),
+            ClientRequest::Subscribe { log, from } => {
+                encode_frame(Kind::Subscribe, request_id, vec![], |b| {
+                    b.put_u64_le(log.0);
+                    b.put_u64_le(from.0);
+                })
+            }
+            ClientRequest::Status => encode_frame(Kind::Status, request_id, vec![], |_| {}),
+            ClientRequest::Trim { log, before } => {
+                encode_frame(Kind::Trim, request_id, vec![], |b| {
+                    b.put_u64_le(log.0);
+                    b.put_u64_le(before.0);
+                })
+            }
+        }
+    }
+
+    /// Decodes a request body. An `Append` batch is fully verified (checksums, limits) here,
+    /// before it reaches the replica.
+    pub fn decode(kind: u16, mut body: Bytes) -> Result<ClientRequest> {
+        let kind = Kind::from_u16(kind)
+            .ok_or_else(|| Error::Malformed(format!("unknown frame kind {kind}")))?;
+        Ok(match kind {
+            Kind::CreateLog => {
+                need(&body, 2, "create-log")?;
+                let n = body.get_u16_le() as usize;
+                if n > LOG_NAME_BYTES_MAX {
+                    return Err(Error::TooLarge {
+                        what: "log name",
+                        size: n,
+                        limit: LOG_NAME_BYTES_MAX,
+                    });
+                }
+                need(&body, n, "create-log")?;
+                let name = String::from_utf8(body.split_to(n).to_vec())
+                    .map_err(|_| Error::Malformed("log name is not UTF-8".into()))?;
+                ClientRequest::CreateLog { name }
+            }
+            Kind::Append => {
+                let h = record::verify(&body)?;
+                if h.batch_len() != body.len() {
+                    return Err(Error::Malformed(
+                        "append body holds more than one batch".into(),
+                    ));
+                }
+                ClientRequest::Append { batch: body }
+            }
+            Kind::Read => {
+                need(&body, 28, "read")?;
+                ClientRequest::Read {
+                    log: LogId(body.get_u64_le()),
+                    from: Offset(body.get_u64_le()),
+                    max_records: body.get_u32_le(),
+                    max_bytes: body.get_u32_le(),
+                    wait_ms: body.get_u32_le(),
+                }
+            }
+            Kind::Subscribe => {
+                need(&body, 16, "subscribe")?;
+                ClientRequest::Subscribe {
+                    log: LogId(body.get_u64_le()),
+                    from: Offset(body.get_u64_le()),
+                }
+            }
+            Kind::Status => ClientRequest::Status,
+            Kind::Trim => {
+                need(&body, 16, "trim")?;
+                ClientRequest::Trim {
+                    log: LogId(body.get_u64_le()),
+                    before: Offset(body.get_u64_le()),
+                }
+            }
+            k => return Err(Error::Malformed(format!("{k:?} is not a client request"))),
+        })
+    }
+}
+
+impl ClientReply {
+    pub fn encode(&self, request_id: u64) -> Encoded {
+        match self {
+            ClientReply::CreateLogOk { log } => {
+                encode_frame(Kind::CreateLogOk, request_id, vec![], |b| {
+                    b.put_u64_le(log.0)
+                })
+            }
+            ClientReply::AppendOk {
+                base_offset,
+                record_count,
+            } => encode_frame(Kind::AppendOk, request_id, vec![], |b| {
+                b.put_u64_le(base_offset.0);
+                b.put_u32_le(*record_count);
+            }),
+            ClientReply::ReadOk {
+                committed_end,
+                batches,
+            } => encode_frame(Kind::ReadOk, request_id, batches.clone(), |b| {
+                b.put_u64_le(committed_end.0)
+            }),
+            ClientReply::Records {
+                committed_end,
+                batches,
+            } => encode_frame(Kind::Records, request_id, batches.clone(), |b| {
+                b.put_u64_le(committed_end.0)
+            }),
+            ClientReply::StatusOk { json } => {
+                encode_frame(Kind::StatusOk, request_id, vec![json.clone()], |_| {})
+            }
+            ClientReply::TrimOk { start } => {
+                encode_frame(Kind::TrimOk, request_id, vec![], |b| b.put_u64_le(start.0))
+            }
+            ClientReply::Error { code, message } => {
+                let msg = &message.as_bytes()[..message.len().min(u16::MAX as usize)];
+                encode_frame(Kind::Error, request_id, vec![], |b| {
+                    b.put_u16_le(*code as u16);
+                    b.put_u16_le(msg.len() as u16);
+                    b.put_slice(msg);
+                })
+            }
+        }
+    }
+
+    pub fn decode(kind: u16, mut body: Bytes) -> Result<ClientReply> {
+        let kind = Kind::from_u16(kind)
+            .ok_or_else(|| Error::Malformed(format!("unknown frame kind {kind}")))?;
+        Ok(match kind {
+            Kind::CreateLogOk => {
+                need(&body, 8, "create-log-ok")?;
+                ClientReply::CreateLogOk {
+                    log: LogId(body.get_u64_le()),
+                }
+            }
+            Kind::AppendOk => {
+                need(&body, 12, "append-ok")?;
+                ClientReply::AppendOk {
+                    base_offset: Offset(body.get_u64_le()),
+                    record_count: body.get_u32_le(),
+                }
+            }
+            Kind::ReadOk | Kind::Records => {
+                need(&body, 8, "records")?;
+                let committed_end = Offset(body.get_u64_le());
+                let batches = split_batches(body)?;
+                if kind == Kind::ReadOk {
+                    ClientReply::ReadOk {
+                        committed_end,
+                        batches,
+                    }
+                } else {
+                    ClientReply::Records {
+                        committed_end,
+                        batches,
+                    }
+                }
+            }
+            Kind::StatusOk => ClientReply::StatusOk { json: body },
+            Kind::TrimOk => {
+                need(&body, 8, "trim-ok")?;
+                ClientReply::TrimOk {
+                    start: Offset(body.get_u64_le()),
+                }
+            }
+            Kind::Error => {
+                need(&body, 4, "error")?;
+                let code = body.get_u16_le();
+                let n = body.get_u16_le() as usize;
+                need(&body, n, "error")?;
+                let message = String::from_utf8_lossy(&body.split_to(n)).into_owned();
+                ClientReply::Error {
+                    code: ErrorCode::from_u16(code).unwrap_or(ErrorCode::Internal),
+                    message,
+                }
+            }
+            k => return Err(Error::Malformed(format!("{k:?} is not a reply"))),
+        })
+    }
+}
+
+/// Convenience for tests and tools: the header of the first batch in a reply.
+pub fn first_header(batches: &[Bytes]) -> Option<BatchHeader> {
+    batches.first().and_then(|b| BatchHeader::decode(b).ok())
+}
+
+/// Total payload bytes of a set of batches (for accounting).
+pub fn total_len(batches: &[Bytes]) -> usize {
+    batches_len(batches)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::record::build;
+
+    fn round_trip_req(r: ClientRequest) {
+        let e = r.encode(42).to_vec();
+        let mut hb = [0u8; FRAME_HEADER_LEN];
+        hb.copy_from_slice(&e[..FRAME_HEADER_LEN]);
+        let h = FrameHeader::decode(&hb).expect("header");
+        assert_eq!(h.request_id, 42);
+        assert_eq!(h.body_len as usize, e.len() - FRAME_HEADER_LEN);
+        let got = ClientRequest::decode(h.kind, Bytes::copy_from_slice(&e[FRAME_HEADER_LEN..]))
+            .expect("decode");
+        assert_eq!(got, r);
+    }
+
+    fn round_trip_reply(r: ClientReply) {
+        let e = r.encode(7).to_vec();
+        let mut hb = [0u8; FRAME_HEADER_LEN];
+        hb.copy_from_slice(&e[..FRAME_HEADER_LEN]);
+        let h = FrameHeader::decode(&hb).expect("header");
+        let got = ClientReply::decode(h.kind, Bytes::copy_from_slice(&e[FRAME_HEADER_LEN..]))
+            .expect("decode");
+        assert_eq!(got, r);
+    }
+
+    #[test]
+    fn requests_round_trip() {
+        let batch = build(LogId(3), Offset(0), Epoch(0), &[b"x", b"yy"]).expect("build");
+        round_trip_req(ClientRequest::CreateLog {
+            name: "orders".into(),
+        });
+        round_trip_req(ClientRequest::Append { batch });
+        round_trip_req(ClientRequest::Read {
+            log: LogId(3),
+            from: Offset(9),
+            max_records: 10,
+            max_bytes: 1000,
+            wait_ms: 5,
+        });
+        round_trip_req(ClientRequest::Subscribe {
+            log: LogId(3),
+            from: Offset(1),
+        });
+        round_trip_req(ClientRequest::Status);
+        round_trip_req(ClientRequest::Trim {
+            log: LogId(3),
+            before: Offset(100),
+        });
+    }
+
+    #[test]
+    fn replies_round_trip() {
+        let b1 = build(LogId(3), Offset(0), Epoch(1), &[b"x", b"yy"]).expect("build");
+        let b2 = build(LogId(3), Offset(2), Epoch(1), &[b"z"]).expect("build");
+        round_trip_reply(ClientReply::CreateLogOk { log: LogId(5) });
+        round_trip_reply(ClientReply::AppendOk {
+            base_offset: Offset(5),
+            record_count: 3,
+        });
+        round_trip_reply(ClientReply::ReadOk {
+            committed_end: Offset(3),
+            batches: vec![b1.clone(), b2.clone()],
+        });
+        round_trip_reply(ClientReply::Records {
+            committed_end: Offset(3),
+            batches: vec![b2],
+        });
+        round_trip_reply(ClientReply::StatusOk {
+            json: Bytes::from_static(b"{}"),
+        });
+        round_trip_reply(ClientReply::TrimOk { start: Offset(0) });
+        round_trip_reply(ClientReply::Error {
+            code: ErrorCode::UnknownLog,
+            message: "no log x".into(),
+        });
+        round_trip_reply(ClientReply::ReadOk {
+            committed_end: Offset(3),
+            batches: vec![b1],
+        });
+    }
+
+    #[test]
+    fn oversized_frame_refused_before_reading() {
+        let mut b = BytesMut::new();
+        FrameHeader {
+            body_len: u32::MAX,
+            kind: 12,
+            flags: 0,
+            request_id: 1,
+        }
+        .encode(&mut b);
+        let mut hb = [0u8; FRAME_HEADER_LEN];
+        hb.copy_from_slice(&b);
+        assert!(matches!(
+            FrameHeader::decode(&hb),
+            Err(Error::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn garbage_bodies_are_errors_not_panics() {
+        for kind in 0..120u16 {
+            for len in 0..40usize {
+                let body = Bytes::from(vec![0xA5u8; len]);
+                let _ = ClientRequest::decode(kind, body.clone());
+                let _ = ClientReply::decode(kind, body.clone());
+                let _ = Hello::decode(body);
+            }
+        }
+    }
+}

@@ -1,0 +1,1 @@
+//! chainlog-sim: deterministic simulation of chains of real replica cores (work in progress).

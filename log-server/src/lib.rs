@@ -1,0 +1,1 @@
+//! chainlog-server: the thin runtime around `chainlog-core` — storage, networking, config.

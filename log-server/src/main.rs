@@ -1,0 +1,2 @@
+//! `log-server` binary entry point.
+fn main() {}
