@@ -5,6 +5,7 @@
 //! deterministic (`BTreeMap`, `Vec`, never `HashMap`) so the simulator replays a seed exactly.
 #![forbid(unsafe_code)]
 
+pub mod effects;
 pub mod error;
 pub mod limits;
 pub mod record;

@@ -662,3 +662,19 @@ mod tests {
         }
     }
 }
+
+/// Node-to-node protocol messages (carried in `Kind::Peer` frames).
+///
+/// PLACEHOLDER: the chain-protocol work replaces this with the real message set. Contract for
+/// the runtime: `encode` gives the whole frame; `decode` takes the body of a `Kind::Peer` frame.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum PeerMessage {}
+
+impl PeerMessage {
+    pub fn encode(&self) -> Encoded {
+        match *self {}
+    }
+    pub fn decode(_body: Bytes) -> Result<PeerMessage> {
+        Err(Error::Malformed("peer messages not implemented".into()))
+    }
+}
