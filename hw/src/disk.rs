@@ -1,0 +1,323 @@
+//! Segment files: open (O_DIRECT when probed OK), create pre-allocated and pre-zeroed (so later
+//! appends never change file metadata and fdatasync stays one flush), zero ranges, sync
+//! directories, and a background preparer that keeps spare segments ready ahead of need.
+
+use crate::buf::{AlignedBuf, PAGE_BYTES};
+use crate::error::{HwError, Result};
+use std::fs::{File, OpenOptions};
+use std::io;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::JoinHandle;
+
+/// Size of the zero buffer used for pre-zeroing (one large aligned write at a time).
+const ZERO_CHUNK_BYTES: usize = 1 << 20;
+
+/// Opens an existing segment for reading and writing, with O_DIRECT when `direct`.
+pub fn open_rw(path: &Path, direct: bool) -> Result<File> {
+    let mut o = OpenOptions::new();
+    o.read(true).write(true);
+    if direct {
+        o.custom_flags(libc::O_DIRECT);
+    }
+    o.open(path).map_err(|e| HwError::io("open segment", e))
+}
+
+/// Opens a file for buffered reads only (the read path, separate from the writer's fd).
+pub fn open_read(path: &Path) -> Result<File> {
+    File::open(path).map_err(|e| HwError::io("open segment for reading", e))
+}
+
+/// Reserves `len` bytes of blocks for `file` without changing visible content.
+pub fn fallocate(file: &File, offset: u64, len: u64) -> Result<()> {
+    let (Ok(off), Ok(l)) = (i64::try_from(offset), i64::try_from(len)) else {
+        return Err(HwError::Invalid(format!("fallocate {offset}+{len}")));
+    };
+    // SAFETY: fallocate takes no pointers; the fd is valid for the borrow of `file`.
+    let r = unsafe { libc::fallocate(file.as_raw_fd(), 0, off, l) };
+    if r != 0 {
+        return Err(HwError::io("fallocate", io::Error::last_os_error()));
+    }
+    Ok(())
+}
+
+/// Writes zeros over `[offset, offset + len)`. With an O_DIRECT fd both must be page-aligned.
+pub fn write_zeros(file: &File, offset: u64, len: u64) -> Result<()> {
+    let zeros = AlignedBuf::new_unpooled(ZERO_CHUNK_BYTES);
+    let mut zeros = zeros;
+    zeros.set_len(ZERO_CHUNK_BYTES);
+    let mut at = offset;
+    let end = offset + len;
+    while at < end {
+        let n = (end - at).min(ZERO_CHUNK_BYTES as u64) as usize;
+        file.write_all_at(&zeros.as_slice()[..n], at)
+            .map_err(|e| HwError::io("write zeros", e))?;
+        at += n as u64;
+    }
+    Ok(())
+}
+
+pub fn fdatasync(file: &File) -> Result<()> {
+    file.sync_data().map_err(|e| HwError::io("fdatasync", e))
+}
+
+/// Makes a directory entry change (create, rename, unlink) durable.
+pub fn fsync_dir(dir: &Path) -> Result<()> {
+    let d = File::open(dir).map_err(|e| HwError::io("open dir for fsync", e))?;
+    d.sync_all().map_err(|e| HwError::io("fsync dir", e))
+}
+
+/// Creates `path` (which must not exist) with `len` bytes allocated and written as zeros, then
+/// fdatasync: afterwards writes inside it are pure data writes. `len` must be page-aligned.
+pub fn create_prezeroed(path: &Path, len: u64, direct: bool) -> Result<()> {
+    if len == 0 || !len.is_multiple_of(PAGE_BYTES as u64) {
+        return Err(HwError::Invalid(format!(
+            "segment length {len} not a positive multiple of {PAGE_BYTES}"
+        )));
+    }
+    let mut o = OpenOptions::new();
+    o.read(true).write(true).create_new(true);
+    if direct {
+        o.custom_flags(libc::O_DIRECT);
+    }
+    let f = o.open(path).map_err(|e| HwError::io("create segment", e))?;
+    fallocate(&f, 0, len)?;
+    write_zeros(&f, 0, len)?;
+    fdatasync(&f)?;
+    Ok(())
+}
+
+/// Keeps pre-zeroed spare files of one size ready in a directory, prepared by a background
+/// thread, so rolling a segment costs a rename instead of writing a whole file of zeros.
+pub struct SpareFiles {
+    shared: Arc<SpareShared>,
+    thread: Option<JoinHandle<()>>,
+}
+
+struct SpareShared {
+    dir: PathBuf,
+    len: u64,
+    direct: bool,
+    keep: usize,
+    stop: AtomicBool,
+    seq: AtomicU64,
+    lock: std::sync::Mutex<SpareState>,
+    cv: std::sync::Condvar,
+}
+
+struct SpareState {
+    ready: Vec<PathBuf>,
+    last_error: Option<String>,
+}
+
+impl std::fmt::Debug for SpareFiles {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SpareFiles")
+            .field("dir", &self.shared.dir)
+            .field("len", &self.shared.len)
+            .finish()
+    }
+}
+
+const SPARE_SUFFIX: &str = ".spare";
+const TMP_SUFFIX: &str = ".tmp";
+
+impl SpareFiles {
+    /// Starts keeping `keep` (>= 1) spare files of `len` bytes in `dir` (created if missing).
+    /// Complete spares left from an earlier run with the right length are reused; partial ones
+    /// are deleted.
+    pub fn start(dir: PathBuf, len: u64, direct: bool, keep: usize) -> Result<SpareFiles> {
+        assert!(keep >= 1);
+        std::fs::create_dir_all(&dir).map_err(|e| HwError::io("create spare dir", e))?;
+        let mut ready = Vec::new();
+        let mut seq = 0u64;
+        let entries = std::fs::read_dir(&dir).map_err(|e| HwError::io("list spare dir", e))?;
+        for e in entries {
+            let e = e.map_err(|e| HwError::io("list spare dir", e))?;
+            let p = e.path();
+            let name = e.file_name().to_string_lossy().into_owned();
+            let size = e.metadata().map(|m| m.len()).unwrap_or(0);
+            if let Some(n) = name
+                .strip_suffix(SPARE_SUFFIX)
+                .and_then(|n| n.parse::<u64>().ok())
+            {
+                seq = seq.max(n + 1);
+                if size == len && ready.len() < keep {
+                    ready.push(p);
+                    continue;
+                }
+            }
+            let _ = std::fs::remove_file(&p);
+        }
+        let shared = Arc::new(SpareShared {
+            dir,
+            len,
+            direct,
+            keep,
+            stop: AtomicBool::new(false),
+            seq: AtomicU64::new(seq),
+            lock: std::sync::Mutex::new(SpareState {
+                ready,
+                last_error: None,
+            }),
+            cv: std::sync::Condvar::new(),
+        });
+        let s2 = shared.clone();
+        let thread = std::thread::Builder::new()
+            .name("chainlog-spare".into())
+            .spawn(move || s2.run())
+            .map_err(|e| HwError::io("spawn spare preparer", e))?;
+        Ok(SpareFiles {
+            shared,
+            thread: Some(thread),
+        })
+    }
+
+    /// Length of every spare.
+    pub fn len(&self) -> u64 {
+        self.shared.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.shared.len == 0
+    }
+
+    /// A prepared spare (the caller renames it into place), or one made now if none is ready
+    /// (slow path: a whole file of zeros is written on the caller's thread).
+    pub fn take(&self) -> Result<PathBuf> {
+        if let Some(p) = self.try_take() {
+            return Ok(p);
+        }
+        tracing::debug!("no spare segment ready; preparing one inline");
+        self.shared.make_one()
+    }
+
+    /// A prepared spare if one is ready.
+    pub fn try_take(&self) -> Option<PathBuf> {
+        let mut st = self.shared.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let p = st.ready.pop();
+        if p.is_some() {
+            self.shared.cv.notify_all();
+        }
+        p
+    }
+
+    /// Blocks until at least one spare is ready or the preparer failed (for tests and start-up).
+    pub fn wait_ready(&self) -> Result<()> {
+        let mut st = self.shared.lock.lock().unwrap_or_else(|e| e.into_inner());
+        loop {
+            if !st.ready.is_empty() {
+                return Ok(());
+            }
+            if let Some(e) = &st.last_error {
+                return Err(HwError::Invalid(format!("spare preparer failed: {e}")));
+            }
+            st = self.shared.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+        }
+    }
+}
+
+impl SpareShared {
+    fn make_one(&self) -> Result<PathBuf> {
+        let n = self.seq.fetch_add(1, Ordering::Relaxed);
+        let tmp = self.dir.join(format!("{n:020}{SPARE_SUFFIX}{TMP_SUFFIX}"));
+        let done = self.dir.join(format!("{n:020}{SPARE_SUFFIX}"));
+        let r = create_prezeroed(&tmp, self.len, self.direct).and_then(|()| {
+            std::fs::rename(&tmp, &done).map_err(|e| HwError::io("rename spare", e))
+        });
+        if r.is_err() {
+            let _ = std::fs::remove_file(&tmp);
+        }
+        r.map(|()| done)
+    }
+
+    fn run(&self) {
+        loop {
+            {
+                let mut st = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+                while !self.stop.load(Ordering::Acquire) && st.ready.len() >= self.keep {
+                    st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
+                }
+                if self.stop.load(Ordering::Acquire) {
+                    return;
+                }
+            }
+            match self.make_one() {
+                Ok(p) => {
+                    let mut st = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+                    st.ready.push(p);
+                    st.last_error = None;
+                    self.cv.notify_all();
+                }
+                Err(e) => {
+                    tracing::warn!("preparing a spare segment failed: {e}");
+                    let mut st = self.lock.lock().unwrap_or_else(|e| e.into_inner());
+                    st.last_error = Some(e.to_string());
+                    self.cv.notify_all();
+                    // Back off so a full disk does not spin this thread; `take` still works
+                    // inline and reports the error to its caller.
+                    let (st, _) = self
+                        .cv
+                        .wait_timeout(st, std::time::Duration::from_secs(1))
+                        .unwrap_or_else(|e| e.into_inner());
+                    drop(st);
+                    if self.stop.load(Ordering::Acquire) {
+                        return;
+                    }
+                }
+            }
+        }
+    }
+}
+
+impl Drop for SpareFiles {
+    fn drop(&mut self) {
+        self.shared.stop.store(true, Ordering::Release);
+        {
+            let _st = self.shared.lock.lock().unwrap_or_else(|e| e.into_inner());
+            self.shared.cv.notify_all();
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prezeroed_file_is_allocated_and_zero() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("a.seg");
+        create_prezeroed(&p, 64 * 1024, false).unwrap();
+        let data = std::fs::read(&p).unwrap();
+        assert_eq!(data.len(), 64 * 1024);
+        assert!(data.iter().all(|&b| b == 0));
+        assert!(
+            create_prezeroed(&p, 4096, false).is_err(),
+            "must not overwrite"
+        );
+        assert!(create_prezeroed(&dir.path().join("b"), 100, false).is_err());
+    }
+
+    #[test]
+    fn spares_are_kept_ready_and_reused() {
+        let dir = tempfile::tempdir().unwrap();
+        let sd = dir.path().join("spare");
+        let s = SpareFiles::start(sd.clone(), 8192, false, 1).unwrap();
+        s.wait_ready().unwrap();
+        let a = s.take().unwrap();
+        assert_eq!(std::fs::metadata(&a).unwrap().len(), 8192);
+        std::fs::rename(&a, dir.path().join("used")).unwrap();
+        s.wait_ready().unwrap();
+        drop(s);
+        // The prepared spare survives a restart and is reused.
+        let s = SpareFiles::start(sd.clone(), 8192, false, 1).unwrap();
+        assert!(s.try_take().is_some());
+    }
+}
