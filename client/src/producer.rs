@@ -1,0 +1,690 @@
+//! Client-side batching and idempotent, ordered delivery of appends for one log.
+//!
+//! Every log this client writes has one flusher task. Appends queue to it; it merges whatever
+//! has queued (plus what arrives within `linger_us`) into one batch, up to `batch_bytes_max`,
+//! gives the batch the next producer sequence, and keeps up to `batches_in_flight_max` batches
+//! on the wire. When the window is full, appends keep queuing, so batches grow exactly when the
+//! server is the bottleneck. Replies are taken in send order.
+//!
+//! Failures: a retriable failure (lost connection, timeout, `NotHead`, `Unavailable`...) puts
+//! the batch on a resend queue; no new batch is sent until the in-flight ones are answered and
+//! the resend queue has drained, one batch at a time, each with its original bytes and
+//! sequence (so the server deduplicates anything it already stored). A batch the server
+//! definitely refused (any other `Error` reply) fails its callers, and the batches after it
+//! that still need sending are re-sequenced down so the producer's sequence has no gap.
+
+use crate::client::{unexpected, Client, Inner};
+use crate::error::{Error, Result};
+use bytes::{Bytes, BytesMut};
+use chainlog_core::limits::{BATCH_BYTES_MAX, BATCH_RECORDS_MAX, RECORD_BYTES_MAX};
+use chainlog_core::record::{BatchBuilder, BatchHeader, HEADER_LEN, RECORD_OVERHEAD};
+use chainlog_core::wire::{ClientReply, ClientRequest};
+use chainlog_core::{ErrorCode, LogId, Offset};
+use std::collections::VecDeque;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Weak;
+use std::task::{Context, Poll};
+use tokio::sync::{mpsc, oneshot, OwnedSemaphorePermit};
+
+/// Appends queued per log before `send` waits (the byte budget usually binds first).
+const ITEMS_QUEUED_MAX: usize = 4096;
+
+type Ack = Result<(Offset, u32)>;
+
+/// One `send`/`send_batch` call: records that must land in the same batch.
+pub(crate) struct Item {
+    payloads: Vec<Bytes>,
+    /// Bytes these records add to a batch (length prefixes included).
+    bytes: usize,
+    tx: oneshot::Sender<Ack>,
+    permit: OwnedSemaphorePermit,
+}
+
+/// Appends to one log, with client-side batching. Cheap to clone; all clones (and
+/// [`Client::append`]) feed the same per-log batcher, so sequence order is call order.
+///
+/// ```no_run
+/// # async fn demo(client: chainlog_client::Client) -> chainlog_client::Result<()> {
+/// let producer = client.producer("events")?;
+/// // Queue many records without waiting for each acknowledgement...
+/// let mut tickets = Vec::new();
+/// for i in 0..1000 {
+///     tickets.push(producer.send(format!("event {i}")).await?);
+/// }
+/// // ...then wait for them: each resolves to (offset, count) once durable.
+/// for t in tickets {
+///     let (offset, _) = t.await?;
+///     assert!(offset.0 < u64::MAX);
+/// }
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct Producer {
+    client: Client,
+    log: String,
+    tx: mpsc::Sender<Item>,
+}
+
+impl std::fmt::Debug for Producer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Producer").field("log", &self.log).finish()
+    }
+}
+
+/// The acknowledgement of a queued append: resolves to `(first offset, record count)` once the
+/// records are durable on every replica, or to the error that ended the attempts.
+#[derive(Debug)]
+pub struct AppendTicket {
+    rx: oneshot::Receiver<Ack>,
+}
+
+impl Future for AppendTicket {
+    type Output = Result<(Offset, u32)>;
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.rx)
+            .poll(cx)
+            .map(|r| r.unwrap_or(Err(Error::Closed)))
+    }
+}
+
+impl AppendTicket {
+    /// The offset of the first (for `send`, the only) record.
+    pub async fn offset(self) -> Result<Offset> {
+        Ok(self.await?.0)
+    }
+}
+
+/// Checks a group of records against the batch limits; returns the bytes it adds to a batch.
+pub(crate) fn group_bytes(payloads: &[Bytes]) -> Result<usize> {
+    if payloads.is_empty() {
+        return Err(Error::InvalidArgument("empty batch".into()));
+    }
+    if payloads.len() > BATCH_RECORDS_MAX as usize {
+        return Err(Error::InvalidArgument(format!(
+            "{} records in one batch, limit {BATCH_RECORDS_MAX}",
+            payloads.len()
+        )));
+    }
+    let mut bytes = 0usize;
+    for p in payloads {
+        if p.len() > RECORD_BYTES_MAX {
+            return Err(Error::InvalidArgument(format!(
+                "record of {} bytes, limit {RECORD_BYTES_MAX}",
+                p.len()
+            )));
+        }
+        bytes += RECORD_OVERHEAD + p.len();
+    }
+    if HEADER_LEN + bytes > BATCH_BYTES_MAX {
+        return Err(Error::InvalidArgument(format!(
+            "batch of {} bytes, limit {BATCH_BYTES_MAX}",
+            HEADER_LEN + bytes
+        )));
+    }
+    Ok(bytes)
+}
+
+impl Producer {
+    pub(crate) fn new(client: Client, log: String, tx: mpsc::Sender<Item>) -> Producer {
+        Producer { client, log, tx }
+    }
+
+    pub fn log(&self) -> &str {
+        &self.log
+    }
+
+    /// Queues one record; waits only for buffer room, not for the acknowledgement.
+    pub async fn send(&self, payload: impl Into<Bytes>) -> Result<AppendTicket> {
+        self.send_batch(vec![payload.into()]).await
+    }
+
+    /// Queues records that are stored atomically, at consecutive offsets, in one batch.
+    pub async fn send_batch(&self, payloads: Vec<Bytes>) -> Result<AppendTicket> {
+        let bytes = group_bytes(&payloads)?;
+        // `buffer_bytes_max` >= BATCH_BYTES_MAX (validated), so one group always fits.
+        let permit = self
+            .client
+            .inner
+            .buffer
+            .clone()
+            .acquire_many_owned(bytes.max(1) as u32)
+            .await
+            .map_err(|_| Error::Closed)?;
+        let (tx, rx) = oneshot::channel();
+        let item = Item {
+            payloads,
+            bytes,
+            tx,
+            permit,
+        };
+        self.tx.send(item).await.map_err(|_| Error::Closed)?;
+        Ok(AppendTicket { rx })
+    }
+
+    /// Appends one record and waits until it is durable; returns its offset.
+    pub async fn append(&self, payload: impl Into<Bytes>) -> Result<Offset> {
+        self.send(payload).await?.offset().await
+    }
+}
+
+struct Group {
+    tx: oneshot::Sender<Ack>,
+    /// Index of the group's first record in the batch.
+    start: u32,
+    count: u32,
+}
+
+/// Records merged into the next batch.
+pub(crate) struct Accum {
+    builder: BatchBuilder,
+    groups: Vec<Group>,
+    permits: Vec<OwnedSemaphorePermit>,
+}
+
+impl Accum {
+    fn new(capacity: usize) -> Accum {
+        Accum {
+            builder: BatchBuilder::with_capacity(capacity),
+            groups: Vec::new(),
+            permits: Vec::new(),
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.builder.len()
+    }
+
+    /// Adds a whole group, or gives it back if it would push the batch past `bytes_max` (a
+    /// group is always accepted into an empty batch: it was checked against the hard limits).
+    fn try_add(&mut self, item: Item, bytes_max: usize) -> std::result::Result<(), Item> {
+        let count = item.payloads.len() as u32;
+        if !self.groups.is_empty()
+            && (self.builder.len() + item.bytes > bytes_max
+                || self.builder.record_count() + count > BATCH_RECORDS_MAX)
+        {
+            return Err(item);
+        }
+        let start = self.builder.record_count();
+        for p in &item.payloads {
+            let pushed = self.builder.push(p);
+            assert!(
+                pushed.is_ok(),
+                "group passed group_bytes but not the builder"
+            );
+        }
+        self.groups.push(Group {
+            tx: item.tx,
+            start,
+            count,
+        });
+        self.permits.push(item.permit);
+        Ok(())
+    }
+
+    fn finish(self, inner: &Inner, log: LogId, seq: u64) -> Batch {
+        let count = self.builder.record_count();
+        let timestamp_us = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_micros() as u64)
+            .unwrap_or(0);
+        let bytes = self.builder.finish(
+            inner.cluster_id(),
+            log,
+            inner.producer_id,
+            seq,
+            timestamp_us,
+        );
+        Batch {
+            bytes,
+            seq,
+            count,
+            groups: self.groups,
+            _permits: self.permits,
+            attempts: 0,
+            immediate: false,
+        }
+    }
+}
+
+/// A sealed batch and who waits for it.
+struct Batch {
+    bytes: Bytes,
+    seq: u64,
+    count: u32,
+    groups: Vec<Group>,
+    /// Buffer budget, returned when the batch is answered.
+    _permits: Vec<OwnedSemaphorePermit>,
+    /// Failed attempts so far.
+    attempts: u32,
+    /// The last failure named the new head: resend without a pause.
+    immediate: bool,
+}
+
+impl Batch {
+    fn fail(self, e: &Error) {
+        for g in self.groups {
+            let _ = g.tx.send(Err(e.clone()));
+        }
+    }
+
+    fn succeed(self, base: Offset) {
+        for g in self.groups {
+            let _ = g.tx.send(Ok((base.plus(u64::from(g.start)), g.count)));
+        }
+    }
+
+    /// Gives the batch another producer sequence (only for batches the server never stored).
+    fn reseq(&mut self, seq: u64) {
+        if seq == self.seq {
+            return;
+        }
+        let Ok(mut h) = BatchHeader::decode(&self.bytes) else {
+            return;
+        };
+        h.producer_seq = seq;
+        let mut m = BytesMut::from(&self.bytes[..]);
+        h.encode_into(&mut m[..HEADER_LEN]);
+        self.bytes = m.freeze();
+        self.seq = seq;
+    }
+}
+
+struct InFlight {
+    batch: Batch,
+    /// Which node we took for the head when sending.
+    head_index: usize,
+    reply: Result<crate::conn::PendingReply>,
+}
+
+impl InFlight {
+    async fn wait(&mut self) -> Result<ClientReply> {
+        match &mut self.reply {
+            Ok(p) => p.wait().await,
+            Err(e) => Err(e.clone()),
+        }
+    }
+}
+
+/// The queue side of a flusher: waits for the first item, then drains (or lingers for) more.
+struct Input {
+    rx: mpsc::Receiver<Item>,
+    carry: Option<Item>,
+    done: bool,
+}
+
+impl Input {
+    /// Cancel-safe: either takes the carried item or waits on the channel.
+    async fn first(&mut self) -> Option<Item> {
+        if let Some(i) = self.carry.take() {
+            return Some(i);
+        }
+        self.rx.recv().await
+    }
+
+    /// Merges more queued items into `acc` (not cancel-safe: called outside `select!`).
+    async fn fill(&mut self, acc: &mut Accum, bytes_max: usize, linger_us: u64) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_micros(linger_us);
+        while acc.len() < bytes_max {
+            let next = if linger_us == 0 {
+                match self.rx.try_recv() {
+                    Ok(i) => i,
+                    Err(_) => return,
+                }
+            } else {
+                tokio::select! {
+                    i = self.rx.recv() => match i {
+                        Some(i) => i,
+                        None => return,
+                    },
+                    _ = tokio::time::sleep_until(deadline) => return,
+                }
+            };
+            if let Err(i) = acc.try_add(next, bytes_max) {
+                self.carry = Some(i);
+                return;
+            }
+        }
+    }
+}
+
+/// Ordered sending state of one log.
+struct Pipeline {
+    log: LogId,
+    next_seq: u64,
+    window: VecDeque<InFlight>,
+    resend: VecDeque<Batch>,
+    /// Lowest sequence of a batch the server refused: later unsent batches move down to it.
+    rewind: Option<u64>,
+}
+
+async fn wait_front(window: &mut VecDeque<InFlight>) -> Result<ClientReply> {
+    match window.front_mut() {
+        Some(f) => f.wait().await,
+        None => std::future::pending().await,
+    }
+}
+
+impl Pipeline {
+    fn recovering(&self) -> bool {
+        !self.resend.is_empty() || self.rewind.is_some()
+    }
+
+    async fn launch(&mut self, inner: &Inner, batch: Batch) {
+        let (head_index, slot) = inner.nodes.head();
+        let req = ClientRequest::Append {
+            batch: batch.bytes.clone(),
+        };
+        let reply = match inner.conn(&slot).await {
+            Ok(c) => c.submit(&req, inner.cfg.request_timeout(), "append").await,
+            Err(e) => Err(e),
+        };
+        self.window.push_back(InFlight {
+            batch,
+            head_index,
+            reply,
+        });
+    }
+
+    fn complete(&mut self, inner: &Inner, f: InFlight, r: Result<ClientReply>) {
+        let mut batch = f.batch;
+        match r {
+            Ok(ClientReply::AppendOk {
+                base_offset,
+                record_count,
+            }) if record_count == batch.count => batch.succeed(base_offset),
+            Ok(ClientReply::AppendOk { record_count, .. }) => {
+                let addr = inner
+                    .nodes
+                    .get(f.head_index)
+                    .map(|s| s.addr.clone())
+                    .unwrap_or_default();
+                let e = Error::protocol(
+                    &addr,
+                    format!("AppendOk for {record_count} records, sent {}", batch.count),
+                );
+                batch.fail(&e);
+            }
+            Ok(other) => {
+                let addr = inner
+                    .nodes
+                    .get(f.head_index)
+                    .map(|s| s.addr.clone())
+                    .unwrap_or_default();
+                batch.fail(&unexpected(&addr, "AppendOk", &other));
+            }
+            Err(e) => {
+                let immediate = inner.head_failed(f.head_index, &e);
+                // After a refusal or a failure ahead of it, the server may see this batch's
+                // sequence as a gap: that is cured by resending in order.
+                let gap_expected = e.code() == Some(ErrorCode::SequenceGap) && self.recovering();
+                if (e.is_retriable() || gap_expected) && batch.attempts < inner.cfg.retries_max {
+                    batch.attempts += 1;
+                    batch.immediate = immediate;
+                    self.resend.push_back(batch);
+                } else {
+                    if matches!(e, Error::Server { .. }) {
+                        self.rewind = Some(self.rewind.map_or(batch.seq, |r| r.min(batch.seq)));
+                    }
+                    batch.fail(&e);
+                }
+            }
+        }
+    }
+
+    /// With nothing in flight: close the sequence gap left by refused batches.
+    fn apply_rewind(&mut self) {
+        let Some(mut seq) = self.rewind.take() else {
+            return;
+        };
+        for b in self.resend.iter_mut() {
+            if b.seq > seq {
+                b.reseq(seq);
+            }
+            if b.seq >= seq {
+                seq = b.seq + u64::from(b.count);
+            }
+        }
+        // Only refused or resent batches were above the rewind point, so nothing stored uses
+        // a sequence at or past `seq`.
+        self.next_seq = seq;
+    }
+}
+
+/// Starts the flusher of one log; it ends when every sender is gone and all is answered.
+pub(crate) fn spawn(inner: Weak<Inner>, log: LogId) -> mpsc::Sender<Item> {
+    let (tx, rx) = mpsc::channel(ITEMS_QUEUED_MAX);
+    tokio::spawn(run(inner, log, rx));
+    tx
+}
+
+async fn run(weak: Weak<Inner>, log: LogId, rx: mpsc::Receiver<Item>) {
+    let mut input = Input {
+        rx,
+        carry: None,
+        done: false,
+    };
+    let mut p = Pipeline {
+        log,
+        next_seq: 0,
+        window: VecDeque::new(),
+        resend: VecDeque::new(),
+        rewind: None,
+    };
+    loop {
+        if p.window.is_empty() {
+            p.apply_rewind();
+            if let Some(b) = p.resend.pop_front() {
+                let Some(inner) = weak.upgrade() else {
+                    b.fail(&Error::Closed);
+                    continue;
+                };
+                if !b.immediate {
+                    tokio::time::sleep(inner.cfg.backoff(b.attempts)).await;
+                }
+                p.launch(&inner, b).await;
+                continue;
+            }
+            if input.done {
+                return;
+            }
+        }
+        let window_max = match weak.upgrade() {
+            Some(inner) => inner.cfg.batches_in_flight_max,
+            None => 0,
+        };
+        let can_take = !input.done && !p.recovering() && p.window.len() < window_max;
+        tokio::select! {
+            r = wait_front(&mut p.window), if !p.window.is_empty() => {
+                let Some(f) = p.window.pop_front() else { continue };
+                match weak.upgrade() {
+                    Some(inner) => p.complete(&inner, f, r),
+                    None => f.batch.fail(&Error::Closed),
+                }
+            }
+            first = input.first(), if can_take => {
+                let Some(first) = first else {
+                    input.done = true;
+                    continue;
+                };
+                let Some(inner) = weak.upgrade() else {
+                    let _ = first.tx.send(Err(Error::Closed));
+                    continue;
+                };
+                let cfg = &inner.cfg;
+                let mut acc = Accum::new(first.bytes.max(cfg.batch_bytes_max.min(64 << 10)) + HEADER_LEN);
+                if let Err(i) = acc.try_add(first, cfg.batch_bytes_max) {
+                    // Unreachable: an empty batch takes any checked group.
+                    let _ = i.tx.send(Err(Error::InvalidArgument("group does not fit".into())));
+                    continue;
+                }
+                input.fill(&mut acc, cfg.batch_bytes_max, cfg.linger_us).await;
+                let seq = p.next_seq;
+                let batch = acc.finish(&inner, p.log, seq);
+                p.next_seq = seq + u64::from(batch.count);
+                p.launch(&inner, batch).await;
+            }
+            // Neither branch enabled: only possible with the client gone and nothing in flight.
+            else => {
+                if weak.upgrade().is_none() {
+                    while let Some(b) = p.resend.pop_front() {
+                        b.fail(&Error::Closed);
+                    }
+                    input.rx.close();
+                    while let Ok(i) = input.rx.try_recv() {
+                        let _ = i.tx.send(Err(Error::Closed));
+                    }
+                    return;
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use tokio::sync::Semaphore;
+
+    fn item(sem: &Arc<Semaphore>, payloads: &[&[u8]]) -> (Item, oneshot::Receiver<Ack>) {
+        let payloads: Vec<Bytes> = payloads.iter().map(|p| Bytes::copy_from_slice(p)).collect();
+        let bytes = group_bytes(&payloads).unwrap();
+        let (tx, rx) = oneshot::channel();
+        let permit = sem.clone().try_acquire_many_owned(bytes as u32).unwrap();
+        (
+            Item {
+                payloads,
+                bytes,
+                tx,
+                permit,
+            },
+            rx,
+        )
+    }
+
+    fn batch(sem: &Arc<Semaphore>, seq: u64, n: usize) -> Batch {
+        let mut acc = Accum::new(1024);
+        let (i, _) = item(sem, &vec![&b"x"[..]; n]);
+        assert!(acc.try_add(i, 1 << 20).is_ok());
+        Batch {
+            bytes: acc.builder.finish(
+                chainlog_core::ClusterId(0),
+                LogId(1),
+                chainlog_core::ProducerId(5),
+                seq,
+                0,
+            ),
+            seq,
+            count: n as u32,
+            groups: acc.groups,
+            _permits: acc.permits,
+            attempts: 1,
+            immediate: false,
+        }
+    }
+
+    #[test]
+    fn groups_stay_whole_and_respect_the_byte_target() {
+        let sem = Arc::new(Semaphore::new(1 << 30));
+        let mut acc = Accum::new(256);
+        let bytes_max = HEADER_LEN + 3 * (RECORD_OVERHEAD + 10);
+        let (a, _) = item(&sem, &[&[1u8; 10]]);
+        let (b, _) = item(&sem, &[&[2u8; 10], &[3u8; 10]]);
+        let (c, _) = item(&sem, &[&[4u8; 10]]);
+        assert!(acc.try_add(a, bytes_max).is_ok());
+        assert!(acc.try_add(b, bytes_max).is_ok());
+        // Would exceed the target: handed back whole for the next batch.
+        assert!(acc.try_add(c, bytes_max).is_err());
+        assert_eq!(acc.builder.record_count(), 3);
+        let starts: Vec<(u32, u32)> = acc.groups.iter().map(|g| (g.start, g.count)).collect();
+        assert_eq!(starts, vec![(0, 1), (1, 2)]);
+
+        // An oversized group is still accepted alone.
+        let mut acc = Accum::new(64);
+        let (big, _) = item(&sem, &[&[0u8; 1000]]);
+        assert!(acc.try_add(big, bytes_max).is_ok());
+    }
+
+    #[tokio::test]
+    async fn each_caller_gets_its_own_offsets() {
+        let sem = Arc::new(Semaphore::new(1 << 20));
+        let mut acc = Accum::new(256);
+        let (a, ra) = item(&sem, &[b"a"]);
+        let (b, rb) = item(&sem, &[b"b", b"c", b"d"]);
+        let (c, rc) = item(&sem, &[b"e"]);
+        for i in [a, b, c] {
+            assert!(acc.try_add(i, 1 << 20).is_ok());
+        }
+        let batch = Batch {
+            bytes: Bytes::new(),
+            seq: 0,
+            count: acc.builder.record_count(),
+            groups: acc.groups,
+            _permits: acc.permits,
+            attempts: 0,
+            immediate: false,
+        };
+        assert_eq!(
+            sem.available_permits(),
+            (1 << 20) - 5 * (RECORD_OVERHEAD + 1)
+        );
+        batch.succeed(Offset(100));
+        assert_eq!(ra.await.unwrap().unwrap(), (Offset(100), 1));
+        assert_eq!(rb.await.unwrap().unwrap(), (Offset(101), 3));
+        assert_eq!(rc.await.unwrap().unwrap(), (Offset(104), 1));
+        // The buffer budget came back with the answer.
+        assert_eq!(sem.available_permits(), 1 << 20);
+    }
+
+    #[test]
+    fn limits_checked_before_queueing() {
+        assert!(group_bytes(&[]).is_err());
+        assert!(group_bytes(&[Bytes::from(vec![0u8; RECORD_BYTES_MAX + 1])]).is_err());
+        let many: Vec<Bytes> = (0..=BATCH_RECORDS_MAX).map(|_| Bytes::new()).collect();
+        assert!(group_bytes(&many).is_err());
+        let five_mb: Vec<Bytes> = (0..5)
+            .map(|_| Bytes::from(vec![0u8; RECORD_BYTES_MAX]))
+            .collect();
+        assert!(group_bytes(&five_mb).is_err());
+        assert_eq!(group_bytes(&[Bytes::from_static(b"abc")]).unwrap(), 7);
+    }
+
+    #[test]
+    fn rewind_closes_the_sequence_gap_of_refused_batches() {
+        let sem = Arc::new(Semaphore::new(1 << 20));
+        // Sent: seq 0 (3 recs, lost connection -> resend), seq 3 (2 recs, refused),
+        // seq 5 (4 recs, SequenceGap -> resend), seq 9 (1 rec, resend).
+        let mut p = Pipeline {
+            log: LogId(1),
+            next_seq: 10,
+            window: VecDeque::new(),
+            resend: VecDeque::from(vec![
+                batch(&sem, 0, 3),
+                batch(&sem, 5, 4),
+                batch(&sem, 9, 1),
+            ]),
+            rewind: Some(3),
+        };
+        p.apply_rewind();
+        let seqs: Vec<u64> = p.resend.iter().map(|b| b.seq).collect();
+        assert_eq!(seqs, vec![0, 3, 7]);
+        assert_eq!(p.next_seq, 8);
+        // The re-sequenced bytes carry the new sequence and still verify.
+        let h = chainlog_core::record::verify(&p.resend[1].bytes).unwrap();
+        assert_eq!(h.producer_seq, 3);
+        assert_eq!(h.record_count, 4);
+
+        // A refusal with nothing left to resend hands its sequence to the next batch.
+        let mut p = Pipeline {
+            log: LogId(1),
+            next_seq: 10,
+            window: VecDeque::new(),
+            resend: VecDeque::new(),
+            rewind: Some(6),
+        };
+        p.apply_rewind();
+        assert_eq!(p.next_seq, 6);
+    }
+}

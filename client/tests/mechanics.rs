@@ -1,0 +1,468 @@
+//! Client MECHANICS tests against a scripted in-test TCP responder that speaks the wire
+//! protocol: pipelining, out-of-order replies, timeouts, reconnects, redirects, retries with
+//! identical bytes, batching, subscription resume. The responder is NOT a chainlog server and
+//! checks nothing about replication; end-to-end tests against the real server live elsewhere.
+
+#![allow(clippy::unwrap_used)]
+
+use bytes::{Bytes, BytesMut};
+use chainlog_client::{Client, ClientConfig, ClusterId, Error, ErrorCode, Offset};
+use chainlog_core::record;
+use chainlog_core::wire::{
+    ClientReply, ClientRequest, Encoded, FrameHeader, Hello, HelloOk, Kind, FRAME_HEADER_LEN,
+    PROTOCOL_VERSION,
+};
+use chainlog_core::{Epoch, LogId, NodeId};
+use std::time::Duration;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpListener, TcpStream};
+
+const CLUSTER: ClusterId = ClusterId(77);
+
+struct Peer {
+    s: TcpStream,
+}
+
+impl Peer {
+    /// Accepts one connection and answers its `Hello`.
+    async fn accept(l: &TcpListener) -> Peer {
+        let (s, _) = l.accept().await.unwrap();
+        let mut p = Peer { s };
+        let (kind, id, body) = p.read().await.unwrap();
+        assert_eq!(kind, Kind::Hello as u16);
+        assert_eq!(id, 0);
+        let h = Hello::decode(body).unwrap();
+        assert_eq!(h.version, PROTOCOL_VERSION);
+        p.write(
+            HelloOk {
+                version: PROTOCOL_VERSION,
+                cluster_id: CLUSTER,
+                node: NodeId(1),
+                epoch: Epoch(1),
+            }
+            .encode(0),
+        )
+        .await;
+        p
+    }
+
+    async fn read(&mut self) -> Option<(u16, u64, Bytes)> {
+        let mut hb = [0u8; FRAME_HEADER_LEN];
+        self.s.read_exact(&mut hb).await.ok()?;
+        let h = FrameHeader::decode(&hb).unwrap();
+        let mut body = BytesMut::zeroed(h.body_len as usize);
+        self.s.read_exact(&mut body).await.ok()?;
+        Some((h.kind, h.request_id, body.freeze()))
+    }
+
+    async fn request(&mut self) -> Option<(u64, ClientRequest)> {
+        let (kind, id, body) = self.read().await?;
+        Some((id, ClientRequest::decode(kind, body).unwrap()))
+    }
+
+    async fn write(&mut self, e: Encoded) {
+        self.s.write_all(&e.to_vec()).await.unwrap();
+    }
+
+    async fn reply(&mut self, id: u64, r: ClientReply) {
+        self.write(r.encode(id)).await;
+    }
+}
+
+async fn listener() -> (TcpListener, String) {
+    let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let a = l.local_addr().unwrap().to_string();
+    (l, a)
+}
+
+fn cfg(addrs: &[&str]) -> ClientConfig {
+    ClientConfig {
+        request_timeout_ms: 2_000,
+        retry_backoff_ms: 1,
+        ..ClientConfig::new(addrs.iter().copied())
+    }
+}
+
+#[tokio::test]
+async fn pipelined_requests_get_out_of_order_replies_routed_by_id() {
+    let (l, addr) = listener().await;
+    let server = tokio::spawn(async move {
+        let mut p = Peer::accept(&l).await;
+        // Every request arrives before any reply is sent: they are pipelined.
+        let mut ids = Vec::new();
+        for _ in 0..16 {
+            let (id, req) = p.request().await.unwrap();
+            assert_eq!(req, ClientRequest::Status);
+            ids.push(id);
+        }
+        for id in ids.iter().rev() {
+            let json = format!("{{\"id\":{id}}}");
+            p.reply(*id, ClientReply::StatusOk { json: json.into() })
+                .await;
+        }
+        // Only one connection was used.
+        tokio::time::timeout(Duration::from_millis(100), l.accept())
+            .await
+            .is_err()
+    });
+    let c = Client::connect(cfg(&[&addr])).await.unwrap();
+    assert_eq!(c.cluster_id(), CLUSTER);
+    let calls: Vec<_> = (0..16)
+        .map(|_| {
+            let c = c.clone();
+            tokio::spawn(async move { c.status_raw_of(0).await })
+        })
+        .collect();
+    let mut seen = std::collections::BTreeSet::new();
+    for call in calls {
+        let raw = call.await.unwrap().unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&raw).unwrap();
+        assert!(seen.insert(v["id"].as_u64().unwrap()));
+    }
+    assert_eq!(seen.len(), 16);
+    assert!(server.await.unwrap(), "client opened a second connection");
+}
+
+#[tokio::test]
+async fn timeout_is_typed_and_the_connection_stays_usable() {
+    let (l, addr) = listener().await;
+    let server = tokio::spawn(async move {
+        let mut p = Peer::accept(&l).await;
+        let (_ignored, _) = p.request().await.unwrap();
+        let (id, _) = p.request().await.unwrap();
+        p.reply(id, ClientReply::StatusOk { json: "{}".into() })
+            .await;
+        p.read().await // keep the socket open until the client is done
+    });
+    let mut cfg = cfg(&[&addr]);
+    cfg.request_timeout_ms = 150;
+    let c = Client::connect(cfg).await.unwrap();
+    let e = c.status().await.unwrap_err();
+    assert!(matches!(e, Error::Timeout { what: "status", .. }), "{e:?}");
+    assert!(e.is_retriable());
+    assert_eq!(c.status().await.unwrap(), serde_json::json!({}));
+    drop(c);
+    let _ = server.await;
+}
+
+#[tokio::test]
+async fn lost_connection_fails_in_flight_and_next_request_reconnects() {
+    let (l, addr) = listener().await;
+    let server = tokio::spawn(async move {
+        {
+            let mut p = Peer::accept(&l).await;
+            let _ = p.request().await.unwrap();
+            // Dropped without a reply.
+        }
+        let mut p = Peer::accept(&l).await;
+        let (id, _) = p.request().await.unwrap();
+        p.reply(id, ClientReply::StatusOk { json: "[1]".into() })
+            .await;
+        p.read().await
+    });
+    let c = Client::connect(cfg(&[&addr])).await.unwrap();
+    let e = c.status().await.unwrap_err();
+    assert!(matches!(e, Error::ConnectionLost { .. }), "{e:?}");
+    assert_eq!(c.status().await.unwrap(), serde_json::json!([1]));
+    drop(c);
+    let _ = server.await;
+}
+
+#[tokio::test]
+async fn wrong_cluster_is_refused() {
+    let (l, addr) = listener().await;
+    tokio::spawn(async move {
+        let _p = Peer::accept(&l).await;
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    });
+    let mut cfg = cfg(&[&addr]);
+    cfg.cluster_id = ClusterId(5);
+    let e = Client::connect(cfg).await.unwrap_err();
+    assert!(
+        matches!(
+            e,
+            Error::WrongCluster {
+                expected: ClusterId(5),
+                got: CLUSTER,
+                ..
+            }
+        ),
+        "{e:?}"
+    );
+}
+
+#[tokio::test]
+async fn append_retry_resends_identical_bytes_after_a_lost_reply() {
+    let (l, addr) = listener().await;
+    let server = tokio::spawn(async move {
+        let first = {
+            let mut p = Peer::accept(&l).await;
+            let (_, req) = p.request().await.unwrap();
+            req
+        }; // connection dropped: the reply is lost
+        let mut p = Peer::accept(&l).await;
+        let (id, retry) = p.request().await.unwrap();
+        assert_eq!(retry, first, "retry must carry the same batch bytes");
+        let ClientRequest::Append { batch } = retry else {
+            panic!("not an append")
+        };
+        let h = record::verify(&batch).unwrap();
+        p.reply(
+            id,
+            ClientReply::AppendOk {
+                base_offset: Offset(40),
+                record_count: h.record_count,
+            },
+        )
+        .await;
+        p.read().await;
+        h
+    });
+    let c = Client::connect(cfg(&[&addr])).await.unwrap();
+    let (base, n) = c.append_batch("orders", &["a", "bb", "ccc"]).await.unwrap();
+    assert_eq!((base, n), (Offset(40), 3));
+    let producer = c.producer_id();
+    drop(c);
+    let h = server.await.unwrap();
+    assert_eq!(h.log_id, LogId::from_name("orders"));
+    assert_eq!(h.producer_id, producer);
+    assert_ne!(producer.0, 0);
+    assert_eq!(h.producer_seq, 0);
+    assert_eq!(h.cluster_id, CLUSTER);
+}
+
+#[tokio::test]
+async fn not_head_redirect_is_followed() {
+    let (la, a) = listener().await;
+    let (lb, b) = listener().await;
+    let b2 = b.clone();
+    tokio::spawn(async move {
+        let mut p = Peer::accept(&la).await;
+        while let Some((id, _)) = p.request().await {
+            let message = format!("not head; head is node 2 at {b2}");
+            p.reply(
+                id,
+                ClientReply::Error {
+                    code: ErrorCode::NotHead,
+                    message,
+                },
+            )
+            .await;
+        }
+    });
+    let head = tokio::spawn(async move {
+        let mut p = Peer::accept(&lb).await;
+        let (id, req) = p.request().await.unwrap();
+        assert!(matches!(req, ClientRequest::Append { .. }));
+        p.reply(
+            id,
+            ClientReply::AppendOk {
+                base_offset: Offset(7),
+                record_count: 1,
+            },
+        )
+        .await;
+        p.read().await;
+    });
+    let c = Client::connect(cfg(&[&a])).await.unwrap();
+    assert_eq!(c.append("default", "x").await.unwrap(), Offset(7));
+    assert_eq!(c.nodes(), vec![a, b]);
+    drop(c);
+    head.await.unwrap();
+}
+
+#[tokio::test]
+async fn refused_append_is_a_typed_error_and_the_next_reuses_its_sequence() {
+    let (l, addr) = listener().await;
+    let server = tokio::spawn(async move {
+        let mut p = Peer::accept(&l).await;
+        let (id, _) = p.request().await.unwrap();
+        p.reply(
+            id,
+            ClientReply::Error {
+                code: ErrorCode::UnknownLog,
+                message: "no log nolog".into(),
+            },
+        )
+        .await;
+        let (id, req) = p.request().await.unwrap();
+        let ClientRequest::Append { batch } = req else {
+            panic!()
+        };
+        let h = record::verify(&batch).unwrap();
+        p.reply(
+            id,
+            ClientReply::AppendOk {
+                base_offset: Offset(0),
+                record_count: 1,
+            },
+        )
+        .await;
+        p.read().await;
+        h.producer_seq
+    });
+    let c = Client::connect(cfg(&[&addr])).await.unwrap();
+    let e = c.append("nolog", "x").await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::UnknownLog));
+    assert!(!e.is_retriable());
+    assert_eq!(c.append("nolog", "y").await.unwrap(), Offset(0));
+    drop(c);
+    // The refused batch was never stored, so its sequence is not skipped.
+    assert_eq!(server.await.unwrap(), 0);
+}
+
+#[tokio::test]
+async fn concurrent_appends_merge_into_batches_and_get_their_own_offsets() {
+    let (l, addr) = listener().await;
+    let server = tokio::spawn(async move {
+        let mut p = Peer::accept(&l).await;
+        let mut next = 0u64;
+        let mut batches = 0usize;
+        let mut payloads = Vec::new();
+        let mut seqs = Vec::new();
+        while next < 100 {
+            let (id, req) = p.request().await.unwrap();
+            let ClientRequest::Append { batch } = req else {
+                panic!()
+            };
+            let h = record::verify(&batch).unwrap();
+            seqs.push(h.producer_seq);
+            for (_, pl) in record::records(&batch).unwrap() {
+                payloads.push(String::from_utf8(pl.to_vec()).unwrap());
+            }
+            // Slow durable write: appends queue up behind this batch.
+            tokio::time::sleep(Duration::from_millis(50)).await;
+            p.reply(
+                id,
+                ClientReply::AppendOk {
+                    base_offset: Offset(next),
+                    record_count: h.record_count,
+                },
+            )
+            .await;
+            next += u64::from(h.record_count);
+            batches += 1;
+        }
+        p.read().await;
+        (batches, payloads, seqs)
+    });
+    let mut cfg = cfg(&[&addr]);
+    cfg.batches_in_flight_max = 1;
+    let c = Client::connect(cfg).await.unwrap();
+    let producer = c.producer("default").unwrap();
+    let mut tickets = Vec::new();
+    for i in 0..100 {
+        tickets.push(producer.send(format!("r{i}")).await.unwrap());
+    }
+    let mut offsets = Vec::new();
+    for t in tickets {
+        let (o, n) = t.await.unwrap();
+        assert_eq!(n, 1);
+        offsets.push(o.0);
+    }
+    // Call order is offset order.
+    assert_eq!(offsets, (0..100).collect::<Vec<_>>());
+    drop((c, producer));
+    let (batches, payloads, seqs) = server.await.unwrap();
+    assert!(batches <= 2, "{batches} batches for 100 queued appends");
+    assert_eq!(
+        payloads,
+        (0..100).map(|i| format!("r{i}")).collect::<Vec<_>>()
+    );
+    // Sequences are record-indexed: each batch starts where the previous ended.
+    assert_eq!(seqs[0], 0);
+}
+
+#[tokio::test]
+async fn read_skips_records_before_from() {
+    let (l, addr) = listener().await;
+    tokio::spawn(async move {
+        let mut p = Peer::accept(&l).await;
+        while let Some((id, req)) = p.request().await {
+            let ClientRequest::Read { log, from, .. } = req else {
+                panic!()
+            };
+            assert_eq!(from, Offset(6));
+            let b1 = record::build(log, Offset(5), Epoch(1), &[b"five", b"six"]).unwrap();
+            let b2 = record::build(log, Offset(7), Epoch(1), &[b"seven"]).unwrap();
+            p.reply(
+                id,
+                ClientReply::ReadOk {
+                    committed_end: Offset(8),
+                    batches: vec![b1, b2],
+                },
+            )
+            .await;
+        }
+    });
+    let c = Client::connect(cfg(&[&addr])).await.unwrap();
+    let recs = c.read("default", Offset(6), 100).await.unwrap();
+    let got: Vec<(u64, &[u8])> = recs.iter().map(|r| (r.offset.0, &r.payload[..])).collect();
+    assert_eq!(got, vec![(6, &b"six"[..]), (7, &b"seven"[..])]);
+}
+
+#[tokio::test]
+async fn subscription_resumes_after_the_last_record_on_reconnect() {
+    let (l, addr) = listener().await;
+    tokio::spawn(async move {
+        let log = LogId::from_name("default");
+        {
+            let mut p = Peer::accept(&l).await;
+            let (id, req) = p.request().await.unwrap();
+            assert_eq!(
+                req,
+                ClientRequest::Subscribe {
+                    log,
+                    from: Offset(1)
+                }
+            );
+            let b = record::build(log, Offset(0), Epoch(1), &[b"0", b"1", b"2"]).unwrap();
+            p.reply(
+                id,
+                ClientReply::Records {
+                    committed_end: Offset(3),
+                    batches: vec![b],
+                },
+            )
+            .await;
+        } // connection drops
+        let mut p = Peer::accept(&l).await;
+        let (id, req) = p.request().await.unwrap();
+        assert_eq!(
+            req,
+            ClientRequest::Subscribe {
+                log,
+                from: Offset(3)
+            }
+        );
+        let b = record::build(log, Offset(3), Epoch(1), &[b"3"]).unwrap();
+        p.reply(
+            id,
+            ClientReply::Records {
+                committed_end: Offset(4),
+                batches: vec![b],
+            },
+        )
+        .await;
+        p.reply(
+            id,
+            ClientReply::Error {
+                code: ErrorCode::OffsetTrimmed,
+                message: "gone".into(),
+            },
+        )
+        .await;
+        p.read().await;
+    });
+    // Lazy client: the subscription's own connection is the first the responder sees.
+    let c = Client::new(cfg(&[&addr])).unwrap();
+    let mut sub = c.subscribe("default", Offset(1)).await.unwrap();
+    let mut got = Vec::new();
+    for _ in 0..3 {
+        got.push(sub.next().await.unwrap().unwrap().offset.0);
+    }
+    assert_eq!(got, vec![1, 2, 3]);
+    let e = sub.next().await.unwrap().unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::OffsetTrimmed));
+    assert!(sub.next().await.is_none());
+}
