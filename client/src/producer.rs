@@ -525,18 +525,17 @@ async fn run(weak: Weak<Inner>, log: LogId, rx: mpsc::Receiver<Item>) {
                 p.next_seq = seq + u64::from(batch.count);
                 p.launch(&inner, batch).await;
             }
-            // Neither branch enabled: only possible with the client gone and nothing in flight.
+            // Neither branch enabled: only reachable with the client gone (window size 0) and
+            // nothing in flight; anything still queued can no longer be sent.
             else => {
-                if weak.upgrade().is_none() {
-                    while let Some(b) = p.resend.pop_front() {
-                        b.fail(&Error::Closed);
-                    }
-                    input.rx.close();
-                    while let Ok(i) = input.rx.try_recv() {
-                        let _ = i.tx.send(Err(Error::Closed));
-                    }
-                    return;
+                while let Some(b) = p.resend.pop_front() {
+                    b.fail(&Error::Closed);
                 }
+                input.rx.close();
+                while let Ok(i) = input.rx.try_recv() {
+                    let _ = i.tx.send(Err(Error::Closed));
+                }
+                return;
             }
         }
     }

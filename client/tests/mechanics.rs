@@ -466,3 +466,110 @@ async fn subscription_resumes_after_the_last_record_on_reconnect() {
     assert_eq!(e.code(), Some(ErrorCode::OffsetTrimmed));
     assert!(sub.next().await.is_none());
 }
+
+/// An in-memory log for the scripted responder: appends get offsets from 0, reads return
+/// the stored batches (restamped like a head would).
+#[derive(Default)]
+struct MemLog {
+    stored: Vec<Bytes>,
+    end: u64,
+}
+
+/// Serves appends and reads on one connection until the client closes it.
+async fn serve_log(mut p: Peer, log: &mut MemLog) {
+    while let Some((id, req)) = p.request().await {
+        match req {
+            ClientRequest::Append { batch } => {
+                let h = record::verify(&batch).unwrap();
+                let mut m = BytesMut::from(&batch[..]);
+                record::restamp(&mut m, CLUSTER, Epoch(1), Offset(log.end));
+                log.stored.push(m.freeze());
+                let base_offset = Offset(log.end);
+                log.end += u64::from(h.record_count);
+                p.reply(
+                    id,
+                    ClientReply::AppendOk {
+                        base_offset,
+                        record_count: h.record_count,
+                    },
+                )
+                .await;
+            }
+            ClientRequest::Read { from, .. } => {
+                let batches = log
+                    .stored
+                    .iter()
+                    .filter(|b| record::verify(b).unwrap().end_offset() > from)
+                    .cloned()
+                    .collect();
+                let committed_end = Offset(log.end);
+                p.reply(
+                    id,
+                    ClientReply::ReadOk {
+                        committed_end,
+                        batches,
+                    },
+                )
+                .await;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+}
+
+#[test]
+fn blocking_client_appends_and_reads() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (l, addr) = rt.block_on(listener());
+    rt.spawn(async move { serve_log(Peer::accept(&l).await, &mut MemLog::default()).await });
+    let c = chainlog_client::BlockingClient::connect(cfg(&[&addr])).unwrap();
+    assert_eq!(c.append("default", "zero").unwrap(), Offset(0));
+    assert_eq!(
+        c.append_batch("default", &["one", "two"]).unwrap(),
+        (Offset(1), 2)
+    );
+    let recs = c.read("default", Offset(1), 10).unwrap();
+    let got: Vec<&[u8]> = recs.iter().map(|r| &r.payload[..]).collect();
+    assert_eq!(got, vec![&b"one"[..], &b"two"[..]]);
+    assert_eq!(c.committed_end("default").unwrap(), Offset(3));
+}
+
+#[test]
+fn cli_append_then_read_round_trips_lines() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (l, addr) = rt.block_on(listener());
+    // Each CLI run is one connection; both see the same log.
+    rt.spawn(async move {
+        let mut log = MemLog::default();
+        loop {
+            let p = Peer::accept(&l).await;
+            serve_log(p, &mut log).await;
+        }
+    });
+    let exe = env!("CARGO_BIN_EXE_chainlog");
+    let mut child = std::process::Command::new(exe)
+        .args(["--addr", &addr, "append", "--log", "lines"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(b"alpha\n\ngamma\r\ndelta")
+        .unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout),
+        "appended 4 records to 'lines' at offsets 0..=3\n"
+    );
+    let out = std::process::Command::new(exe)
+        .args(["--addr", &addr, "read", "--log", "lines", "--from", "1"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert_eq!(out.stdout, b"\ngamma\ndelta\n");
+}
