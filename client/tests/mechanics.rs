@@ -573,3 +573,63 @@ fn cli_append_then_read_round_trips_lines() {
     assert!(out.status.success());
     assert_eq!(out.stdout, b"\ngamma\ndelta\n");
 }
+
+#[tokio::test]
+async fn pipelined_batches_are_resent_in_order_with_identical_bytes() {
+    let (l, addr) = listener().await;
+    let server = tokio::spawn(async move {
+        let mut first = Vec::new();
+        {
+            let mut p = Peer::accept(&l).await;
+            let mut records = 0;
+            while records < 3 {
+                let (_, req) = p.request().await.unwrap();
+                let ClientRequest::Append { batch } = req else {
+                    panic!()
+                };
+                records += record::verify(&batch).unwrap().record_count;
+                first.push(batch);
+            }
+        } // lost with every batch in flight
+        let mut p = Peer::accept(&l).await;
+        let mut end = 0u64;
+        for want in &first {
+            let (id, req) = p.request().await.unwrap();
+            assert_eq!(
+                req,
+                ClientRequest::Append {
+                    batch: want.clone()
+                }
+            );
+            let n = record::verify(want).unwrap().record_count;
+            p.reply(
+                id,
+                ClientReply::AppendOk {
+                    base_offset: Offset(end),
+                    record_count: n,
+                },
+            )
+            .await;
+            end += u64::from(n);
+        }
+        p.read().await;
+        first.len()
+    });
+    let mut cfg = cfg(&[&addr]);
+    cfg.batches_in_flight_max = 4;
+    let c = Client::connect(cfg).await.unwrap();
+    let producer = c.producer("default").unwrap();
+    let mut tickets = Vec::new();
+    for i in 0..3 {
+        tickets.push(producer.send(format!("r{i}")).await.unwrap());
+        // Let the flusher put each on the wire separately.
+        tokio::task::yield_now().await;
+    }
+    let mut offsets = Vec::new();
+    for t in tickets {
+        offsets.push(t.await.unwrap().0 .0);
+    }
+    assert_eq!(offsets, vec![0, 1, 2]);
+    drop((c, producer));
+    assert_eq!(server.await.unwrap(), 3, "expected three batches in flight");
+}
