@@ -663,18 +663,520 @@ mod tests {
     }
 }
 
-/// Node-to-node protocol messages (carried in `Kind::Peer` frames).
+/// Node-to-node protocol messages (carried in `Kind::Peer` frames, request id 0).
 ///
-/// PLACEHOLDER: the chain-protocol work replaces this with the real message set. Contract for
-/// the runtime: `encode` gives the whole frame; `decode` takes the body of a `Kind::Peer` frame.
+/// Every message names the chain `epoch` (others are dropped) and the link `session` chosen by
+/// the predecessor side of the link when the link came up (older sessions are dropped), so a
+/// message from before a reconnect can never be taken for a current one.
+///
+/// Body: `sub_kind u8 | epoch u64 | session u64 | log u64 | fields...`; batches, when present,
+/// come last as whole batches (zero-copy chunks), preceded by their count.
 #[derive(Clone, Debug, PartialEq, Eq)]
-pub enum PeerMessage {}
+pub enum PeerMessage {
+    /// Predecessor → successor: batches stored at `base..` (empty: a probe asking for an
+    /// `Ack`), plus the committed end the sender knows.
+    Append {
+        epoch: Epoch,
+        session: u64,
+        log: LogId,
+        base: Offset,
+        committed_end: Offset,
+        batches: Vec<Bytes>,
+    },
+    /// Predecessor → successor: the committed end, when no batch is going to carry it.
+    Commit {
+        epoch: Epoch,
+        session: u64,
+        log: LogId,
+        committed_end: Offset,
+    },
+    /// Successor → predecessor. `ack_end`: durable here and on every node after this one;
+    /// `written_end`: what this node has received in order; `chain_end`: the longest log from
+    /// here to the tail (a restarted head adopts up to it before sequencing). `resend`: this
+    /// node saw a gap and wants everything from `written_end`. `seq` orders acks of one sender.
+    Ack {
+        epoch: Epoch,
+        session: u64,
+        log: LogId,
+        seq: u64,
+        written_end: Offset,
+        ack_end: Offset,
+        chain_end: Offset,
+        resend: bool,
+    },
+    /// Predecessor → successor: create this log (idempotent).
+    CreateLog {
+        epoch: Epoch,
+        session: u64,
+        log: LogId,
+        name: String,
+    },
+    /// Successor → predecessor: the log does not exist here; send `CreateLog`.
+    NoLog {
+        epoch: Epoch,
+        session: u64,
+        log: LogId,
+    },
+    /// Predecessor → successor: send me what you hold from `from` (repair of a node whose
+    /// log is shorter than its successor's).
+    Fetch {
+        epoch: Epoch,
+        session: u64,
+        log: LogId,
+        from: Offset,
+        max_bytes: u32,
+    },
+    /// Successor → predecessor: answer to `Fetch` (empty: nothing there yet).
+    FetchReply {
+        epoch: Epoch,
+        session: u64,
+        log: LogId,
+        base: Offset,
+        batches: Vec<Bytes>,
+    },
+    /// Predecessor → successor: retention; drop whole segments below `before`.
+    Trim {
+        epoch: Epoch,
+        session: u64,
+        log: LogId,
+        before: Offset,
+    },
+}
+
+const PEER_APPEND: u8 = 1;
+const PEER_COMMIT: u8 = 2;
+const PEER_ACK: u8 = 3;
+const PEER_CREATE_LOG: u8 = 4;
+const PEER_NO_LOG: u8 = 5;
+const PEER_FETCH: u8 = 6;
+const PEER_FETCH_REPLY: u8 = 7;
+const PEER_TRIM: u8 = 8;
+
+/// Bytes of the common prefix: sub kind, epoch, session, log.
+const PEER_PREFIX_LEN: usize = 1 + 8 + 8 + 8;
+
+/// Splits `count` whole batches off `body`, verifying each and that they are the dense run of
+/// `log` starting at `base`.
+fn peer_batches(body: Bytes, count: u32, log: LogId, base: Offset) -> Result<Vec<Bytes>> {
+    let batches = split_batches(body)?;
+    if batches.len() != count as usize {
+        return Err(Error::Malformed(format!(
+            "peer message announces {count} batches, carries {}",
+            batches.len()
+        )));
+    }
+    let mut next = base;
+    for b in &batches {
+        let h = BatchHeader::decode(b)?;
+        if h.log_id != log {
+            return Err(Error::Malformed(format!(
+                "batch of log {} in a message for log {}",
+                h.log_id, log
+            )));
+        }
+        if h.base_offset != next {
+            return Err(Error::Malformed(format!(
+                "batch at {} where {} was expected",
+                h.base_offset, next
+            )));
+        }
+        next = Offset(
+            next.0
+                .checked_add(u64::from(h.record_count))
+                .ok_or_else(|| Error::Malformed("offset overflow".into()))?,
+        );
+    }
+    Ok(batches)
+}
+
+fn no_trailing(body: &Bytes, what: &str) -> Result<()> {
+    if body.has_remaining() {
+        return Err(Error::Malformed(format!("{what}: trailing bytes")));
+    }
+    Ok(())
+}
 
 impl PeerMessage {
-    pub fn encode(&self) -> Encoded {
-        match *self {}
+    pub fn epoch(&self) -> Epoch {
+        match self {
+            PeerMessage::Append { epoch, .. }
+            | PeerMessage::Commit { epoch, .. }
+            | PeerMessage::Ack { epoch, .. }
+            | PeerMessage::CreateLog { epoch, .. }
+            | PeerMessage::NoLog { epoch, .. }
+            | PeerMessage::Fetch { epoch, .. }
+            | PeerMessage::FetchReply { epoch, .. }
+            | PeerMessage::Trim { epoch, .. } => *epoch,
+        }
     }
-    pub fn decode(_body: Bytes) -> Result<PeerMessage> {
-        Err(Error::Malformed("peer messages not implemented".into()))
+
+    pub fn session(&self) -> u64 {
+        match self {
+            PeerMessage::Append { session, .. }
+            | PeerMessage::Commit { session, .. }
+            | PeerMessage::Ack { session, .. }
+            | PeerMessage::CreateLog { session, .. }
+            | PeerMessage::NoLog { session, .. }
+            | PeerMessage::Fetch { session, .. }
+            | PeerMessage::FetchReply { session, .. }
+            | PeerMessage::Trim { session, .. } => *session,
+        }
+    }
+
+    pub fn log(&self) -> LogId {
+        match self {
+            PeerMessage::Append { log, .. }
+            | PeerMessage::Commit { log, .. }
+            | PeerMessage::Ack { log, .. }
+            | PeerMessage::CreateLog { log, .. }
+            | PeerMessage::NoLog { log, .. }
+            | PeerMessage::Fetch { log, .. }
+            | PeerMessage::FetchReply { log, .. }
+            | PeerMessage::Trim { log, .. } => *log,
+        }
+    }
+
+    /// Bytes of batch data carried (for accounting and bounds).
+    pub fn batch_bytes(&self) -> usize {
+        match self {
+            PeerMessage::Append { batches, .. } | PeerMessage::FetchReply { batches, .. } => {
+                batches_len(batches)
+            }
+            _ => 0,
+        }
+    }
+
+    /// The whole frame (`Kind::Peer`, request id 0); batches are chunks, sent without copying.
+    /// Batches must already be cut to their `batch_len` (no padding).
+    pub fn encode(&self) -> Encoded {
+        let prefix = |b: &mut BytesMut, sub: u8| {
+            b.put_u8(sub);
+            b.put_u64_le(self.epoch().0);
+            b.put_u64_le(self.session());
+            b.put_u64_le(self.log().0);
+        };
+        match self {
+            PeerMessage::Append {
+                base,
+                committed_end,
+                batches,
+                ..
+            } => encode_frame(Kind::Peer, 0, batches.clone(), |b| {
+                prefix(b, PEER_APPEND);
+                b.put_u64_le(base.0);
+                b.put_u64_le(committed_end.0);
+                b.put_u32_le(batches.len() as u32);
+            }),
+            PeerMessage::Commit { committed_end, .. } => encode_frame(Kind::Peer, 0, vec![], |b| {
+                prefix(b, PEER_COMMIT);
+                b.put_u64_le(committed_end.0);
+            }),
+            PeerMessage::Ack {
+                seq,
+                written_end,
+                ack_end,
+                chain_end,
+                resend,
+                ..
+            } => encode_frame(Kind::Peer, 0, vec![], |b| {
+                prefix(b, PEER_ACK);
+                b.put_u64_le(*seq);
+                b.put_u64_le(written_end.0);
+                b.put_u64_le(ack_end.0);
+                b.put_u64_le(chain_end.0);
+                b.put_u8(u8::from(*resend));
+            }),
+            PeerMessage::CreateLog { name, .. } => encode_frame(Kind::Peer, 0, vec![], |b| {
+                prefix(b, PEER_CREATE_LOG);
+                b.put_u16_le(name.len() as u16);
+                b.put_slice(name.as_bytes());
+            }),
+            PeerMessage::NoLog { .. } => {
+                encode_frame(Kind::Peer, 0, vec![], |b| prefix(b, PEER_NO_LOG))
+            }
+            PeerMessage::Fetch {
+                from, max_bytes, ..
+            } => encode_frame(Kind::Peer, 0, vec![], |b| {
+                prefix(b, PEER_FETCH);
+                b.put_u64_le(from.0);
+                b.put_u32_le(*max_bytes);
+            }),
+            PeerMessage::FetchReply { base, batches, .. } => {
+                encode_frame(Kind::Peer, 0, batches.clone(), |b| {
+                    prefix(b, PEER_FETCH_REPLY);
+                    b.put_u64_le(base.0);
+                    b.put_u32_le(batches.len() as u32);
+                })
+            }
+            PeerMessage::Trim { before, .. } => encode_frame(Kind::Peer, 0, vec![], |b| {
+                prefix(b, PEER_TRIM);
+                b.put_u64_le(before.0);
+            }),
+        }
+    }
+
+    /// Decodes the body of a `Kind::Peer` frame, verifying every batch fully (checksums,
+    /// limits, log id, dense offsets). Any malformed input is a typed error, never a panic.
+    pub fn decode(mut body: Bytes) -> Result<PeerMessage> {
+        need(&body, PEER_PREFIX_LEN, "peer")?;
+        let sub = body.get_u8();
+        let epoch = Epoch(body.get_u64_le());
+        let session = body.get_u64_le();
+        let log = LogId(body.get_u64_le());
+        let msg = match sub {
+            PEER_APPEND => {
+                need(&body, 20, "peer append")?;
+                let base = Offset(body.get_u64_le());
+                let committed_end = Offset(body.get_u64_le());
+                let count = body.get_u32_le();
+                let batches = peer_batches(body, count, log, base)?;
+                return Ok(PeerMessage::Append {
+                    epoch,
+                    session,
+                    log,
+                    base,
+                    committed_end,
+                    batches,
+                });
+            }
+            PEER_COMMIT => {
+                need(&body, 8, "peer commit")?;
+                PeerMessage::Commit {
+                    epoch,
+                    session,
+                    log,
+                    committed_end: Offset(body.get_u64_le()),
+                }
+            }
+            PEER_ACK => {
+                need(&body, 33, "peer ack")?;
+                let seq = body.get_u64_le();
+                let written_end = Offset(body.get_u64_le());
+                let ack_end = Offset(body.get_u64_le());
+                let chain_end = Offset(body.get_u64_le());
+                let resend = match body.get_u8() {
+                    0 => false,
+                    1 => true,
+                    v => return Err(Error::Malformed(format!("peer ack: resend flag {v}"))),
+                };
+                PeerMessage::Ack {
+                    epoch,
+                    session,
+                    log,
+                    seq,
+                    written_end,
+                    ack_end,
+                    chain_end,
+                    resend,
+                }
+            }
+            PEER_CREATE_LOG => {
+                need(&body, 2, "peer create-log")?;
+                let n = body.get_u16_le() as usize;
+                if n > LOG_NAME_BYTES_MAX {
+                    return Err(Error::TooLarge {
+                        what: "log name",
+                        size: n,
+                        limit: LOG_NAME_BYTES_MAX,
+                    });
+                }
+                need(&body, n, "peer create-log")?;
+                let name = String::from_utf8(body.split_to(n).to_vec())
+                    .map_err(|_| Error::Malformed("log name is not UTF-8".into()))?;
+                if !crate::types::log_name_valid(&name) || LogId::from_name(&name) != log {
+                    return Err(Error::Malformed(format!(
+                        "peer create-log: bad name {name:?}"
+                    )));
+                }
+                PeerMessage::CreateLog {
+                    epoch,
+                    session,
+                    log,
+                    name,
+                }
+            }
+            PEER_NO_LOG => PeerMessage::NoLog {
+                epoch,
+                session,
+                log,
+            },
+            PEER_FETCH => {
+                need(&body, 12, "peer fetch")?;
+                PeerMessage::Fetch {
+                    epoch,
+                    session,
+                    log,
+                    from: Offset(body.get_u64_le()),
+                    max_bytes: body.get_u32_le(),
+                }
+            }
+            PEER_FETCH_REPLY => {
+                need(&body, 12, "peer fetch-reply")?;
+                let base = Offset(body.get_u64_le());
+                let count = body.get_u32_le();
+                let batches = peer_batches(body, count, log, base)?;
+                return Ok(PeerMessage::FetchReply {
+                    epoch,
+                    session,
+                    log,
+                    base,
+                    batches,
+                });
+            }
+            PEER_TRIM => {
+                need(&body, 8, "peer trim")?;
+                PeerMessage::Trim {
+                    epoch,
+                    session,
+                    log,
+                    before: Offset(body.get_u64_le()),
+                }
+            }
+            s => return Err(Error::Malformed(format!("unknown peer message {s}"))),
+        };
+        no_trailing(&body, "peer")?;
+        Ok(msg)
+    }
+}
+
+#[cfg(test)]
+mod peer_tests {
+    use super::*;
+    use crate::record::build;
+
+    fn round_trip(m: PeerMessage) {
+        let e = m.encode().to_vec();
+        let mut hb = [0u8; FRAME_HEADER_LEN];
+        hb.copy_from_slice(&e[..FRAME_HEADER_LEN]);
+        let h = FrameHeader::decode(&hb).expect("header");
+        assert_eq!(h.kind, Kind::Peer as u16);
+        assert_eq!(h.request_id, 0);
+        assert_eq!(h.body_len as usize, e.len() - FRAME_HEADER_LEN);
+        let body = Bytes::copy_from_slice(&e[FRAME_HEADER_LEN..]);
+        assert_eq!(PeerMessage::decode(body).expect("decode"), m);
+    }
+
+    fn samples() -> Vec<PeerMessage> {
+        let log = LogId::from_name("orders");
+        let b1 = build(log, Offset(10), Epoch(2), &[b"a", b"bb"]).expect("build");
+        let b2 = build(log, Offset(12), Epoch(2), &[b"c"]).expect("build");
+        let (epoch, session) = (Epoch(2), 77);
+        vec![
+            PeerMessage::Append {
+                epoch,
+                session,
+                log,
+                base: Offset(10),
+                committed_end: Offset(4),
+                batches: vec![b1.clone(), b2],
+            },
+            PeerMessage::Append {
+                epoch,
+                session,
+                log,
+                base: Offset(13),
+                committed_end: Offset(4),
+                batches: vec![],
+            },
+            PeerMessage::Commit {
+                epoch,
+                session,
+                log,
+                committed_end: Offset(9),
+            },
+            PeerMessage::Ack {
+                epoch,
+                session,
+                log,
+                seq: 3,
+                written_end: Offset(13),
+                ack_end: Offset(12),
+                chain_end: Offset(13),
+                resend: true,
+            },
+            PeerMessage::CreateLog {
+                epoch,
+                session,
+                log,
+                name: "orders".into(),
+            },
+            PeerMessage::NoLog {
+                epoch,
+                session,
+                log,
+            },
+            PeerMessage::Fetch {
+                epoch,
+                session,
+                log,
+                from: Offset(10),
+                max_bytes: 1 << 20,
+            },
+            PeerMessage::FetchReply {
+                epoch,
+                session,
+                log,
+                base: Offset(10),
+                batches: vec![b1],
+            },
+            PeerMessage::Trim {
+                epoch,
+                session,
+                log,
+                before: Offset(3),
+            },
+        ]
+    }
+
+    #[test]
+    fn peer_messages_round_trip() {
+        for m in samples() {
+            round_trip(m);
+        }
+    }
+
+    #[test]
+    fn peer_batches_must_be_dense_and_of_the_log() {
+        let log = LogId::from_name("orders");
+        let b1 = build(log, Offset(10), Epoch(2), &[b"a"]).expect("build");
+        let b3 = build(log, Offset(12), Epoch(2), &[b"c"]).expect("build");
+        let other = build(LogId(1), Offset(11), Epoch(2), &[b"c"]).expect("build");
+        for batches in [vec![b1.clone(), b3], vec![b1.clone(), other]] {
+            let m = PeerMessage::Append {
+                epoch: Epoch(2),
+                session: 1,
+                log,
+                base: Offset(10),
+                committed_end: Offset(0),
+                batches,
+            };
+            let e = m.encode().to_vec();
+            assert!(PeerMessage::decode(Bytes::copy_from_slice(&e[FRAME_HEADER_LEN..])).is_err());
+        }
+    }
+
+    #[test]
+    fn peer_garbage_is_an_error_not_a_panic() {
+        for m in samples() {
+            let e = m.encode().to_vec();
+            let body = &e[FRAME_HEADER_LEN..];
+            for cut in 0..body.len() {
+                let _ = PeerMessage::decode(Bytes::copy_from_slice(&body[..cut]));
+            }
+            // Flip every byte of small messages (and the fixed part of large ones).
+            for at in 0..body.len().min(200) {
+                let mut v = body.to_vec();
+                v[at] ^= 0x5A;
+                let _ = PeerMessage::decode(Bytes::from(v));
+            }
+            let mut v = body.to_vec();
+            v.push(0);
+            assert!(PeerMessage::decode(Bytes::from(v)).is_err(), "{m:?}");
+        }
+        for len in 0..64usize {
+            for fill in [0u8, 1, 3, 0xFF] {
+                let _ = PeerMessage::decode(Bytes::from(vec![fill; len]));
+            }
+        }
     }
 }

@@ -1,0 +1,2066 @@
+//! The replica: one node's chain-replication state machine (events in, effects out, no I/O).
+//!
+//! Per log, every node tracks `written_end` (handed to storage, in order), `durable_end`
+//! (covered by a completed sync) and `committed_end` (durable on every replica; computed by the
+//! head, learned downstream). The head sequences client batches into groups (natural batching:
+//! whatever queued while the previous group was being made durable), every node writes a group
+//! and forwards it at once, and acknowledges upstream `min(durable_end, successor's ack)`.
+//!
+//! Rejoin rule (see `ARCHITECTURE.md` / protocol notes): no node ever truncates. A node that
+//! comes back shorter than its successor *adopts* the successor's suffix (`Fetch`), and the head
+//! sequences nothing on a log until it holds at least the longest log downstream
+//! (`chain_end`). Only the head assigns offsets, so every copy of an offset anywhere holds the
+//! same bytes, and committed data can never be destroyed by a lagging commit hint.
+
+use crate::chain::{ChainConfig, Place, Role};
+use crate::effects::{ClientId, DiskEvent, Effect, ReadToken, RecoveredLog};
+use crate::error::ErrorCode;
+use crate::limits::{BATCH_BYTES_MAX, LOGS_MAX, PIPELINE_BYTES_DEFAULT, READ_BYTES_MAX};
+use crate::record::{self, BatchHeader};
+use crate::session::{Dedup, ProducerTable, PRODUCERS_PER_LOG_MAX};
+use crate::types::{log_name_valid, ClusterId, Epoch, Instant, LogId, NodeId, Offset};
+use crate::wire::{ClientReply, ClientRequest, PeerMessage};
+use bytes::{Bytes, BytesMut};
+use serde::Serialize;
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+
+/// Most records in one replication group (one `Effect::Append`, one `Append` message).
+pub const GROUP_RECORDS_MAX: u32 = 64 * 1024;
+/// Client reads waiting for a commit or in storage, per node.
+pub const READS_PENDING_MAX: usize = 8192;
+/// Subscriptions per node.
+pub const SUBSCRIPTIONS_MAX: usize = 4096;
+/// Bytes one subscription reads from storage at a time (one read in flight per subscriber).
+pub const SUBSCRIPTION_READ_BYTES: usize = 1 << 20;
+/// Clients waiting on one `CreateLog` or `Trim`.
+pub const WAITERS_PER_LOG_MAX: usize = 256;
+
+/// Tunables of one replica. Defaults come from [`ReplicaConfig::new`].
+#[derive(Clone, Debug)]
+pub struct ReplicaConfig {
+    pub node: NodeId,
+    pub cluster_id: ClusterId,
+    /// Un-acknowledged bytes per log towards the successor before the head stops admitting
+    /// (default `limits::PIPELINE_BYTES_DEFAULT`; minimum `BATCH_BYTES_MAX`). Also bounds the
+    /// bytes of appends waiting in the admission queue.
+    pub pipeline_bytes_max: usize,
+    /// Bytes of batches in one replication message (default 1 MiB, at most `BATCH_BYTES_MAX`;
+    /// a single larger batch still travels alone).
+    pub forward_bytes_max: usize,
+    /// The head sends a standalone `Commit` downstream when no batch carried the committed end
+    /// for this long (default 200 µs).
+    pub commit_idle_us: u64,
+    /// Probe / resend when a link makes no ack progress this long (default 200 ms).
+    pub resend_timeout_us: u64,
+    /// Appends queued at the head while the pipeline is full or the chain is not ready
+    /// (default 4096); beyond it appends get `Unavailable`.
+    pub admission_queue_max: usize,
+    /// Fault switch for checker tests: acknowledge upstream (and commit at the head) on the
+    /// node's own durability, without waiting for the successor. Never set in production.
+    #[doc(hidden)]
+    pub bug_ack_before_successor: bool,
+}
+
+impl ReplicaConfig {
+    pub fn new(node: NodeId, cluster_id: ClusterId) -> Self {
+        ReplicaConfig {
+            node,
+            cluster_id,
+            pipeline_bytes_max: PIPELINE_BYTES_DEFAULT,
+            forward_bytes_max: 1 << 20,
+            commit_idle_us: 200,
+            resend_timeout_us: 200_000,
+            admission_queue_max: 4096,
+            bug_ack_before_successor: false,
+        }
+    }
+
+    /// Checks the documented minimums.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.pipeline_bytes_max < BATCH_BYTES_MAX {
+            return Err(format!(
+                "pipeline_bytes_max {} is below the largest batch {BATCH_BYTES_MAX}",
+                self.pipeline_bytes_max
+            ));
+        }
+        if self.forward_bytes_max == 0 || self.forward_bytes_max > BATCH_BYTES_MAX {
+            return Err(format!(
+                "forward_bytes_max {} must be in 1..={BATCH_BYTES_MAX}",
+                self.forward_bytes_max
+            ));
+        }
+        if self.admission_queue_max == 0 {
+            return Err("admission_queue_max must be at least 1".into());
+        }
+        if self.resend_timeout_us == 0 {
+            return Err("resend_timeout_us must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// A node's view, for `Status` and for checkers.
+#[derive(Debug, Clone, Serialize)]
+pub struct ReplicaStatus {
+    pub node: NodeId,
+    pub epoch: Epoch,
+    pub role: Role,
+    pub chain: Vec<NodeId>,
+    pub logs: Vec<LogStatus>,
+}
+
+/// One log's view on one node.
+#[derive(Debug, Clone, Serialize)]
+pub struct LogStatus {
+    pub name: String,
+    pub log: LogId,
+    pub start: Offset,
+    pub written_end: Offset,
+    pub durable_end: Offset,
+    /// What this node reports upstream (at the head: what it would commit).
+    pub ack_end: Offset,
+    pub committed_end: Offset,
+    /// Un-acknowledged bytes held for the successor.
+    pub pipeline_bytes: usize,
+    /// Appends waiting in the head's admission queue.
+    pub queued_appends: usize,
+    /// Head only: the log holds the longest log of the chain and may sequence.
+    pub ready: bool,
+    pub failed: Option<ErrorCode>,
+}
+
+struct Queued {
+    client: ClientId,
+    request_id: u64,
+    batch: Bytes,
+    header: BatchHeader,
+}
+
+#[derive(Clone, Copy)]
+struct Waiter {
+    client: ClientId,
+    request_id: u64,
+    base: Offset,
+    record_count: u32,
+}
+
+struct WinBatch {
+    base: Offset,
+    end: Offset,
+    bytes: Bytes,
+}
+
+/// This log's side of the link to the successor.
+#[derive(Default)]
+struct SuccLog {
+    /// An `Ack` arrived in the current session, so `sent_end` is meaningful.
+    known: bool,
+    sent_end: Offset,
+    last_ack_seq: u64,
+    written_end: Offset,
+    /// Largest ack ever received: it was durable on every node downstream when sent.
+    ack_end: Offset,
+    /// Longest log downstream, as last reported (kept across sessions: only we feed it).
+    chain_end: Option<Offset>,
+    commit_sent: Offset,
+    commit_due: Option<Instant>,
+    last_heard: Instant,
+    last_probe: Option<Instant>,
+    reading: Option<ReadToken>,
+    read_backoff_until: Option<Instant>,
+    fetch_at: Option<Instant>,
+    rewound: Option<(Offset, Instant)>,
+    no_log: bool,
+}
+
+/// This log's side of the link from the predecessor.
+#[derive(Default)]
+struct PredLog {
+    ack_sent: Offset,
+    chain_sent: Option<Offset>,
+    force: bool,
+    resend: bool,
+    serving_fetch: Option<ReadToken>,
+}
+
+struct LogState {
+    id: LogId,
+    name: String,
+    start: Offset,
+    written_end: Offset,
+    durable_end: Offset,
+    committed_end: Offset,
+    readable_seen: Offset,
+    committed_saved: Offset,
+    failed: Option<ErrorCode>,
+    producers: ProducerTable,
+    queue: VecDeque<Queued>,
+    queue_bytes: usize,
+    commit_waiters: BTreeMap<Offset, Vec<Waiter>>,
+    retry_waiters: usize,
+    create_waiters: Vec<(ClientId, u64)>,
+    trim_waiters: Vec<(ClientId, u64)>,
+    window: VecDeque<WinBatch>,
+    window_bytes: usize,
+    succ: SuccLog,
+    pred: PredLog,
+    read_waits: BTreeSet<(Offset, u64)>,
+    subs: BTreeSet<u64>,
+}
+
+impl LogState {
+    fn new(id: LogId, name: String, start: Offset, end: Offset, producers: ProducerTable) -> Self {
+        LogState {
+            id,
+            name,
+            start,
+            written_end: end,
+            durable_end: end,
+            committed_end: Offset::ZERO,
+            readable_seen: Offset::ZERO,
+            committed_saved: Offset::ZERO,
+            failed: None,
+            producers,
+            queue: VecDeque::new(),
+            queue_bytes: 0,
+            commit_waiters: BTreeMap::new(),
+            retry_waiters: 0,
+            create_waiters: Vec::new(),
+            trim_waiters: Vec::new(),
+            window: VecDeque::new(),
+            window_bytes: 0,
+            succ: SuccLog::default(),
+            pred: PredLog::default(),
+            read_waits: BTreeSet::new(),
+            subs: BTreeSet::new(),
+        }
+    }
+
+    /// Committed entries this node holds durably: what it may serve to readers.
+    fn readable_end(&self) -> Offset {
+        self.committed_end.min(self.durable_end)
+    }
+}
+
+struct Creating {
+    name: String,
+    waiters: Vec<(ClientId, u64)>,
+}
+
+enum ReadJob {
+    Client {
+        client: ClientId,
+        request_id: u64,
+        log: LogId,
+        max_records: u32,
+    },
+    Subscription {
+        id: u64,
+    },
+    Forward {
+        log: LogId,
+        session: u64,
+    },
+    FetchServe {
+        log: LogId,
+        session: u64,
+    },
+}
+
+struct WaitingRead {
+    client: ClientId,
+    request_id: u64,
+    log: LogId,
+    from: Offset,
+    max_records: u32,
+    max_bytes: usize,
+    deadline: Instant,
+}
+
+struct Subscription {
+    client: ClientId,
+    request_id: u64,
+    log: LogId,
+    next: Offset,
+    reading: bool,
+    /// Storage returned nothing at this readable end; wait for it to grow.
+    stalled_at: Option<Offset>,
+}
+
+/// One node's replica of every log it hosts.
+pub struct Replica {
+    cfg: ReplicaConfig,
+    chain: ChainConfig,
+    place: Place,
+    logs: BTreeMap<LogId, LogState>,
+    creating: BTreeMap<LogId, Creating>,
+    succ_up: bool,
+    succ_session: u64,
+    pred_session: Option<u64>,
+    ack_seq: u64,
+    next_token: u64,
+    next_id: u64,
+    reads: BTreeMap<ReadToken, ReadJob>,
+    waits: BTreeMap<u64, WaitingRead>,
+    wait_deadlines: BTreeSet<(Instant, u64)>,
+    reads_pending: usize,
+    subs: BTreeMap<u64, Subscription>,
+    dirty: BTreeSet<LogId>,
+}
+
+fn err(code: ErrorCode, message: impl Into<String>) -> ClientReply {
+    ClientReply::Error {
+        code,
+        message: message.into(),
+    }
+}
+
+/// `b` cut to its batch length (drops receive-buffer padding), with its header.
+fn cut(b: &Bytes) -> Option<(Bytes, BatchHeader)> {
+    let h = BatchHeader::decode(b).ok()?;
+    if b.len() < h.batch_len() {
+        return None;
+    }
+    Some((b.slice(..h.batch_len()), h))
+}
+
+/// Stamps a producer batch with its place in the log. Mutates in place when the buffer is
+/// ours alone (the runtime hands over unique buffers); otherwise copies just this batch.
+fn restamp(batch: Bytes, len: usize, cluster: ClusterId, epoch: Epoch, base: Offset) -> Bytes {
+    match batch.try_into_mut() {
+        Ok(mut m) => {
+            record::restamp(&mut m, cluster, epoch, base);
+            m.freeze()
+        }
+        Err(shared) => {
+            let mut m = BytesMut::from(&shared[..len]);
+            record::restamp(&mut m, cluster, epoch, base);
+            m.freeze()
+        }
+    }
+}
+
+impl Replica {
+    pub fn new(
+        config: ReplicaConfig,
+        chain: ChainConfig,
+        recovered: Vec<RecoveredLog>,
+        now: Instant,
+    ) -> Replica {
+        if let Err(e) = config.validate() {
+            panic!("invalid replica config: {e}");
+        }
+        if let Err(e) = chain.validate() {
+            panic!("invalid chain config: {e}");
+        }
+        let place = chain.place(config.node);
+        let mut logs = BTreeMap::new();
+        for r in recovered {
+            let producers = ProducerTable::from_recovered(&r.producers, PRODUCERS_PER_LOG_MAX);
+            let mut l = LogState::new(r.log, r.name, r.start, r.end, producers);
+            // The hint may exceed what recovery kept (a corrupt segment was cut): this node
+            // then knows it lacks committed data and repairs it from a neighbour.
+            l.committed_end = r.committed_hint;
+            l.committed_saved = r.committed_hint;
+            l.succ.last_heard = now;
+            logs.insert(r.log, l);
+        }
+        Replica {
+            cfg: config,
+            chain,
+            place,
+            logs,
+            creating: BTreeMap::new(),
+            succ_up: false,
+            succ_session: 0,
+            pred_session: None,
+            ack_seq: 0,
+            next_token: 0,
+            next_id: 0,
+            reads: BTreeMap::new(),
+            waits: BTreeMap::new(),
+            wait_deadlines: BTreeSet::new(),
+            reads_pending: 0,
+            subs: BTreeMap::new(),
+            dirty: BTreeSet::new(),
+        }
+    }
+
+    fn is_head(&self) -> bool {
+        matches!(self.place.role, Role::Head | Role::Single)
+    }
+
+    fn not_head(&self) -> ClientReply {
+        match self.place.head {
+            Some(h) => err(
+                ErrorCode::NotHead,
+                format!(
+                    "node {} is not the head; the head is node {}",
+                    self.cfg.node, h
+                ),
+            ),
+            None => err(ErrorCode::NotHead, "no chain configured"),
+        }
+    }
+
+    fn token(&mut self) -> ReadToken {
+        self.next_token += 1;
+        ReadToken(self.next_token)
+    }
+
+    fn reply(out: &mut Vec<Effect>, client: ClientId, request_id: u64, reply: ClientReply) {
+        out.push(Effect::Reply {
+            client,
+            request_id,
+            reply,
+        });
+    }
+
+    // ---------------------------------------------------------------- clients
+
+    pub fn on_client(
+        &mut self,
+        now: Instant,
+        client: ClientId,
+        request_id: u64,
+        req: ClientRequest,
+        out: &mut Vec<Effect>,
+    ) {
+        match req {
+            ClientRequest::Append { batch } => self.client_append(client, request_id, batch, out),
+            ClientRequest::CreateLog { name } => self.client_create(client, request_id, name, out),
+            ClientRequest::Read {
+                log,
+                from,
+                max_records,
+                max_bytes,
+                wait_ms,
+            } => self.client_read(
+                now,
+                client,
+                request_id,
+                log,
+                from,
+                max_records,
+                max_bytes,
+                wait_ms,
+                out,
+            ),
+            ClientRequest::Subscribe { log, from } => {
+                self.client_subscribe(client, request_id, log, from, out)
+            }
+            ClientRequest::Trim { log, before } => {
+                self.client_trim(client, request_id, log, before, out)
+            }
+            ClientRequest::Status => Self::reply(
+                out,
+                client,
+                request_id,
+                err(ErrorCode::BadRequest, "status is answered by the runtime"),
+            ),
+        }
+        self.finish(now, out);
+    }
+
+    fn client_append(
+        &mut self,
+        client: ClientId,
+        request_id: u64,
+        batch: Bytes,
+        out: &mut Vec<Effect>,
+    ) {
+        if !self.is_head() {
+            let r = self.not_head();
+            return Self::reply(out, client, request_id, r);
+        }
+        let Ok(header) = BatchHeader::decode(&batch) else {
+            return Self::reply(
+                out,
+                client,
+                request_id,
+                err(ErrorCode::BadRequest, "bad batch"),
+            );
+        };
+        if batch.len() < header.batch_len() {
+            return Self::reply(
+                out,
+                client,
+                request_id,
+                err(ErrorCode::BadRequest, "short batch"),
+            );
+        }
+        let id = header.log_id;
+        let queue_max = self.cfg.admission_queue_max;
+        let bytes_max = self.cfg.pipeline_bytes_max;
+        let Some(l) = self.logs.get_mut(&id) else {
+            let r = if self.creating.contains_key(&id) {
+                err(ErrorCode::Unavailable, format!("log {id} is being created"))
+            } else {
+                err(ErrorCode::UnknownLog, format!("no log {id}"))
+            };
+            return Self::reply(out, client, request_id, r);
+        };
+        if let Some(code) = l.failed {
+            return Self::reply(out, client, request_id, err(code, "log storage failed"));
+        }
+        // Fast path for retries of batches already in the log. New batches (and gaps, which
+        // may be filled by batches still queued) are classified again when sequenced.
+        if let Dedup::Duplicate {
+            base_offset,
+            record_count,
+        } = l
+            .producers
+            .check(header.producer_id, header.producer_seq, header.record_count)
+        {
+            let end = base_offset.plus(u64::from(record_count));
+            if end <= l.committed_end {
+                return Self::reply(
+                    out,
+                    client,
+                    request_id,
+                    ClientReply::AppendOk {
+                        base_offset,
+                        record_count,
+                    },
+                );
+            }
+            if l.retry_waiters >= queue_max {
+                return Self::reply(
+                    out,
+                    client,
+                    request_id,
+                    err(ErrorCode::Unavailable, "too many retries waiting"),
+                );
+            }
+            l.retry_waiters += 1;
+            l.commit_waiters.entry(end).or_default().push(Waiter {
+                client,
+                request_id,
+                base: base_offset,
+                record_count,
+            });
+            return;
+        }
+        let len = header.batch_len();
+        if l.queue.len() >= queue_max || (l.queue_bytes + len > bytes_max && !l.queue.is_empty()) {
+            return Self::reply(
+                out,
+                client,
+                request_id,
+                err(ErrorCode::Unavailable, "append queue full; retry later"),
+            );
+        }
+        l.queue_bytes += len;
+        l.queue.push_back(Queued {
+            client,
+            request_id,
+            batch,
+            header,
+        });
+        self.dirty.insert(id);
+    }
+
+    fn client_create(
+        &mut self,
+        client: ClientId,
+        request_id: u64,
+        name: String,
+        out: &mut Vec<Effect>,
+    ) {
+        if !self.is_head() {
+            let r = self.not_head();
+            return Self::reply(out, client, request_id, r);
+        }
+        if !log_name_valid(&name) {
+            return Self::reply(
+                out,
+                client,
+                request_id,
+                err(ErrorCode::BadRequest, format!("invalid log name {name:?}")),
+            );
+        }
+        let id = LogId::from_name(&name);
+        if let Some(l) = self.logs.get_mut(&id) {
+            if l.name != name {
+                return Self::reply(
+                    out,
+                    client,
+                    request_id,
+                    err(
+                        ErrorCode::LogExists,
+                        format!("log id {id} is taken by {:?}", l.name),
+                    ),
+                );
+            }
+            if l.create_waiters.len() >= WAITERS_PER_LOG_MAX {
+                return Self::reply(
+                    out,
+                    client,
+                    request_id,
+                    err(ErrorCode::Unavailable, "too many waiters"),
+                );
+            }
+            l.create_waiters.push((client, request_id));
+            self.dirty.insert(id);
+            return;
+        }
+        if let Some(c) = self.creating.get_mut(&id) {
+            if c.name != name {
+                return Self::reply(
+                    out,
+                    client,
+                    request_id,
+                    err(
+                        ErrorCode::LogExists,
+                        format!("log id {id} is taken by {:?}", c.name),
+                    ),
+                );
+            }
+            if c.waiters.len() >= WAITERS_PER_LOG_MAX {
+                return Self::reply(
+                    out,
+                    client,
+                    request_id,
+                    err(ErrorCode::Unavailable, "too many waiters"),
+                );
+            }
+            c.waiters.push((client, request_id));
+            return;
+        }
+        if self.logs.len() + self.creating.len() >= LOGS_MAX {
+            return Self::reply(
+                out,
+                client,
+                request_id,
+                err(ErrorCode::LimitExceeded, format!("at most {LOGS_MAX} logs")),
+            );
+        }
+        self.creating.insert(
+            id,
+            Creating {
+                name: name.clone(),
+                waiters: vec![(client, request_id)],
+            },
+        );
+        out.push(Effect::CreateLog { log: id, name });
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn client_read(
+        &mut self,
+        now: Instant,
+        client: ClientId,
+        request_id: u64,
+        log: LogId,
+        from: Offset,
+        max_records: u32,
+        max_bytes: u32,
+        wait_ms: u32,
+        out: &mut Vec<Effect>,
+    ) {
+        let Some(l) = self.logs.get_mut(&log) else {
+            return Self::reply(
+                out,
+                client,
+                request_id,
+                err(ErrorCode::UnknownLog, format!("no log {log}")),
+            );
+        };
+        if from < l.start {
+            return Self::reply(
+                out,
+                client,
+                request_id,
+                err(
+                    ErrorCode::OffsetTrimmed,
+                    format!("log starts at {}", l.start),
+                ),
+            );
+        }
+        if self.reads_pending >= READS_PENDING_MAX {
+            return Self::reply(
+                out,
+                client,
+                request_id,
+                err(ErrorCode::LimitExceeded, "too many reads in progress"),
+            );
+        }
+        let max_bytes = (max_bytes as usize).clamp(1, READ_BYTES_MAX);
+        let max_records = max_records.max(1);
+        let readable = l.readable_end();
+        if from < readable {
+            self.start_read(
+                client,
+                request_id,
+                log,
+                from,
+                readable,
+                max_records,
+                max_bytes,
+                out,
+            );
+        } else if wait_ms == 0 {
+            let committed_end = l.committed_end;
+            Self::reply(
+                out,
+                client,
+                request_id,
+                ClientReply::ReadOk {
+                    committed_end,
+                    batches: vec![],
+                },
+            );
+        } else {
+            self.next_id += 1;
+            let id = self.next_id;
+            let deadline = now.plus_us(u64::from(wait_ms) * 1000);
+            l.read_waits.insert((from, id));
+            self.waits.insert(
+                id,
+                WaitingRead {
+                    client,
+                    request_id,
+                    log,
+                    from,
+                    max_records,
+                    max_bytes,
+                    deadline,
+                },
+            );
+            self.wait_deadlines.insert((deadline, id));
+            self.reads_pending += 1;
+        }
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn start_read(
+        &mut self,
+        client: ClientId,
+        request_id: u64,
+        log: LogId,
+        from: Offset,
+        end: Offset,
+        max_records: u32,
+        max_bytes: usize,
+        out: &mut Vec<Effect>,
+    ) {
+        let token = self.token();
+        self.reads.insert(
+            token,
+            ReadJob::Client {
+                client,
+                request_id,
+                log,
+                max_records,
+            },
+        );
+        self.reads_pending += 1;
+        out.push(Effect::Read {
+            token,
+            log,
+            from,
+            end,
+            max_bytes,
+        });
+    }
+
+    fn client_subscribe(
+        &mut self,
+        client: ClientId,
+        request_id: u64,
+        log: LogId,
+        from: Offset,
+        out: &mut Vec<Effect>,
+    ) {
+        let Some(l) = self.logs.get_mut(&log) else {
+            return Self::reply(
+                out,
+                client,
+                request_id,
+                err(ErrorCode::UnknownLog, format!("no log {log}")),
+            );
+        };
+        if from < l.start {
+            return Self::reply(
+                out,
+                client,
+                request_id,
+                err(
+                    ErrorCode::OffsetTrimmed,
+                    format!("log starts at {}", l.start),
+                ),
+            );
+        }
+        if self.subs.len() >= SUBSCRIPTIONS_MAX {
+            return Self::reply(
+                out,
+                client,
+                request_id,
+                err(ErrorCode::LimitExceeded, "too many subscriptions"),
+            );
+        }
+        self.next_id += 1;
+        let id = self.next_id;
+        l.subs.insert(id);
+        self.subs.insert(
+            id,
+            Subscription {
+                client,
+                request_id,
+                log,
+                next: from,
+                reading: false,
+                stalled_at: None,
+            },
+        );
+        self.pump_subscription(id, out);
+    }
+
+    fn client_trim(
+        &mut self,
+        client: ClientId,
+        request_id: u64,
+        log: LogId,
+        before: Offset,
+        out: &mut Vec<Effect>,
+    ) {
+        if !self.is_head() {
+            let r = self.not_head();
+            return Self::reply(out, client, request_id, r);
+        }
+        let Some(l) = self.logs.get_mut(&log) else {
+            return Self::reply(
+                out,
+                client,
+                request_id,
+                err(ErrorCode::UnknownLog, format!("no log {log}")),
+            );
+        };
+        // Only committed entries may go: they are on every replica already.
+        let before = before.min(l.committed_end);
+        if before <= l.start {
+            let start = l.start;
+            return Self::reply(out, client, request_id, ClientReply::TrimOk { start });
+        }
+        if l.trim_waiters.len() >= WAITERS_PER_LOG_MAX {
+            return Self::reply(
+                out,
+                client,
+                request_id,
+                err(ErrorCode::Unavailable, "too many trims waiting"),
+            );
+        }
+        l.trim_waiters.push((client, request_id));
+        out.push(Effect::Trim { log, before });
+        if let (Some(succ), true) = (self.place.succ, self.succ_up) {
+            out.push(Effect::Send {
+                to: succ,
+                msg: PeerMessage::Trim {
+                    epoch: self.chain.epoch,
+                    session: self.succ_session,
+                    log,
+                    before,
+                },
+            });
+        }
+    }
+
+    /// The client's connection closed: forget its reads and subscriptions. Appends it sent
+    /// still complete (their replies go nowhere).
+    pub fn on_client_gone(&mut self, now: Instant, client: ClientId, out: &mut Vec<Effect>) {
+        let gone_subs: Vec<u64> = self
+            .subs
+            .iter()
+            .filter(|(_, s)| s.client == client)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone_subs {
+            if let Some(s) = self.subs.remove(&id) {
+                if let Some(l) = self.logs.get_mut(&s.log) {
+                    l.subs.remove(&id);
+                }
+            }
+        }
+        let gone_waits: Vec<u64> = self
+            .waits
+            .iter()
+            .filter(|(_, w)| w.client == client)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in gone_waits {
+            if let Some(w) = self.waits.remove(&id) {
+                self.wait_deadlines.remove(&(w.deadline, id));
+                if let Some(l) = self.logs.get_mut(&w.log) {
+                    l.read_waits.remove(&(w.from, id));
+                }
+                self.reads_pending -= 1;
+            }
+        }
+        let gone_reads: Vec<ReadToken> = self
+            .reads
+            .iter()
+            .filter(|(_, j)| matches!(j, ReadJob::Client { client: c, .. } if *c == client))
+            .map(|(t, _)| *t)
+            .collect();
+        for t in gone_reads {
+            self.reads.remove(&t);
+            self.reads_pending -= 1;
+        }
+        self.finish(now, out);
+    }
+
+    // ---------------------------------------------------------------- peers
+
+    pub fn on_peer(&mut self, now: Instant, from: NodeId, msg: PeerMessage, out: &mut Vec<Effect>) {
+        if msg.epoch() != self.chain.epoch {
+            return;
+        }
+        let session = msg.session();
+        let from_pred = Some(from) == self.place.pred;
+        let from_succ = Some(from) == self.place.succ;
+        match msg {
+            PeerMessage::Append { .. }
+            | PeerMessage::Commit { .. }
+            | PeerMessage::CreateLog { .. }
+            | PeerMessage::Fetch { .. }
+            | PeerMessage::Trim { .. } => {
+                if !from_pred || !self.accept_pred_session(session) {
+                    return;
+                }
+                self.pred_message(msg, out);
+            }
+            PeerMessage::Ack { .. }
+            | PeerMessage::NoLog { .. }
+            | PeerMessage::FetchReply { .. } => {
+                if !from_succ || !self.succ_up || session != self.succ_session {
+                    return;
+                }
+                self.succ_message(now, msg, out);
+            }
+        }
+        self.finish(now, out);
+    }
+
+    /// The predecessor chooses sessions; a newer one replaces ours (it reconnected), an older
+    /// one is a leftover of a previous connection and is dropped.
+    fn accept_pred_session(&mut self, session: u64) -> bool {
+        match self.pred_session {
+            Some(s) if session == s => true,
+            Some(s) if session < s => false,
+            _ => {
+                self.pred_session = Some(session);
+                for l in self.logs.values_mut() {
+                    if let Some(t) = l.pred.serving_fetch.take() {
+                        self.reads.remove(&t);
+                    }
+                    l.pred = PredLog::default();
+                }
+                true
+            }
+        }
+    }
+
+    fn pred_message(&mut self, msg: PeerMessage, out: &mut Vec<Effect>) {
+        let log = msg.log();
+        if let PeerMessage::CreateLog { name, .. } = &msg {
+            if let Some(l) = self.logs.get_mut(&log) {
+                if l.name == *name {
+                    l.pred.force = true;
+                    self.dirty.insert(log);
+                }
+            } else if !self.creating.contains_key(&log)
+                && self.logs.len() + self.creating.len() < LOGS_MAX
+            {
+                self.creating.insert(
+                    log,
+                    Creating {
+                        name: name.clone(),
+                        waiters: vec![],
+                    },
+                );
+                out.push(Effect::CreateLog {
+                    log,
+                    name: name.clone(),
+                });
+            }
+            return;
+        }
+        let Some(pred) = self.place.pred else { return };
+        let epoch = self.chain.epoch;
+        let session = msg.session();
+        let Some(l) = self.logs.get_mut(&log) else {
+            if !self.creating.contains_key(&log) {
+                out.push(Effect::Send {
+                    to: pred,
+                    msg: PeerMessage::NoLog {
+                        epoch,
+                        session,
+                        log,
+                    },
+                });
+            }
+            return;
+        };
+        self.dirty.insert(log);
+        match msg {
+            PeerMessage::Append {
+                base,
+                committed_end,
+                batches,
+                ..
+            } => {
+                l.committed_end = l.committed_end.max(committed_end);
+                if batches.is_empty() {
+                    l.pred.force = true;
+                    if base > l.written_end {
+                        l.pred.resend = true;
+                    }
+                    return;
+                }
+                match Self::accept_batches(l, &batches) {
+                    Accept::From(i) => {
+                        let batches = batches[i..].to_vec();
+                        Self::write_local(
+                            l,
+                            self.place.succ.is_some(),
+                            &self.cfg,
+                            batches,
+                            true,
+                            out,
+                        );
+                    }
+                    Accept::Duplicate => l.pred.force = true,
+                    Accept::Gap => {
+                        l.pred.force = true;
+                        l.pred.resend = true;
+                    }
+                }
+            }
+            PeerMessage::Commit { committed_end, .. } => {
+                l.committed_end = l.committed_end.max(committed_end);
+            }
+            PeerMessage::Fetch {
+                from, max_bytes, ..
+            } => {
+                let max_bytes = (max_bytes as usize).clamp(1, self.cfg.forward_bytes_max);
+                if let Some(batches) = Self::from_window(l, from, max_bytes) {
+                    out.push(Effect::Send {
+                        to: pred,
+                        msg: PeerMessage::FetchReply {
+                            epoch,
+                            session,
+                            log,
+                            base: from,
+                            batches,
+                        },
+                    });
+                } else if from >= l.start && from < l.durable_end {
+                    if l.pred.serving_fetch.is_none() {
+                        self.next_token += 1;
+                        let token = ReadToken(self.next_token);
+                        l.pred.serving_fetch = Some(token);
+                        self.reads
+                            .insert(token, ReadJob::FetchServe { log, session });
+                        out.push(Effect::Read {
+                            token,
+                            log,
+                            from,
+                            end: l.durable_end,
+                            max_bytes,
+                        });
+                    }
+                } else {
+                    out.push(Effect::Send {
+                        to: pred,
+                        msg: PeerMessage::FetchReply {
+                            epoch,
+                            session,
+                            log,
+                            base: from,
+                            batches: vec![],
+                        },
+                    });
+                }
+            }
+            PeerMessage::Trim { before, .. } => {
+                let before = before.min(l.committed_end);
+                if before > l.start {
+                    out.push(Effect::Trim { log, before });
+                    if let (Some(succ), true) = (self.place.succ, self.succ_up) {
+                        out.push(Effect::Send {
+                            to: succ,
+                            msg: PeerMessage::Trim {
+                                epoch,
+                                session: self.succ_session,
+                                log,
+                                before,
+                            },
+                        });
+                    }
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn succ_message(&mut self, now: Instant, msg: PeerMessage, out: &mut Vec<Effect>) {
+        let log = msg.log();
+        let Some(l) = self.logs.get_mut(&log) else {
+            return;
+        };
+        self.dirty.insert(log);
+        match msg {
+            PeerMessage::Ack {
+                seq,
+                written_end,
+                ack_end,
+                chain_end,
+                resend,
+                ..
+            } => {
+                let s = &mut l.succ;
+                if s.known && seq <= s.last_ack_seq {
+                    return; // reordered: an older view
+                }
+                if !s.known {
+                    s.known = true;
+                    s.sent_end = written_end;
+                }
+                s.last_ack_seq = seq;
+                s.last_heard = now;
+                s.written_end = written_end;
+                s.ack_end = s.ack_end.max(ack_end);
+                s.chain_end = Some(chain_end);
+                s.sent_end = s.sent_end.max(written_end);
+                if resend && written_end < s.sent_end {
+                    // Rate-limited: reordered gaps would otherwise make us resend the window
+                    // once per gap seen.
+                    let quiet = self.cfg.resend_timeout_us / 4;
+                    let again = matches!(s.rewound, Some((o, at)) if o == written_end && now.saturating_since(at) < quiet);
+                    if !again {
+                        s.sent_end = written_end;
+                        s.rewound = Some((written_end, now));
+                    }
+                }
+                Self::trim_window(l);
+            }
+            PeerMessage::NoLog { .. } => {
+                l.succ.no_log = true;
+            }
+            PeerMessage::FetchReply { batches, .. } => {
+                if batches.is_empty() {
+                    return; // nothing there yet: the fetch timer asks again
+                }
+                l.succ.fetch_at = None;
+                if l.failed.is_some() {
+                    return;
+                }
+                if let Accept::From(i) = Self::accept_batches(l, &batches) {
+                    let batches = batches[i..].to_vec();
+                    Self::write_local(l, self.place.succ.is_some(), &self.cfg, batches, true, out);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Where a run of received batches continues this log.
+    fn accept_batches(l: &LogState, batches: &[Bytes]) -> Accept {
+        for (i, b) in batches.iter().enumerate() {
+            let Ok(h) = BatchHeader::decode(b) else {
+                return Accept::Gap;
+            };
+            if h.end_offset() <= l.written_end {
+                continue;
+            }
+            if h.base_offset == l.written_end {
+                return Accept::From(i);
+            }
+            // Past our end (a gap) or straddling it (cannot happen: batch boundaries are the
+            // same on every node); either way ask for a resend from our end.
+            return Accept::Gap;
+        }
+        Accept::Duplicate
+    }
+
+    /// Batches from the in-memory window starting exactly at `from`, if it holds them.
+    fn from_window(l: &LogState, from: Offset, max_bytes: usize) -> Option<Vec<Bytes>> {
+        let front = l.window.front()?;
+        if from < front.base || from >= l.written_end {
+            return None;
+        }
+        let i = l.window.partition_point(|b| b.base < from);
+        let first = l.window.get(i)?;
+        if first.base != from {
+            return None;
+        }
+        let mut bytes = 0usize;
+        let mut v = Vec::new();
+        for b in l.window.range(i..) {
+            if !v.is_empty() && bytes + b.bytes.len() > max_bytes {
+                break;
+            }
+            bytes += b.bytes.len();
+            v.push(b.bytes.clone());
+        }
+        Some(v)
+    }
+
+    /// Hands batches (already verified, dense from `written_end`) to storage, remembers them
+    /// for the successor and for producer dedup.
+    fn write_local(
+        l: &mut LogState,
+        has_succ: bool,
+        cfg: &ReplicaConfig,
+        batches: Vec<Bytes>,
+        record_producers: bool,
+        out: &mut Vec<Effect>,
+    ) {
+        let base = l.written_end;
+        let mut next = base;
+        for b in &batches {
+            let Some((cut, h)) = cut(b) else {
+                panic!("write_local: unverified batch");
+            };
+            assert_eq!(h.base_offset, next, "batches must be dense");
+            if record_producers {
+                l.producers
+                    .record(h.producer_id, h.producer_seq, h.record_count, h.base_offset);
+            }
+            let end = h.end_offset();
+            if has_succ {
+                l.window_bytes += cut.len();
+                l.window.push_back(WinBatch {
+                    base: h.base_offset,
+                    end,
+                    bytes: cut,
+                });
+            }
+            next = end;
+        }
+        l.written_end = next;
+        // The window is a cache of what the successor may still need; beyond its bound the
+        // oldest part is read back from storage if a resend needs it.
+        let cap = cfg.pipeline_bytes_max + cfg.forward_bytes_max;
+        while l.window_bytes > cap {
+            let Some(b) = l.window.pop_front() else { break };
+            l.window_bytes -= b.bytes.len();
+        }
+        out.push(Effect::Append {
+            log: l.id,
+            base,
+            batches,
+        });
+    }
+
+    fn trim_window(l: &mut LogState) {
+        while let Some(b) = l.window.front() {
+            if b.end > l.succ.ack_end {
+                break;
+            }
+            l.window_bytes -= b.bytes.len();
+            l.window.pop_front();
+        }
+    }
+
+    // ---------------------------------------------------------------- links, disk, time
+
+    /// The runtime's link to a neighbour came up or went down.
+    pub fn on_link(&mut self, now: Instant, peer: NodeId, up: bool, out: &mut Vec<Effect>) {
+        if Some(peer) == self.place.succ {
+            self.succ_up = up;
+            if up {
+                // A new session: fences everything of the previous connection.
+                self.succ_session = (self.succ_session + 1).max(now.0);
+            }
+            for l in self.logs.values_mut() {
+                let s = &mut l.succ;
+                s.known = false;
+                s.sent_end = Offset::ZERO;
+                s.last_ack_seq = 0;
+                s.commit_sent = Offset::ZERO;
+                s.commit_due = None;
+                s.last_probe = None;
+                s.last_heard = now;
+                s.reading = None;
+                s.read_backoff_until = None;
+                s.fetch_at = None;
+                s.rewound = None;
+                s.no_log = false;
+                self.dirty.insert(l.id);
+            }
+        }
+        if Some(peer) == self.place.pred {
+            // Whatever session the predecessor opens on the new connection is the current one.
+            self.pred_session = None;
+        }
+        self.finish(now, out);
+    }
+
+    pub fn on_disk(&mut self, now: Instant, ev: DiskEvent, out: &mut Vec<Effect>) {
+        match ev {
+            DiskEvent::Durable { log, end } => {
+                if let Some(l) = self.logs.get_mut(&log) {
+                    assert!(end <= l.written_end, "durable past written on {log}");
+                    l.durable_end = l.durable_end.max(end);
+                    self.dirty.insert(log);
+                }
+            }
+            DiskEvent::WriteFailed { log, at, code } => {
+                if let Some(l) = self.logs.get_mut(&log) {
+                    l.failed = Some(code);
+                    for q in l.queue.drain(..) {
+                        Self::reply(out, q.client, q.request_id, err(code, "log storage failed"));
+                    }
+                    l.queue_bytes = 0;
+                    let lost = l.commit_waiters.split_off(&at.plus(1));
+                    for w in lost.into_values().flatten() {
+                        Self::reply(out, w.client, w.request_id, err(code, "log storage failed"));
+                    }
+                    self.dirty.insert(log);
+                }
+            }
+            DiskEvent::Truncated { log, end } => {
+                if let Some(l) = self.logs.get_mut(&log) {
+                    l.written_end = l.written_end.min(end);
+                    l.durable_end = l.durable_end.min(end);
+                    while l.window.back().is_some_and(|b| b.end > end) {
+                        if let Some(b) = l.window.pop_back() {
+                            l.window_bytes -= b.bytes.len();
+                        }
+                    }
+                    self.dirty.insert(log);
+                }
+            }
+            DiskEvent::Created { log, result } => {
+                let Some(c) = self.creating.remove(&log) else {
+                    return;
+                };
+                match result {
+                    Ok(()) => {
+                        let mut l = LogState::new(
+                            log,
+                            c.name,
+                            Offset::ZERO,
+                            Offset::ZERO,
+                            ProducerTable::new(PRODUCERS_PER_LOG_MAX),
+                        );
+                        l.create_waiters = c.waiters;
+                        l.succ.last_heard = now;
+                        // The successor almost surely lacks a log we just created.
+                        l.succ.no_log = self.succ_up;
+                        self.logs.insert(log, l);
+                        self.dirty.insert(log);
+                    }
+                    Err(code) => {
+                        for (client, request_id) in c.waiters {
+                            Self::reply(out, client, request_id, err(code, "create failed"));
+                        }
+                    }
+                }
+            }
+            DiskEvent::Trimmed { log, start } => {
+                if let Some(l) = self.logs.get_mut(&log) {
+                    l.start = l.start.max(start);
+                    let start = l.start;
+                    for (client, request_id) in l.trim_waiters.drain(..) {
+                        Self::reply(out, client, request_id, ClientReply::TrimOk { start });
+                    }
+                }
+            }
+            DiskEvent::ReadDone { token, result } => self.read_done(now, token, result, out),
+        }
+        self.finish(now, out);
+    }
+
+    fn read_done(
+        &mut self,
+        now: Instant,
+        token: ReadToken,
+        result: Result<Vec<Bytes>, ErrorCode>,
+        out: &mut Vec<Effect>,
+    ) {
+        let Some(job) = self.reads.remove(&token) else {
+            return;
+        };
+        let batches: Result<Vec<Bytes>, ErrorCode> = result.and_then(|v| {
+            v.iter()
+                .map(|b| cut(b).map(|(c, _)| c).ok_or(ErrorCode::Corruption))
+                .collect()
+        });
+        let epoch = self.chain.epoch;
+        match job {
+            ReadJob::Client {
+                client,
+                request_id,
+                log,
+                max_records,
+            } => {
+                self.reads_pending -= 1;
+                let committed_end = self
+                    .logs
+                    .get(&log)
+                    .map_or(Offset::ZERO, |l| l.committed_end);
+                let reply = match batches {
+                    Ok(mut v) => {
+                        let mut records = 0u64;
+                        let mut keep = 0;
+                        for b in &v {
+                            let n = BatchHeader::decode(b).map_or(0, |h| u64::from(h.record_count));
+                            if keep > 0 && records + n > u64::from(max_records) {
+                                break;
+                            }
+                            records += n;
+                            keep += 1;
+                        }
+                        v.truncate(keep);
+                        ClientReply::ReadOk {
+                            committed_end,
+                            batches: v,
+                        }
+                    }
+                    Err(code) => err(code, "read failed"),
+                };
+                Self::reply(out, client, request_id, reply);
+            }
+            ReadJob::Subscription { id } => {
+                let Some(s) = self.subs.get_mut(&id) else {
+                    return;
+                };
+                s.reading = false;
+                let committed_end = self
+                    .logs
+                    .get(&s.log)
+                    .map_or(Offset::ZERO, |l| l.committed_end);
+                match batches {
+                    Ok(v) if !v.is_empty() => {
+                        if let Some(h) = v.last().and_then(|b| BatchHeader::decode(b).ok()) {
+                            s.next = s.next.max(h.end_offset());
+                        }
+                        Self::reply(
+                            out,
+                            s.client,
+                            s.request_id,
+                            ClientReply::Records {
+                                committed_end,
+                                batches: v,
+                            },
+                        );
+                        self.pump_subscription(id, out);
+                    }
+                    Ok(_) => {
+                        let readable = self
+                            .logs
+                            .get(&s.log)
+                            .map_or(Offset::ZERO, |l| l.readable_end());
+                        s.stalled_at = Some(readable);
+                    }
+                    Err(code) => {
+                        Self::reply(
+                            out,
+                            s.client,
+                            s.request_id,
+                            err(code, "subscription read failed"),
+                        );
+                        let log = s.log;
+                        self.subs.remove(&id);
+                        if let Some(l) = self.logs.get_mut(&log) {
+                            l.subs.remove(&id);
+                        }
+                    }
+                }
+            }
+            ReadJob::Forward { log, session } => {
+                let Some(l) = self.logs.get_mut(&log) else {
+                    return;
+                };
+                if l.succ.reading != Some(token) {
+                    return;
+                }
+                l.succ.reading = None;
+                self.dirty.insert(log);
+                let (Some(succ), true) = (
+                    self.place.succ,
+                    session == self.succ_session && self.succ_up,
+                ) else {
+                    return;
+                };
+                match batches {
+                    Ok(v) if !v.is_empty() => {
+                        let Some(first) = BatchHeader::decode(&v[0]).ok() else {
+                            return;
+                        };
+                        let Some(last) = v.last().and_then(|b| BatchHeader::decode(b).ok()) else {
+                            return;
+                        };
+                        l.succ.sent_end = l.succ.sent_end.max(last.end_offset());
+                        l.succ.commit_sent = l.succ.commit_sent.max(l.committed_end);
+                        out.push(Effect::Send {
+                            to: succ,
+                            msg: PeerMessage::Append {
+                                epoch,
+                                session,
+                                log,
+                                base: first.base_offset,
+                                committed_end: l.committed_end,
+                                batches: v,
+                            },
+                        });
+                    }
+                    _ => {
+                        l.succ.read_backoff_until = Some(now.plus_us(self.cfg.resend_timeout_us));
+                    }
+                }
+            }
+            ReadJob::FetchServe { log, session } => {
+                let Some(l) = self.logs.get_mut(&log) else {
+                    return;
+                };
+                if l.pred.serving_fetch == Some(token) {
+                    l.pred.serving_fetch = None;
+                }
+                let (Some(pred), Some(cur)) = (self.place.pred, self.pred_session) else {
+                    return;
+                };
+                if cur != session {
+                    return;
+                }
+                let v = batches.unwrap_or_default();
+                let base = v
+                    .first()
+                    .and_then(|b| BatchHeader::decode(b).ok())
+                    .map_or(l.written_end, |h| h.base_offset);
+                out.push(Effect::Send {
+                    to: pred,
+                    msg: PeerMessage::FetchReply {
+                        epoch,
+                        session,
+                        log,
+                        base,
+                        batches: v,
+                    },
+                });
+            }
+        }
+    }
+
+    /// Called every ~1 ms: timers (idle commits, probes, resends, read deadlines).
+    pub fn on_tick(&mut self, now: Instant, out: &mut Vec<Effect>) {
+        while let Some(&(deadline, id)) = self.wait_deadlines.first() {
+            if deadline > now {
+                break;
+            }
+            self.wait_deadlines.pop_first();
+            if let Some(w) = self.waits.remove(&id) {
+                self.reads_pending -= 1;
+                let committed_end = match self.logs.get_mut(&w.log) {
+                    Some(l) => {
+                        l.read_waits.remove(&(w.from, id));
+                        l.committed_end
+                    }
+                    None => Offset::ZERO,
+                };
+                Self::reply(
+                    out,
+                    w.client,
+                    w.request_id,
+                    ClientReply::ReadOk {
+                        committed_end,
+                        batches: vec![],
+                    },
+                );
+            }
+        }
+        let ids: Vec<LogId> = self.logs.keys().copied().collect();
+        self.dirty.extend(ids);
+        self.finish(now, out);
+    }
+
+    // ---------------------------------------------------------------- the pump
+
+    /// Does everything the events of this call made possible, for every log they touched.
+    fn finish(&mut self, now: Instant, out: &mut Vec<Effect>) {
+        while let Some(id) = self.dirty.pop_first() {
+            let Some(mut l) = self.logs.remove(&id) else {
+                continue;
+            };
+            self.pump(&mut l, now, out);
+            self.logs.insert(id, l);
+        }
+    }
+
+    /// Ready to sequence: the head holds at least the longest log of its chain.
+    fn ready(&self, l: &LogState) -> bool {
+        match self.place.role {
+            Role::Single => true,
+            Role::Head => l.succ.chain_end.is_some_and(|c| l.written_end >= c),
+            _ => false,
+        }
+    }
+
+    fn ack_end(&self, l: &LogState) -> Offset {
+        match self.place.role {
+            Role::Single | Role::Tail => l.durable_end,
+            _ if self.cfg.bug_ack_before_successor => l.durable_end,
+            _ => l.durable_end.min(l.succ.ack_end),
+        }
+    }
+
+    fn pump(&mut self, l: &mut LogState, now: Instant, out: &mut Vec<Effect>) {
+        if self.is_head() {
+            let acked = self.ack_end(l);
+            if acked > l.committed_end {
+                l.committed_end = acked;
+            }
+            if !l.create_waiters.is_empty()
+                && (self.place.role == Role::Single || l.succ.chain_end.is_some())
+            {
+                for (client, request_id) in l.create_waiters.drain(..) {
+                    Self::reply(
+                        out,
+                        client,
+                        request_id,
+                        ClientReply::CreateLogOk { log: l.id },
+                    );
+                }
+            }
+        }
+        self.committed_effects(l, out);
+        if self.is_head()
+            && l.failed.is_none()
+            && l.durable_end == l.written_end
+            && !l.queue.is_empty()
+            && self.ready(l)
+        {
+            self.flush(l, out);
+        }
+        if self.place.succ.is_some() && self.succ_up {
+            self.pump_succ(l, now, out);
+        }
+        if self.place.pred.is_some() && self.pred_session.is_some() {
+            self.pump_ack(l, out);
+        }
+    }
+
+    /// Replies, wake-ups and the saved hint that follow a commit advance.
+    fn committed_effects(&mut self, l: &mut LogState, out: &mut Vec<Effect>) {
+        if l.committed_end > l.committed_saved {
+            l.committed_saved = l.committed_end;
+            out.push(Effect::SaveCommitted {
+                log: l.id,
+                end: l.committed_end,
+            });
+        }
+        if let Some((&end, _)) = l.commit_waiters.first_key_value() {
+            if end <= l.committed_end {
+                let rest = l.commit_waiters.split_off(&l.committed_end.plus(1));
+                let done = std::mem::replace(&mut l.commit_waiters, rest);
+                for w in done.into_values().flatten() {
+                    Self::reply(
+                        out,
+                        w.client,
+                        w.request_id,
+                        ClientReply::AppendOk {
+                            base_offset: w.base,
+                            record_count: w.record_count,
+                        },
+                    );
+                }
+                l.retry_waiters = l
+                    .retry_waiters
+                    .min(l.commit_waiters.values().map(Vec::len).sum());
+            }
+        }
+        let readable = l.readable_end();
+        if readable > l.readable_seen {
+            l.readable_seen = readable;
+            while let Some(&(from, id)) = l.read_waits.first() {
+                if from >= readable {
+                    break;
+                }
+                l.read_waits.pop_first();
+                if let Some(w) = self.waits.remove(&id) {
+                    self.wait_deadlines.remove(&(w.deadline, id));
+                    self.reads_pending -= 1;
+                    self.start_read(
+                        w.client,
+                        w.request_id,
+                        l.id,
+                        w.from,
+                        readable,
+                        w.max_records,
+                        w.max_bytes,
+                        out,
+                    );
+                }
+            }
+            let subs: Vec<u64> = l.subs.iter().copied().collect();
+            for id in subs {
+                self.pump_subscription_with(id, readable, out);
+            }
+        }
+    }
+
+    fn pump_subscription(&mut self, id: u64, out: &mut Vec<Effect>) {
+        let Some(s) = self.subs.get(&id) else { return };
+        let readable = self
+            .logs
+            .get(&s.log)
+            .map_or(Offset::ZERO, |l| l.readable_end());
+        self.pump_subscription_with(id, readable, out);
+    }
+
+    fn pump_subscription_with(&mut self, id: u64, readable: Offset, out: &mut Vec<Effect>) {
+        let Some(s) = self.subs.get_mut(&id) else {
+            return;
+        };
+        if s.reading || s.next >= readable || s.stalled_at.is_some_and(|r| r >= readable) {
+            return;
+        }
+        s.reading = true;
+        s.stalled_at = None;
+        let (log, from) = (s.log, s.next);
+        self.next_token += 1;
+        let token = ReadToken(self.next_token);
+        self.reads.insert(token, ReadJob::Subscription { id });
+        out.push(Effect::Read {
+            token,
+            log,
+            from,
+            end: readable,
+            max_bytes: SUBSCRIPTION_READ_BYTES,
+        });
+    }
+
+    /// Head: sequence queued appends into one group, write it and (via `pump_succ`) forward it.
+    fn flush(&mut self, l: &mut LogState, out: &mut Vec<Effect>) {
+        let has_succ = self.place.succ.is_some();
+        let mut group: Vec<Bytes> = Vec::new();
+        let mut group_bytes = 0usize;
+        let mut records = 0u32;
+        let mut next = l.written_end;
+        while let Some(q) = l.queue.front() {
+            let len = q.header.batch_len();
+            if !group.is_empty()
+                && (group_bytes + len > self.cfg.forward_bytes_max
+                    || records + q.header.record_count > GROUP_RECORDS_MAX)
+            {
+                break;
+            }
+            let in_flight = if has_succ { l.window_bytes } else { 0 } + group_bytes;
+            if in_flight > 0 && in_flight + len > self.cfg.pipeline_bytes_max {
+                break; // backpressure: wait for acks
+            }
+            let Some(q) = l.queue.pop_front() else { break };
+            l.queue_bytes -= len;
+            let h = q.header;
+            match l
+                .producers
+                .check(h.producer_id, h.producer_seq, h.record_count)
+            {
+                Dedup::Duplicate {
+                    base_offset,
+                    record_count,
+                } => {
+                    let end = base_offset.plus(u64::from(record_count));
+                    let w = Waiter {
+                        client: q.client,
+                        request_id: q.request_id,
+                        base: base_offset,
+                        record_count,
+                    };
+                    if end <= l.committed_end {
+                        Self::reply(
+                            out,
+                            w.client,
+                            w.request_id,
+                            ClientReply::AppendOk {
+                                base_offset,
+                                record_count,
+                            },
+                        );
+                    } else {
+                        l.commit_waiters.entry(end).or_default().push(w);
+                    }
+                    continue;
+                }
+                Dedup::Gap { expected } => {
+                    Self::reply(
+                        out,
+                        q.client,
+                        q.request_id,
+                        err(
+                            ErrorCode::SequenceGap,
+                            format!(
+                                "producer {} sent sequence {}, expected {}",
+                                h.producer_id, h.producer_seq, expected
+                            ),
+                        ),
+                    );
+                    continue;
+                }
+                Dedup::New => {}
+            }
+            let stamped = restamp(q.batch, len, self.cfg.cluster_id, self.chain.epoch, next);
+            l.producers
+                .record(h.producer_id, h.producer_seq, h.record_count, next);
+            let end = next.plus(u64::from(h.record_count));
+            l.commit_waiters.entry(end).or_default().push(Waiter {
+                client: q.client,
+                request_id: q.request_id,
+                base: next,
+                record_count: h.record_count,
+            });
+            group.push(stamped);
+            group_bytes += len;
+            records += h.record_count;
+            next = end;
+        }
+        if !group.is_empty() {
+            Self::write_local(l, has_succ, &self.cfg, group, false, out);
+        }
+    }
+
+    /// Everything towards the successor for one log: session probe, data, commits, repair.
+    fn pump_succ(&mut self, l: &mut LogState, now: Instant, out: &mut Vec<Effect>) {
+        let Some(succ) = self.place.succ else { return };
+        let epoch = self.chain.epoch;
+        let session = self.succ_session;
+        let timeout = self.cfg.resend_timeout_us;
+        let probe_due = |s: &SuccLog| {
+            s.last_probe
+                .is_none_or(|t| now.saturating_since(t) >= timeout)
+        };
+        if l.succ.no_log {
+            l.succ.no_log = false;
+            l.succ.last_probe = Some(now);
+            out.push(Effect::Send {
+                to: succ,
+                msg: PeerMessage::CreateLog {
+                    epoch,
+                    session,
+                    log: l.id,
+                    name: l.name.clone(),
+                },
+            });
+            return;
+        }
+        if !l.succ.known {
+            if probe_due(&l.succ) {
+                l.succ.last_probe = Some(now);
+                self.probe(l, succ, l.written_end, out);
+            }
+            return;
+        }
+        self.forward(l, succ, now, out);
+        if l.committed_end > l.succ.commit_sent {
+            let send = if self.is_head() {
+                let due = *l
+                    .succ
+                    .commit_due
+                    .get_or_insert(now.plus_us(self.cfg.commit_idle_us));
+                now >= due
+            } else {
+                true
+            };
+            if send {
+                l.succ.commit_sent = l.committed_end;
+                l.succ.commit_due = None;
+                out.push(Effect::Send {
+                    to: succ,
+                    msg: PeerMessage::Commit {
+                        epoch,
+                        session,
+                        log: l.id,
+                        committed_end: l.committed_end,
+                    },
+                });
+            }
+        }
+        // No ack progress for a while although the successor lacks data: ask where it is.
+        let expecting = l.succ.ack_end < l.written_end || l.succ.sent_end < l.written_end;
+        if expecting && now.saturating_since(l.succ.last_heard) >= timeout && probe_due(&l.succ) {
+            l.succ.last_probe = Some(now);
+            self.probe(l, succ, l.succ.sent_end, out);
+        }
+        // Repair: the successor holds more than we do; adopt its suffix.
+        if l.failed.is_none() && l.succ.chain_end.is_some_and(|c| c > l.written_end) {
+            let due = l
+                .succ
+                .fetch_at
+                .is_none_or(|t| now.saturating_since(t) >= timeout);
+            if due {
+                l.succ.fetch_at = Some(now);
+                out.push(Effect::Send {
+                    to: succ,
+                    msg: PeerMessage::Fetch {
+                        epoch,
+                        session,
+                        log: l.id,
+                        from: l.written_end,
+                        max_bytes: self.cfg.forward_bytes_max as u32,
+                    },
+                });
+            }
+        }
+    }
+
+    fn probe(&self, l: &mut LogState, succ: NodeId, base: Offset, out: &mut Vec<Effect>) {
+        l.succ.commit_sent = l.succ.commit_sent.max(l.committed_end);
+        out.push(Effect::Send {
+            to: succ,
+            msg: PeerMessage::Append {
+                epoch: self.chain.epoch,
+                session: self.succ_session,
+                log: l.id,
+                base,
+                committed_end: l.committed_end,
+                batches: vec![],
+            },
+        });
+    }
+
+    /// Sends the successor what it lacks: from memory when the window holds it, else one
+    /// storage read at a time.
+    fn forward(&mut self, l: &mut LogState, succ: NodeId, now: Instant, out: &mut Vec<Effect>) {
+        let epoch = self.chain.epoch;
+        let session = self.succ_session;
+        while l.succ.sent_end < l.written_end {
+            let from = l.succ.sent_end;
+            if let Some(batches) = Self::from_window(l, from, self.cfg.forward_bytes_max) {
+                let last = batches.last().and_then(|b| BatchHeader::decode(b).ok());
+                let Some(last) = last else { break };
+                l.succ.sent_end = last.end_offset();
+                l.succ.commit_sent = l.succ.commit_sent.max(l.committed_end);
+                l.succ.commit_due = None;
+                out.push(Effect::Send {
+                    to: succ,
+                    msg: PeerMessage::Append {
+                        epoch,
+                        session,
+                        log: l.id,
+                        base: from,
+                        committed_end: l.committed_end,
+                        batches,
+                    },
+                });
+                continue;
+            }
+            if l.succ.reading.is_some()
+                || l.succ.read_backoff_until.is_some_and(|t| now < t)
+                || from < l.start
+            {
+                break;
+            }
+            // Storage serves only what is durable here; the window covers the rest.
+            let end = match l.window.front() {
+                Some(f) => f.base.min(l.durable_end),
+                None => l.durable_end,
+            };
+            if from >= end {
+                break;
+            }
+            self.next_token += 1;
+            let token = ReadToken(self.next_token);
+            l.succ.reading = Some(token);
+            l.succ.read_backoff_until = None;
+            self.reads
+                .insert(token, ReadJob::Forward { log: l.id, session });
+            out.push(Effect::Read {
+                token,
+                log: l.id,
+                from,
+                end,
+                max_bytes: self.cfg.forward_bytes_max,
+            });
+            break;
+        }
+    }
+
+    /// Tells the predecessor how far this node and everything after it are durable.
+    fn pump_ack(&mut self, l: &mut LogState, out: &mut Vec<Effect>) {
+        let (Some(pred), Some(session)) = (self.place.pred, self.pred_session) else {
+            return;
+        };
+        // Until we know the rest of the chain we cannot vouch for it: stay silent, the
+        // predecessor probes again.
+        let chain_end = match self.place.role {
+            Role::Tail => l.written_end,
+            _ => match l.succ.chain_end {
+                Some(c) => c.max(l.written_end),
+                None => return,
+            },
+        };
+        let ack_end = self.ack_end(l);
+        let p = &mut l.pred;
+        if ack_end > p.ack_sent || p.chain_sent != Some(chain_end) || p.force || p.resend {
+            self.ack_seq += 1;
+            out.push(Effect::Send {
+                to: pred,
+                msg: PeerMessage::Ack {
+                    epoch: self.chain.epoch,
+                    session,
+                    log: l.id,
+                    seq: self.ack_seq,
+                    written_end: l.written_end,
+                    ack_end,
+                    chain_end,
+                    resend: p.resend,
+                },
+            });
+            p.ack_sent = p.ack_sent.max(ack_end);
+            p.chain_sent = Some(chain_end);
+            p.force = false;
+            p.resend = false;
+        }
+    }
+
+    // ---------------------------------------------------------------- status
+
+    pub fn status(&self) -> ReplicaStatus {
+        ReplicaStatus {
+            node: self.cfg.node,
+            epoch: self.chain.epoch,
+            role: self.place.role,
+            chain: self.chain.nodes.clone(),
+            logs: self
+                .logs
+                .values()
+                .map(|l| LogStatus {
+                    name: l.name.clone(),
+                    log: l.id,
+                    start: l.start,
+                    written_end: l.written_end,
+                    durable_end: l.durable_end,
+                    ack_end: self.ack_end(l),
+                    committed_end: l.committed_end,
+                    pipeline_bytes: l.window_bytes,
+                    queued_appends: l.queue.len(),
+                    ready: self.ready(l),
+                    failed: l.failed,
+                })
+                .collect(),
+        }
+    }
+
+    pub fn config(&self) -> &ReplicaConfig {
+        &self.cfg
+    }
+
+    pub fn chain(&self) -> &ChainConfig {
+        &self.chain
+    }
+}
+
+enum Accept {
+    /// Batches from this index continue the log.
+    From(usize),
+    /// Everything is already here.
+    Duplicate,
+    /// The batches start past our end (or do not line up with it).
+    Gap,
+}
+
+#[cfg(test)]
+#[path = "replica_tests.rs"]
+mod tests;

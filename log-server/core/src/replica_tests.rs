@@ -1,0 +1,467 @@
+//! Unit tests of the replica as a chain of one (and of its refusals as a non-head).
+#![allow(clippy::unwrap_used)]
+
+use super::*;
+use crate::effects::ProducerBatch;
+use crate::record::BatchBuilder;
+use crate::types::ProducerId;
+
+const CLUSTER: ClusterId = ClusterId(42);
+
+fn default_log() -> LogId {
+    LogId::from_name("default")
+}
+
+fn recovered(end: u64, producers: Vec<ProducerBatch>, hint: u64) -> RecoveredLog {
+    RecoveredLog {
+        log: default_log(),
+        name: "default".into(),
+        start: Offset(0),
+        end: Offset(end),
+        producers,
+        committed_hint: Offset(hint),
+    }
+}
+
+fn batch(payloads: &[&[u8]], producer: u64, seq: u64) -> Bytes {
+    let mut b = BatchBuilder::new();
+    for p in payloads {
+        b.push(p).unwrap();
+    }
+    b.finish(CLUSTER, default_log(), ProducerId(producer), seq, 0)
+}
+
+struct H {
+    r: Replica,
+    now: Instant,
+    out: Vec<Effect>,
+}
+
+impl H {
+    fn single(cfg: impl FnOnce(&mut ReplicaConfig), logs: Vec<RecoveredLog>) -> H {
+        let mut c = ReplicaConfig::new(NodeId(1), CLUSTER);
+        cfg(&mut c);
+        let chain = ChainConfig {
+            epoch: Epoch(3),
+            nodes: vec![NodeId(1)],
+        };
+        H {
+            r: Replica::new(c, chain, logs, Instant(0)),
+            now: Instant(0),
+            out: vec![],
+        }
+    }
+
+    fn client(&mut self, request_id: u64, req: ClientRequest) -> Vec<Effect> {
+        self.r
+            .on_client(self.now, ClientId(1), request_id, req, &mut self.out);
+        std::mem::take(&mut self.out)
+    }
+
+    fn append(&mut self, request_id: u64, b: Bytes) -> Vec<Effect> {
+        self.client(request_id, ClientRequest::Append { batch: b })
+    }
+
+    fn disk(&mut self, ev: DiskEvent) -> Vec<Effect> {
+        self.r.on_disk(self.now, ev, &mut self.out);
+        std::mem::take(&mut self.out)
+    }
+
+    fn durable(&mut self, end: u64) -> Vec<Effect> {
+        self.disk(DiskEvent::Durable {
+            log: default_log(),
+            end: Offset(end),
+        })
+    }
+
+    fn tick(&mut self, us: u64) -> Vec<Effect> {
+        self.now = self.now.plus_us(us);
+        self.r.on_tick(self.now, &mut self.out);
+        std::mem::take(&mut self.out)
+    }
+}
+
+fn appends(effects: &[Effect]) -> Vec<(Offset, Vec<Bytes>)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Append { base, batches, .. } => Some((*base, batches.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn replies(effects: &[Effect]) -> Vec<(u64, ClientReply)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Reply {
+                request_id, reply, ..
+            } => Some((*request_id, reply.clone())),
+            _ => None,
+        })
+        .collect()
+}
+
+fn reads(effects: &[Effect]) -> Vec<(ReadToken, Offset, Offset)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Read {
+                token, from, end, ..
+            } => Some((*token, *from, *end)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn ok(base: u64, n: u32) -> ClientReply {
+    ClientReply::AppendOk {
+        base_offset: Offset(base),
+        record_count: n,
+    }
+}
+
+fn code(r: &ClientReply) -> Option<ErrorCode> {
+    match r {
+        ClientReply::Error { code, .. } => Some(*code),
+        _ => None,
+    }
+}
+
+#[test]
+fn append_is_written_then_answered_when_durable() {
+    let mut h = H::single(|_| {}, vec![recovered(0, vec![], 0)]);
+    let e = h.append(7, batch(&[b"a", b"b"], 0, 0));
+    let a = appends(&e);
+    assert_eq!(a.len(), 1);
+    assert_eq!(a[0].0, Offset(0));
+    let hdr = record::verify(&a[0].1[0]).unwrap();
+    assert_eq!(
+        (hdr.base_offset, hdr.epoch, hdr.cluster_id),
+        (Offset(0), Epoch(3), CLUSTER)
+    );
+    assert!(replies(&e).is_empty(), "no answer before durability");
+    let e = h.durable(2);
+    assert_eq!(replies(&e), vec![(7, ok(0, 2))]);
+    assert!(e
+        .iter()
+        .any(|e| matches!(e, Effect::SaveCommitted { end, .. } if *end == Offset(2))));
+    let s = h.r.status();
+    assert_eq!(s.role, Role::Single);
+    assert_eq!(s.logs[0].committed_end, Offset(2));
+}
+
+#[test]
+fn appends_arriving_during_a_sync_form_one_group() {
+    let mut h = H::single(|_| {}, vec![recovered(0, vec![], 0)]);
+    assert_eq!(appends(&h.append(1, batch(&[b"a"], 0, 0))).len(), 1);
+    assert!(appends(&h.append(2, batch(&[b"b"], 0, 0))).is_empty());
+    assert!(appends(&h.append(3, batch(&[b"c", b"d"], 0, 0))).is_empty());
+    let e = h.durable(1);
+    assert_eq!(replies(&e), vec![(1, ok(0, 1))]);
+    let a = appends(&e);
+    assert_eq!(a.len(), 1);
+    assert_eq!(a[0].0, Offset(1));
+    assert_eq!(a[0].1.len(), 2, "both queued appends in one group");
+    let e = h.durable(4);
+    assert_eq!(replies(&e), vec![(2, ok(1, 1)), (3, ok(2, 2))]);
+}
+
+#[test]
+fn reads_serve_committed_and_wait_for_commits() {
+    let mut h = H::single(|_| {}, vec![recovered(0, vec![], 0)]);
+    h.append(1, batch(&[b"a"], 0, 0));
+    h.durable(1);
+    let log = default_log();
+    let read = |from, wait_ms| ClientRequest::Read {
+        log,
+        from: Offset(from),
+        max_records: 100,
+        max_bytes: 1 << 20,
+        wait_ms,
+    };
+    let e = h.client(10, read(0, 0));
+    let r = reads(&e);
+    assert_eq!(r.len(), 1);
+    assert_eq!((r[0].1, r[0].2), (Offset(0), Offset(1)));
+    let stored = build_stored(0, &[b"a"]);
+    let e = h.disk(DiskEvent::ReadDone {
+        token: r[0].0,
+        result: Ok(vec![stored.clone()]),
+    });
+    assert_eq!(
+        replies(&e),
+        vec![(
+            10,
+            ClientReply::ReadOk {
+                committed_end: Offset(1),
+                batches: vec![stored]
+            }
+        )]
+    );
+    // Past the committed end with no wait: an empty answer at once.
+    let e = h.client(11, read(1, 0));
+    assert!(matches!(&replies(&e)[0].1, ClientReply::ReadOk { batches, .. } if batches.is_empty()));
+    // With a wait: nothing until the commit arrives, then a storage read.
+    assert!(h.client(12, read(1, 50)).is_empty());
+    assert!(h.client(13, read(5, 5)).is_empty());
+    h.append(2, batch(&[b"b"], 0, 0));
+    let e = h.durable(2);
+    let r = reads(&e);
+    assert_eq!(r.len(), 1, "only the read at 1 can be served");
+    assert_eq!((r[0].1, r[0].2), (Offset(1), Offset(2)));
+    // The read at 5 times out with an empty answer.
+    let e = h.tick(6_000);
+    assert_eq!(replies(&e).len(), 1);
+    assert_eq!(replies(&e)[0].0, 13);
+    // Below the log start: trimmed.
+    let mut h2 = H::single(
+        |_| {},
+        vec![RecoveredLog {
+            start: Offset(5),
+            ..recovered(9, vec![], 9)
+        }],
+    );
+    let e = h2.client(1, read(2, 0));
+    assert_eq!(code(&replies(&e)[0].1), Some(ErrorCode::OffsetTrimmed));
+}
+
+fn build_stored(base: u64, payloads: &[&[u8]]) -> Bytes {
+    record::build(default_log(), Offset(base), Epoch(3), payloads).unwrap()
+}
+
+#[test]
+fn subscription_pushes_as_commits_advance() {
+    let mut h = H::single(|_| {}, vec![recovered(0, vec![], 0)]);
+    let log = default_log();
+    let e = h.client(
+        5,
+        ClientRequest::Subscribe {
+            log,
+            from: Offset(0),
+        },
+    );
+    assert!(e.is_empty());
+    h.append(1, batch(&[b"a"], 0, 0));
+    let e = h.durable(1);
+    let r = reads(&e);
+    assert_eq!(r.len(), 1);
+    // A second commit while the first read is in flight issues no second read.
+    h.append(2, batch(&[b"b"], 0, 0));
+    let e = h.durable(2);
+    assert!(reads(&e).is_empty());
+    let e = h.disk(DiskEvent::ReadDone {
+        token: r[0].0,
+        result: Ok(vec![build_stored(0, &[b"a"])]),
+    });
+    assert!(matches!(&replies(&e)[0], (5, ClientReply::Records { .. })));
+    let r2 = reads(&e);
+    assert_eq!(r2.len(), 1);
+    assert_eq!(r2[0].1, Offset(1));
+    // The client goes away: its pending push is dropped.
+    h.r.on_client_gone(h.now, ClientId(1), &mut h.out);
+    let e = h.disk(DiskEvent::ReadDone {
+        token: r2[0].0,
+        result: Ok(vec![build_stored(1, &[b"b"])]),
+    });
+    assert!(replies(&e).is_empty());
+}
+
+#[test]
+fn producer_retries_are_deduplicated() {
+    let mut h = H::single(|_| {}, vec![recovered(0, vec![], 0)]);
+    h.append(1, batch(&[b"a", b"b"], 9, 0));
+    assert_eq!(replies(&h.durable(2)), vec![(1, ok(0, 2))]);
+    // Retry of a committed batch: original offsets, nothing written.
+    let e = h.append(2, batch(&[b"a", b"b"], 9, 0));
+    assert!(appends(&e).is_empty());
+    assert_eq!(replies(&e), vec![(2, ok(0, 2))]);
+    // Retry of an in-flight batch: answered once it commits, written once.
+    assert_eq!(appends(&h.append(3, batch(&[b"c"], 9, 2))).len(), 1);
+    let e = h.append(4, batch(&[b"c"], 9, 2));
+    assert!(appends(&e).is_empty() && replies(&e).is_empty());
+    assert_eq!(replies(&h.durable(3)), vec![(3, ok(2, 1)), (4, ok(2, 1))]);
+    // Two copies queued behind a sync: the second is recognised when sequenced.
+    h.append(5, batch(&[b"d"], 9, 3));
+    h.append(6, batch(&[b"e"], 9, 4));
+    h.append(7, batch(&[b"e"], 9, 4));
+    h.append(8, batch(&[b"z"], 9, 40)); // a gap
+    let e = h.durable(4);
+    let a = appends(&e);
+    assert_eq!(a.len(), 1);
+    assert_eq!(a[0].1.len(), 1, "the duplicate is not written twice");
+    assert!(replies(&e)
+        .iter()
+        .any(|(id, r)| *id == 8 && code(r) == Some(ErrorCode::SequenceGap)));
+    let e = h.durable(5);
+    let mut rs = replies(&e);
+    rs.sort_by_key(|r| r.0);
+    assert_eq!(rs, vec![(6, ok(4, 1)), (7, ok(4, 1))]);
+}
+
+#[test]
+fn dedup_survives_restart() {
+    let producers = vec![ProducerBatch {
+        producer: ProducerId(9),
+        seq: 0,
+        record_count: 2,
+        base_offset: Offset(0),
+    }];
+    // Committed per the hint: answered at once.
+    let mut h = H::single(|_| {}, vec![recovered(2, producers.clone(), 2)]);
+    let e = h.append(1, batch(&[b"a", b"b"], 9, 0));
+    assert_eq!(replies(&e), vec![(1, ok(0, 2))]);
+    // Hint behind: answered once this node learns the commit (its own durability here).
+    let mut h = H::single(|_| {}, vec![recovered(2, producers, 0)]);
+    let e = h.append(1, batch(&[b"a", b"b"], 9, 0));
+    assert!(appends(&e).is_empty());
+    let e = h.tick(1000);
+    assert_eq!(replies(&e), vec![(1, ok(0, 2))]);
+}
+
+#[test]
+fn admission_is_bounded() {
+    let mut h = H::single(|c| c.admission_queue_max = 2, vec![recovered(0, vec![], 0)]);
+    assert_eq!(appends(&h.append(1, batch(&[b"a"], 0, 0))).len(), 1);
+    assert!(h.append(2, batch(&[b"b"], 0, 0)).is_empty());
+    assert!(h.append(3, batch(&[b"c"], 0, 0)).is_empty());
+    let e = h.append(4, batch(&[b"d"], 0, 0));
+    assert_eq!(code(&replies(&e)[0].1), Some(ErrorCode::Unavailable));
+    assert_eq!(h.r.status().logs[0].queued_appends, 2);
+    h.durable(1);
+    assert_eq!(h.r.status().logs[0].queued_appends, 0);
+}
+
+#[test]
+fn refusals() {
+    let mut h = H::single(|_| {}, vec![recovered(0, vec![], 0)]);
+    let other = record::BatchBuilder::new();
+    let mut other = other;
+    other.push(b"x").unwrap();
+    let b = other.finish(CLUSTER, LogId::from_name("nope"), ProducerId(0), 0, 0);
+    let e = h.append(1, b);
+    assert_eq!(code(&replies(&e)[0].1), Some(ErrorCode::UnknownLog));
+    let e = h.client(2, ClientRequest::Status);
+    assert_eq!(code(&replies(&e)[0].1), Some(ErrorCode::BadRequest));
+    let e = h.client(3, ClientRequest::CreateLog { name: "a/b".into() });
+    assert_eq!(code(&replies(&e)[0].1), Some(ErrorCode::BadRequest));
+
+    // A non-head names the head.
+    let chain = ChainConfig {
+        epoch: Epoch(1),
+        nodes: vec![NodeId(1), NodeId(2)],
+    };
+    let mut r = Replica::new(
+        ReplicaConfig::new(NodeId(2), CLUSTER),
+        chain,
+        vec![recovered(0, vec![], 0)],
+        Instant(0),
+    );
+    let mut out = vec![];
+    r.on_client(
+        Instant(0),
+        ClientId(1),
+        1,
+        ClientRequest::Append {
+            batch: batch(&[b"a"], 0, 0),
+        },
+        &mut out,
+    );
+    r.on_client(
+        Instant(0),
+        ClientId(1),
+        2,
+        ClientRequest::CreateLog { name: "x".into() },
+        &mut out,
+    );
+    let rs = replies(&out);
+    assert_eq!(rs.len(), 2);
+    for (_, rep) in rs {
+        match rep {
+            ClientReply::Error { code, message } => {
+                assert_eq!(code, ErrorCode::NotHead);
+                assert!(message.contains("node 1"), "{message}");
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+}
+
+#[test]
+fn create_log_then_append() {
+    let mut h = H::single(|_| {}, vec![]);
+    let e = h.client(
+        1,
+        ClientRequest::CreateLog {
+            name: "orders".into(),
+        },
+    );
+    let id = LogId::from_name("orders");
+    assert!(e
+        .iter()
+        .any(|e| matches!(e, Effect::CreateLog { log, .. } if *log == id)));
+    // A second create while the first is in progress waits with it.
+    assert!(h
+        .client(
+            2,
+            ClientRequest::CreateLog {
+                name: "orders".into()
+            }
+        )
+        .is_empty());
+    let e = h.disk(DiskEvent::Created {
+        log: id,
+        result: Ok(()),
+    });
+    let rs = replies(&e);
+    assert_eq!(rs.len(), 2);
+    assert!(rs
+        .iter()
+        .all(|(_, r)| *r == ClientReply::CreateLogOk { log: id }));
+    let mut b = BatchBuilder::new();
+    b.push(b"x").unwrap();
+    let e = h.append(3, b.finish(CLUSTER, id, ProducerId(0), 0, 0));
+    assert_eq!(appends(&e).len(), 1);
+}
+
+#[test]
+fn padded_and_shared_buffers() {
+    let mut h = H::single(|_| {}, vec![recovered(0, vec![], 0)]);
+    let b = batch(&[b"abc"], 0, 0);
+    let keep = b.clone(); // shared: the head must copy rather than mutate the caller's bytes
+    let e = h.append(1, b);
+    let a = appends(&e);
+    assert_eq!(record::verify(&a[0].1[0]).unwrap().epoch, Epoch(3));
+    assert_eq!(record::verify(&keep).unwrap().epoch, Epoch(0));
+    // A padded read result is cut to the batch before it reaches the client.
+    h.durable(1);
+    let e = h.client(
+        2,
+        ClientRequest::Read {
+            log: default_log(),
+            from: Offset(0),
+            max_records: 10,
+            max_bytes: 4096,
+            wait_ms: 0,
+        },
+    );
+    let token = reads(&e)[0].0;
+    let stored = build_stored(0, &[b"abc"]);
+    let mut padded = stored.to_vec();
+    padded.resize(4096, 0);
+    let e = h.disk(DiskEvent::ReadDone {
+        token,
+        result: Ok(vec![Bytes::from(padded)]),
+    });
+    assert_eq!(
+        replies(&e),
+        vec![(
+            2,
+            ClientReply::ReadOk {
+                committed_end: Offset(1),
+                batches: vec![stored]
+            }
+        )]
+    );
+}
