@@ -1,2 +1,231 @@
 //! `chainlog-bench`: durable-append workloads measured against floors taken in the same run.
-fn main() {}
+
+use anyhow::Context;
+use chainlog_bench::floor::disk_floor_async;
+use chainlog_bench::loopback::loopback_rtt;
+use chainlog_bench::server::find_server_bin;
+use chainlog_bench::suite::{run_suite, SuiteConfig, LOG_NAME};
+use chainlog_bench::workload::{connect, run_append, AppendLoad};
+use clap::{Parser, Subcommand};
+use std::path::PathBuf;
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(
+    name = "chainlog-bench",
+    version,
+    about = "chainlog durable-append benchmarks, reported against floors measured in the same run"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// The disk's durable-write floor (io_uring writes + one fdatasync on a pre-zeroed file) for
+    /// the batch bytes of one record, with as many batches per fdatasync as appends in flight;
+    /// and the loopback round-trip floor.
+    Floor {
+        /// Directory on the file system to measure (the server's data directory's).
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 1024)]
+        record_bytes: usize,
+        /// Batches per fdatasync; default: each of 1, 16, 128.
+        #[arg(long)]
+        batch: Option<usize>,
+        /// Seconds per measurement.
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+    },
+    /// Loopback TCP ping-pong round trip (tokio, one connection).
+    Loopback {
+        #[arg(long, default_value_t = 64)]
+        frame_bytes: usize,
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+    },
+    /// Append load against a running server through the real client.
+    Append {
+        /// Node client addresses, head first (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "127.0.0.1:7400")]
+        addr: Vec<String>,
+        /// Closed loop: appends outstanding. Open loop (--rate): most outstanding.
+        #[arg(long, default_value_t = 1)]
+        inflight: usize,
+        #[arg(long, default_value_t = 1024)]
+        record_bytes: usize,
+        #[arg(long, default_value_t = 10.0)]
+        duration_s: f64,
+        #[arg(long, default_value_t = 1.0)]
+        warmup_s: f64,
+        #[arg(long, default_value = LOG_NAME)]
+        log: String,
+        /// Open loop at this many appends/s; latency counted from each intended send time.
+        #[arg(long)]
+        rate: Option<f64>,
+        /// Print the result as JSON instead of a line.
+        #[arg(long)]
+        json: bool,
+    },
+    /// The full report: rounds interleaving floor, single node and chain at each level.
+    Suite {
+        #[arg(long, default_value_t = 3)]
+        rounds: usize,
+        /// Seconds measured per run (after warm-up).
+        #[arg(long, default_value_t = 5.0)]
+        duration_s: f64,
+        #[arg(long, default_value_t = 1.0)]
+        warmup_s: f64,
+        /// Seconds per floor measurement.
+        #[arg(long, default_value_t = 1.0)]
+        floor_s: f64,
+        #[arg(long, value_delimiter = ',', default_value = "1,16,128")]
+        levels: Vec<usize>,
+        #[arg(long, default_value_t = 1024)]
+        record_bytes: usize,
+        /// Server --io-mode: auto | direct | buffered.
+        #[arg(long, default_value = "auto")]
+        io_mode: String,
+        #[arg(long, default_value_t = 3)]
+        nodes: u16,
+        /// log-server binary; default: next to this one.
+        #[arg(long)]
+        server_bin: Option<PathBuf>,
+        /// Where temp data dirs go (and the floor is measured); default: the system temp dir.
+        #[arg(long)]
+        data_dir: Option<PathBuf>,
+        #[arg(long, default_value = "bench-results")]
+        out: PathBuf,
+    },
+}
+
+fn secs(s: f64, what: &str) -> anyhow::Result<Duration> {
+    Duration::try_from_secs_f64(s).with_context(|| format!("--{what} {s}"))
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    match Cli::parse().cmd {
+        Cmd::Floor {
+            dir,
+            record_bytes,
+            batch,
+            seconds,
+        } => {
+            std::fs::create_dir_all(&dir)?;
+            let budget = secs(seconds, "seconds")?;
+            let levels = batch.map_or_else(|| vec![1, 16, 128], |b| vec![b]);
+            println!("| batches per fdatasync | records/s | MB/s | p50 µs | p99 µs | max µs | rounds | O_DIRECT |");
+            println!("|---:|---:|---:|---:|---:|---:|---:|---|");
+            for l in levels {
+                let f = disk_floor_async(dir.clone(), record_bytes, l, budget).await?;
+                println!(
+                    "| {} | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} | {} | {} |",
+                    l,
+                    f.records_per_s,
+                    f.mb_per_s,
+                    f.p50_us,
+                    f.p99_us,
+                    f.max_us,
+                    f.rounds,
+                    f.direct
+                );
+            }
+            let lb = loopback_rtt(64, budget).await?;
+            println!(
+                "\nloopback 64 B ping-pong: p50 {:.1} µs, p99 {:.1} µs ({} round trips)",
+                lb.rtt.p50_us, lb.rtt.p99_us, lb.round_trips
+            );
+        }
+        Cmd::Loopback {
+            frame_bytes,
+            seconds,
+        } => {
+            let lb = loopback_rtt(frame_bytes, secs(seconds, "seconds")?).await?;
+            println!("{}", serde_json::to_string_pretty(&lb)?);
+        }
+        Cmd::Append {
+            addr,
+            inflight,
+            record_bytes,
+            duration_s,
+            warmup_s,
+            log,
+            rate,
+            json,
+        } => {
+            let client = connect(&addr).await?;
+            // Creating an existing log fails harmlessly; a real problem shows on the appends.
+            let _ = client.create_log(&log).await;
+            let load = AppendLoad {
+                log,
+                inflight,
+                record_bytes,
+                warmup: secs(warmup_s, "warmup-s")?,
+                duration: secs(duration_s, "duration-s")?,
+                rate_per_s: rate,
+            };
+            let r = run_append(&client, &load).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&r)?);
+            } else {
+                println!(
+                    "{} loop, {} in flight{}: {:.0} records/s, {:.1} MB/s; latency µs p50 {:.0} p99 {:.0} p99.9 {:.0} p99.99 {:.0} max {:.0} ({} samples){}",
+                    r.mode,
+                    r.inflight,
+                    r.rate_per_s.map(|x| format!(" at {x}/s")).unwrap_or_default(),
+                    r.records_per_s,
+                    r.mb_per_s,
+                    r.latency.p50_us,
+                    r.latency.p99_us,
+                    r.latency.p999_us,
+                    r.latency.p9999_us,
+                    r.latency.max_us,
+                    r.latency.count,
+                    r.first_error.as_ref().map(|e| format!("; {} errors, first: {e}", r.errors)).unwrap_or_default()
+                );
+            }
+            anyhow::ensure!(r.errors == 0, "{} appends failed", r.errors);
+        }
+        Cmd::Suite {
+            rounds,
+            duration_s,
+            warmup_s,
+            floor_s,
+            levels,
+            record_bytes,
+            io_mode,
+            nodes,
+            server_bin,
+            data_dir,
+            out,
+        } => {
+            anyhow::ensure!(
+                matches!(io_mode.as_str(), "auto" | "direct" | "buffered"),
+                "--io-mode must be auto, direct or buffered"
+            );
+            anyhow::ensure!((1..=16).contains(&nodes), "--nodes must be 1..=16");
+            let cfg = SuiteConfig {
+                rounds,
+                levels,
+                record_bytes,
+                duration: secs(duration_s, "duration-s")?,
+                warmup: secs(warmup_s, "warmup-s")?,
+                floor_budget: secs(floor_s, "floor-s")?,
+                loopback_duration: Duration::from_millis(500),
+                loopback_frame_bytes: 64,
+                io_mode,
+                chain_nodes: nodes,
+                server_bin: find_server_bin(server_bin.as_deref())?,
+                data_dir: data_dir.unwrap_or_else(std::env::temp_dir),
+                out,
+            };
+            let report = run_suite(&cfg).await?;
+            println!("{}", report.markdown());
+            eprintln!("wrote {}/report.{{md,json}}", cfg.out.display());
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,460 @@
+//! The suite's report: per-round results, medians over rounds, the ratios to the floors measured
+//! in the same rounds, and the markdown/JSON renderings with revision, host and configuration.
+
+use crate::floor::DiskFloor;
+use crate::loopback::LoopbackResult;
+use crate::workload::AppendResult;
+use serde::{Deserialize, Serialize};
+use std::fmt::Write as _;
+
+/// Target: a figure within this factor of its floor.
+pub const TARGET_RATIO_MAX: f64 = 1.5;
+
+/// Everything one interleaved round measured.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct RoundResult {
+    pub round: usize,
+    /// One per in-flight level, in level order.
+    pub floors: Vec<DiskFloor>,
+    pub loopback: LoopbackResult,
+    pub single: Vec<AppendResult>,
+    pub chain: Vec<AppendResult>,
+    /// The head's status document after each run (None if the server did not answer).
+    pub single_status: Option<serde_json::Value>,
+    pub chain_status: Option<serde_json::Value>,
+}
+
+/// Revision, host and configuration of a run.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct Meta {
+    pub git_rev: String,
+    pub started_unix_s: u64,
+    pub host_nproc: usize,
+    pub host_kernel: String,
+    pub host_cpu: String,
+    pub io_mode: String,
+    pub floor_direct: bool,
+    pub record_bytes: usize,
+    pub levels: Vec<usize>,
+    pub rounds: usize,
+    pub duration_s: f64,
+    pub warmup_s: f64,
+    pub chain_nodes: usize,
+    pub server_bin: String,
+    pub data_dir: String,
+}
+
+/// Medians over rounds at one in-flight level.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct LevelSummary {
+    pub inflight: usize,
+    pub floor_records_per_s: f64,
+    pub floor_p50_us: f64,
+    pub single_records_per_s: f64,
+    pub single_mb_per_s: f64,
+    pub single_p50_us: f64,
+    pub single_p99_us: f64,
+    pub single_p999_us: f64,
+    pub single_max_us: f64,
+    pub chain_records_per_s: f64,
+    pub chain_mb_per_s: f64,
+    pub chain_p50_us: f64,
+    pub chain_p99_us: f64,
+    pub chain_p999_us: f64,
+    pub chain_max_us: f64,
+    /// Median over rounds of floor ÷ single (records/s); <= 1.5 meets the single-node target.
+    pub single_vs_floor: f64,
+    /// Median over rounds of (floor / nodes) ÷ chain (records/s).
+    pub chain_vs_floor: f64,
+    /// Per-round values of the two ratios, for the spread.
+    pub single_vs_floor_rounds: Vec<f64>,
+    pub chain_vs_floor_rounds: Vec<f64>,
+}
+
+/// The latency target at 1 in flight: chain p50 against one fdatasync plus `nodes` loopback
+/// round trips.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct LatencyTarget {
+    pub fsync_p50_us: f64,
+    pub loopback_p50_us: f64,
+    pub floor_us: f64,
+    pub chain_p50_us: f64,
+    /// Median over rounds of chain p50 ÷ (fsync p50 + nodes × loopback p50).
+    pub ratio: f64,
+    pub ratio_rounds: Vec<f64>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SuiteReport {
+    pub meta: Meta,
+    pub levels: Vec<LevelSummary>,
+    pub latency_target: Option<LatencyTarget>,
+    pub rounds: Vec<RoundResult>,
+}
+
+/// Median of `xs` (mean of the middle two for an even count); NaN for none. NaNs sort last.
+pub fn median(xs: &[f64]) -> f64 {
+    if xs.is_empty() {
+        return f64::NAN;
+    }
+    let mut v = xs.to_vec();
+    v.sort_by(|a, b| a.total_cmp(b));
+    let m = v.len() / 2;
+    if v.len() % 2 == 1 {
+        v[m]
+    } else {
+        (v[m - 1] + v[m]) / 2.0
+    }
+}
+
+/// `floor ÷ measured` for throughputs: how many times slower than the floor (1.0 = at it).
+pub fn slowdown(floor_per_s: f64, measured_per_s: f64) -> f64 {
+    if measured_per_s > 0.0 {
+        floor_per_s / measured_per_s
+    } else {
+        f64::INFINITY
+    }
+}
+
+fn at<T>(v: &[T], i: usize) -> Option<&T> {
+    v.get(i)
+}
+
+/// Medians and ratios over `rounds` for each level in `levels`. A round missing a figure (a
+/// failed run) is left out of that figure's median.
+pub fn summarize(
+    levels: &[usize],
+    nodes: usize,
+    rounds: &[RoundResult],
+) -> (Vec<LevelSummary>, Option<LatencyTarget>) {
+    let mut out = Vec::new();
+    let col = |f: &dyn Fn(&RoundResult) -> Option<f64>| -> Vec<f64> {
+        rounds.iter().filter_map(f).collect()
+    };
+    for (i, &inflight) in levels.iter().enumerate() {
+        let floor = |r: &RoundResult| at(&r.floors, i).map(|f| f.records_per_s);
+        let single = |r: &RoundResult| at(&r.single, i).map(|a| a.records_per_s);
+        let chain = |r: &RoundResult| at(&r.chain, i).map(|a| a.records_per_s);
+        let sv: Vec<f64> = col(&|r| Some(slowdown(floor(r)?, single(r)?)));
+        let cv: Vec<f64> = col(&|r| Some(slowdown(floor(r)? / nodes as f64, chain(r)?)));
+        out.push(LevelSummary {
+            inflight,
+            floor_records_per_s: median(&col(&floor)),
+            floor_p50_us: median(&col(&|r| at(&r.floors, i).map(|f| f.p50_us))),
+            single_records_per_s: median(&col(&single)),
+            single_mb_per_s: median(&col(&|r| at(&r.single, i).map(|a| a.mb_per_s))),
+            single_p50_us: median(&col(&|r| at(&r.single, i).map(|a| a.latency.p50_us))),
+            single_p99_us: median(&col(&|r| at(&r.single, i).map(|a| a.latency.p99_us))),
+            single_p999_us: median(&col(&|r| at(&r.single, i).map(|a| a.latency.p999_us))),
+            single_max_us: median(&col(&|r| at(&r.single, i).map(|a| a.latency.max_us))),
+            chain_records_per_s: median(&col(&chain)),
+            chain_mb_per_s: median(&col(&|r| at(&r.chain, i).map(|a| a.mb_per_s))),
+            chain_p50_us: median(&col(&|r| at(&r.chain, i).map(|a| a.latency.p50_us))),
+            chain_p99_us: median(&col(&|r| at(&r.chain, i).map(|a| a.latency.p99_us))),
+            chain_p999_us: median(&col(&|r| at(&r.chain, i).map(|a| a.latency.p999_us))),
+            chain_max_us: median(&col(&|r| at(&r.chain, i).map(|a| a.latency.max_us))),
+            single_vs_floor: median(&sv),
+            chain_vs_floor: median(&cv),
+            single_vs_floor_rounds: sv,
+            chain_vs_floor_rounds: cv,
+        });
+    }
+    // The latency target is defined at 1 in flight.
+    let target = levels.iter().position(|&l| l == 1).map(|i| {
+        let fsync = |r: &RoundResult| at(&r.floors, i).map(|f| f.p50_us);
+        let lb = |r: &RoundResult| Some(r.loopback.rtt.p50_us);
+        let chain = |r: &RoundResult| at(&r.chain, i).map(|a| a.latency.p50_us);
+        let ratios = col(&|r| {
+            let floor_us = fsync(r)? + nodes as f64 * lb(r)?;
+            Some(chain(r)? / floor_us)
+        });
+        let fsync_p50_us = median(&col(&fsync));
+        let loopback_p50_us = median(&col(&lb));
+        LatencyTarget {
+            fsync_p50_us,
+            loopback_p50_us,
+            floor_us: fsync_p50_us + nodes as f64 * loopback_p50_us,
+            chain_p50_us: median(&col(&chain)),
+            ratio: median(&ratios),
+            ratio_rounds: ratios,
+        }
+    });
+    (out, target)
+}
+
+fn verdict(ratio: f64) -> &'static str {
+    if ratio.is_finite() && ratio <= TARGET_RATIO_MAX {
+        "met"
+    } else if ratio.is_nan() {
+        "not measured"
+    } else {
+        "missed"
+    }
+}
+
+fn rounds_list(v: &[f64]) -> String {
+    v.iter()
+        .map(|x| format!("{x:.2}"))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Integer-ish rendering for rates and microseconds.
+fn n(x: f64) -> String {
+    if x.is_nan() {
+        "–".into()
+    } else if x >= 100.0 || x == 0.0 {
+        format!("{x:.0}")
+    } else {
+        format!("{x:.1}")
+    }
+}
+
+impl SuiteReport {
+    pub fn markdown(&self) -> String {
+        let m = &self.meta;
+        let nodes = m.chain_nodes;
+        let mut s = String::new();
+        let _ = writeln!(s, "# chainlog durable-append benchmark\n");
+        let _ = writeln!(
+            s,
+            "rev `{}` · host: {} cpus, Linux {}, {} · io-mode `{}` (floor O_DIRECT: {}) · {} B records · {} rounds × {} s (+{} s warm-up) per run · median over rounds\n",
+            m.git_rev, m.host_nproc, m.host_kernel, m.host_cpu, m.io_mode, m.floor_direct, m.record_bytes, m.rounds, m.duration_s, m.warmup_s
+        );
+        let _ = writeln!(s, "## Throughput (records/s; MB/s of payload)\n");
+        let _ = writeln!(
+            s,
+            "| in flight | disk floor | single node | MB/s | floor ÷ single | {nodes}-node chain | MB/s | (floor/{nodes}) ÷ chain |"
+        );
+        let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for l in &self.levels {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {:.1} | {:.2} | {} | {:.1} | {:.2} |",
+                l.inflight,
+                n(l.floor_records_per_s),
+                n(l.single_records_per_s),
+                l.single_mb_per_s,
+                l.single_vs_floor,
+                n(l.chain_records_per_s),
+                l.chain_mb_per_s,
+                l.chain_vs_floor
+            );
+        }
+        let _ = writeln!(
+            s,
+            "\n## Latency (µs, closed loop; floor = one round of writes + fdatasync)\n"
+        );
+        let _ = writeln!(
+            s,
+            "| in flight | floor p50 | single p50 | p99 | p99.9 | max | chain p50 | p99 | p99.9 | max |"
+        );
+        let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+        for l in &self.levels {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                l.inflight,
+                n(l.floor_p50_us),
+                n(l.single_p50_us),
+                n(l.single_p99_us),
+                n(l.single_p999_us),
+                n(l.single_max_us),
+                n(l.chain_p50_us),
+                n(l.chain_p99_us),
+                n(l.chain_p999_us),
+                n(l.chain_max_us)
+            );
+        }
+        let _ = writeln!(s, "\n## Targets (≤ {TARGET_RATIO_MAX}×)\n");
+        if let Some(top) = self.levels.iter().max_by_key(|l| l.inflight) {
+            let _ = writeln!(
+                s,
+                "- single node at {} in flight: floor ÷ single = **{:.2}** → {} (rounds: {})",
+                top.inflight,
+                top.single_vs_floor,
+                verdict(top.single_vs_floor),
+                rounds_list(&top.single_vs_floor_rounds)
+            );
+            let _ = writeln!(
+                s,
+                "- {nodes}-node chain at {} in flight: (floor/{nodes}) ÷ chain = **{:.2}** → {} (rounds: {})",
+                top.inflight,
+                top.chain_vs_floor,
+                verdict(top.chain_vs_floor),
+                rounds_list(&top.chain_vs_floor_rounds)
+            );
+        }
+        if let Some(t) = &self.latency_target {
+            let _ = writeln!(
+                s,
+                "- chain p50 at 1 in flight: {} µs vs fdatasync p50 {} + {nodes} × loopback p50 {} = {} µs: **{:.2}** → {} (rounds: {})",
+                n(t.chain_p50_us),
+                n(t.fsync_p50_us),
+                n(t.loopback_p50_us),
+                n(t.floor_us),
+                t.ratio,
+                verdict(t.ratio),
+                rounds_list(&t.ratio_rounds)
+            );
+        }
+        let failed: Vec<String> = self
+            .rounds
+            .iter()
+            .flat_map(|r| {
+                let round = r.round;
+                r.single
+                    .iter()
+                    .map(move |a| ("single", round, a))
+                    .chain(r.chain.iter().map(move |a| ("chain", round, a)))
+            })
+            .filter(|(_, _, a)| a.errors > 0)
+            .map(|(what, round, a)| {
+                format!(
+                    "- round {round} {what} @{}: {} failed appends (first: {})",
+                    a.inflight,
+                    a.errors,
+                    a.first_error.as_deref().unwrap_or("?")
+                )
+            })
+            .collect();
+        if !failed.is_empty() {
+            let _ = writeln!(s, "\n## Errors\n\n{}", failed.join("\n"));
+        }
+        s
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hist::LatencySummary;
+
+    fn floor(inflight: usize, rps: f64, p50: f64) -> DiskFloor {
+        DiskFloor {
+            inflight,
+            record_bytes: 1024,
+            batch_bytes: 1108,
+            writes_per_sync: inflight,
+            rounds: 10,
+            direct: true,
+            records_per_s: rps,
+            mb_per_s: rps * 1024.0 / 1e6,
+            p50_us: p50,
+            p99_us: p50 * 2.0,
+            max_us: p50 * 3.0,
+        }
+    }
+
+    fn run(inflight: usize, rps: f64, p50: f64) -> AppendResult {
+        AppendResult {
+            mode: "closed".into(),
+            inflight,
+            record_bytes: 1024,
+            rate_per_s: None,
+            duration_s: 5.0,
+            records: (rps * 5.0) as u64,
+            records_per_s: rps,
+            mb_per_s: rps * 1024.0 / 1e6,
+            latency: LatencySummary {
+                count: 1,
+                p50_us: p50,
+                p99_us: p50 * 2.0,
+                p999_us: p50 * 3.0,
+                p9999_us: p50 * 4.0,
+                max_us: p50 * 5.0,
+                mean_us: p50,
+            },
+            errors: 0,
+            first_error: None,
+        }
+    }
+
+    fn round(i: usize, floor_scale: f64, lb_p50: f64) -> RoundResult {
+        RoundResult {
+            round: i,
+            floors: vec![
+                floor(1, 4000.0 * floor_scale, 200.0),
+                floor(128, 90_000.0 * floor_scale, 500.0),
+            ],
+            loopback: LoopbackResult {
+                frame_bytes: 64,
+                round_trips: 100,
+                rtt: LatencySummary {
+                    p50_us: lb_p50,
+                    ..LatencySummary::default()
+                },
+            },
+            single: vec![run(1, 3000.0, 300.0), run(128, 60_000.0, 2000.0)],
+            chain: vec![run(1, 1500.0, 390.0), run(128, 20_000.0, 6000.0)],
+            single_status: None,
+            chain_status: None,
+        }
+    }
+
+    #[test]
+    fn median_odd_even_empty() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 3.0, 2.0]), 2.5);
+        assert!(median(&[]).is_nan());
+    }
+
+    #[test]
+    fn slowdown_is_floor_over_measured() {
+        assert_eq!(slowdown(90_000.0, 60_000.0), 1.5);
+        assert!(slowdown(1.0, 0.0).is_infinite());
+    }
+
+    #[test]
+    fn ratios_are_per_round_then_median() {
+        // Floors drift between rounds (1x, 2x, 0.5x) while the server stays put: per-round
+        // ratios follow the drift and the median picks the middle round.
+        let rounds = vec![
+            round(0, 1.0, 20.0),
+            round(1, 2.0, 20.0),
+            round(2, 0.5, 30.0),
+        ];
+        let (levels, target) = summarize(&[1, 128], 3, &rounds);
+        let top = &levels[1];
+        assert_eq!(top.floor_records_per_s, 90_000.0);
+        assert_eq!(top.single_vs_floor_rounds, vec![1.5, 3.0, 0.75]);
+        assert_eq!(top.single_vs_floor, 1.5);
+        // chain: (90k / 3) / 20k = 1.5 in the middle round.
+        assert_eq!(top.chain_vs_floor, 1.5);
+        assert_eq!(top.single_p99_us, 4000.0);
+        let t = target.unwrap();
+        assert_eq!(t.fsync_p50_us, 200.0);
+        assert_eq!(t.loopback_p50_us, 20.0);
+        assert_eq!(t.floor_us, 260.0);
+        // 390 / (200 + 3*20) = 1.5; 390 / (200 + 90) = 1.3448...
+        assert_eq!(t.ratio_rounds[0], 1.5);
+        assert!((t.ratio - 1.5).abs() < 1e-12);
+        let md = SuiteReport {
+            meta: Meta {
+                chain_nodes: 3,
+                ..Meta::default()
+            },
+            levels,
+            latency_target: Some(t),
+            rounds,
+        }
+        .markdown();
+        assert!(
+            md.contains("| 128 | 90000 | 60000 | 61.4 | 1.50 | 20000 | 20.5 | 1.50 |"),
+            "{md}"
+        );
+        assert!(md.contains("floor ÷ single = **1.50** → met"), "{md}");
+        assert!(!md.contains("## Errors"));
+    }
+
+    #[test]
+    fn missing_runs_are_left_out_not_zeroed() {
+        let mut r = round(0, 1.0, 20.0);
+        r.chain.clear();
+        let (levels, _) = summarize(&[1, 128], 3, &[r, round(1, 1.0, 20.0)]);
+        assert_eq!(levels[1].chain_records_per_s, 20_000.0);
+        assert_eq!(levels[1].chain_vs_floor_rounds.len(), 1);
+        assert_eq!(verdict(f64::NAN), "not measured");
+        assert_eq!(verdict(2.0), "missed");
+    }
+}

@@ -1,0 +1,232 @@
+//! The whole report in one run: rounds that interleave the disk floor, a single node and a
+//! local chain (real `log-server` processes on temp dirs) at each in-flight level, so slow
+//! periods of this shared disk hit floor and server alike; then medians and ratios.
+
+use crate::floor::{disk_floor_async, DiskFloor};
+use crate::loopback::loopback_rtt;
+use crate::report::{summarize, Meta, RoundResult, SuiteReport};
+use crate::server::{ServerProc, START_TIMEOUT};
+use crate::workload::{connect, run_append, AppendLoad, AppendResult};
+use anyhow::Context;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+/// Log every run appends to.
+pub const LOG_NAME: &str = "bench";
+/// How long `create_log` keeps retrying while a fresh chain links up.
+const CREATE_LOG_TIMEOUT: Duration = Duration::from_secs(15);
+
+#[derive(Clone, Debug)]
+pub struct SuiteConfig {
+    pub rounds: usize,
+    pub levels: Vec<usize>,
+    pub record_bytes: usize,
+    pub duration: Duration,
+    pub warmup: Duration,
+    /// Time per floor measurement (each level, each round).
+    pub floor_budget: Duration,
+    pub loopback_duration: Duration,
+    pub loopback_frame_bytes: usize,
+    pub io_mode: String,
+    pub chain_nodes: u16,
+    pub server_bin: PathBuf,
+    /// Parent of the temp data dirs (the floor is measured there too: same file system).
+    pub data_dir: PathBuf,
+    pub out: PathBuf,
+}
+
+/// `git rev-parse --short HEAD` of the source tree (with `-dirty` if it has local changes).
+pub fn git_rev() -> String {
+    let src = env!("CARGO_MANIFEST_DIR");
+    let run = |args: &[&str]| {
+        std::process::Command::new("git")
+            .arg("-C")
+            .arg(src)
+            .args(args)
+            .output()
+            .ok()
+            .filter(|o| o.status.success())
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+    };
+    match run(&["rev-parse", "--short", "HEAD"]) {
+        Some(rev) => match run(&["status", "--porcelain", "--untracked-files=no"]) {
+            Some(st) if !st.is_empty() => format!("{rev}-dirty"),
+            _ => rev,
+        },
+        None => "unknown".into(),
+    }
+}
+
+fn host_meta(m: &mut Meta) {
+    m.host_nproc = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(0);
+    m.host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    m.host_cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|c| {
+            c.lines()
+                .find(|l| l.starts_with("model name"))
+                .and_then(|l| l.split(':').nth(1))
+                .map(|s| s.trim().to_string())
+        })
+        .unwrap_or_default();
+}
+
+async fn run_levels(
+    server: &mut ServerProc,
+    cfg: &SuiteConfig,
+    what: &str,
+) -> anyhow::Result<(Vec<AppendResult>, Option<serde_json::Value>)> {
+    server.wait_listening(START_TIMEOUT).await?;
+    let client = connect(&server.addrs).await?;
+    let deadline = Instant::now() + CREATE_LOG_TIMEOUT;
+    loop {
+        match client.create_log(LOG_NAME).await {
+            Ok(_) => break,
+            Err(e) if Instant::now() < deadline => {
+                server.check_alive()?;
+                eprintln!("  {what}: create_log not yet: {e}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => {
+                return Err(e)
+                    .with_context(|| format!("{what}: creating log:\n{}", server.log_tail()))
+            }
+        }
+    }
+    let mut out = Vec::new();
+    for &inflight in &cfg.levels {
+        let load = AppendLoad {
+            log: LOG_NAME.into(),
+            inflight,
+            record_bytes: cfg.record_bytes,
+            warmup: cfg.warmup,
+            duration: cfg.duration,
+            rate_per_s: None,
+        };
+        let r = run_append(&client, &load).await?;
+        server.check_alive()?;
+        eprintln!(
+            "  {what:<6} @{inflight:<4} {:>9.0} rec/s {:>7.1} MB/s  p50 {:>8.0} p99 {:>8.0} p99.9 {:>8.0} µs{}",
+            r.records_per_s,
+            r.mb_per_s,
+            r.latency.p50_us,
+            r.latency.p99_us,
+            r.latency.p999_us,
+            if r.errors > 0 { format!("  ({} errors)", r.errors) } else { String::new() }
+        );
+        out.push(r);
+    }
+    let status = client.status().await.ok();
+    Ok((out, status))
+}
+
+async fn one_round(round: usize, cfg: &SuiteConfig) -> anyhow::Result<RoundResult> {
+    eprintln!("round {}/{}", round + 1, cfg.rounds);
+    let tmp = tempfile::Builder::new()
+        .prefix("chainlog-bench-")
+        .tempdir_in(&cfg.data_dir)
+        .with_context(|| format!("temp dir in {}", cfg.data_dir.display()))?;
+    let mut floors: Vec<DiskFloor> = Vec::new();
+    for &inflight in &cfg.levels {
+        let f = disk_floor_async(
+            tmp.path().to_path_buf(),
+            cfg.record_bytes,
+            inflight,
+            cfg.floor_budget,
+        )
+        .await?;
+        eprintln!(
+            "  floor  @{inflight:<4} {:>9.0} rec/s {:>7.1} MB/s  p50 {:>8.0} p99 {:>8.0} µs per sync ({} rounds)",
+            f.records_per_s, f.mb_per_s, f.p50_us, f.p99_us, f.rounds
+        );
+        floors.push(f);
+    }
+    let loopback = loopback_rtt(cfg.loopback_frame_bytes, cfg.loopback_duration).await?;
+    eprintln!(
+        "  loopback {} B ping-pong p50 {:.1} µs",
+        loopback.frame_bytes, loopback.rtt.p50_us
+    );
+
+    let (single, single_status) = {
+        let mut s = ServerProc::single(&cfg.server_bin, &tmp.path().join("single"), &cfg.io_mode)?;
+        run_levels(&mut s, cfg, "single").await?
+    };
+    let (chain, chain_status) = {
+        let mut s = ServerProc::chain(
+            &cfg.server_bin,
+            &tmp.path().join("chain"),
+            cfg.chain_nodes,
+            &cfg.io_mode,
+        )?;
+        run_levels(&mut s, cfg, "chain").await?
+    };
+    Ok(RoundResult {
+        round,
+        floors,
+        loopback,
+        single,
+        chain,
+        single_status,
+        chain_status,
+    })
+}
+
+/// Runs the suite, writes `report.json` and `report.md` (and a timestamped copy of each) to
+/// `cfg.out`, and returns the report.
+pub async fn run_suite(cfg: &SuiteConfig) -> anyhow::Result<SuiteReport> {
+    anyhow::ensure!(cfg.rounds >= 1, "need at least one round");
+    anyhow::ensure!(!cfg.levels.is_empty(), "need at least one in-flight level");
+    std::fs::create_dir_all(&cfg.data_dir)?;
+    let mut meta = Meta {
+        git_rev: git_rev(),
+        started_unix_s: std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_secs())
+            .unwrap_or(0),
+        io_mode: cfg.io_mode.clone(),
+        record_bytes: cfg.record_bytes,
+        levels: cfg.levels.clone(),
+        rounds: cfg.rounds,
+        duration_s: cfg.duration.as_secs_f64(),
+        warmup_s: cfg.warmup.as_secs_f64(),
+        chain_nodes: usize::from(cfg.chain_nodes),
+        server_bin: cfg.server_bin.display().to_string(),
+        data_dir: cfg.data_dir.display().to_string(),
+        ..Meta::default()
+    };
+    host_meta(&mut meta);
+    let mut rounds = Vec::with_capacity(cfg.rounds);
+    for i in 0..cfg.rounds {
+        rounds.push(one_round(i, cfg).await?);
+    }
+    meta.floor_direct = rounds.iter().flat_map(|r| &r.floors).all(|f| f.direct);
+    let (levels, latency_target) = summarize(&cfg.levels, usize::from(cfg.chain_nodes), &rounds);
+    let report = SuiteReport {
+        meta,
+        levels,
+        latency_target,
+        rounds,
+    };
+    write_report(&report, &cfg.out)?;
+    Ok(report)
+}
+
+fn write_report(report: &SuiteReport, out: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let json = serde_json::to_string_pretty(report)?;
+    let md = report.markdown();
+    let stamp = format!("{}-{}", report.meta.started_unix_s, report.meta.git_rev);
+    for (name, body) in [
+        (format!("report-{stamp}.json"), &json),
+        (format!("report-{stamp}.md"), &md),
+        ("report.json".to_string(), &json),
+        ("report.md".to_string(), &md),
+    ] {
+        std::fs::write(out.join(&name), body).with_context(|| format!("writing {name}"))?;
+    }
+    Ok(())
+}

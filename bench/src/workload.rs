@@ -1,0 +1,260 @@
+//! Append load through the real client: closed loop (N appends outstanding) or open loop (a fixed
+//! rate, latency measured from each append's intended send time so a stall is charged to every
+//! append it delayed — no coordinated omission). Each task keeps its own histogram; they are
+//! merged once at the end.
+
+use crate::hist::{LatencyHist, LatencySummary};
+use anyhow::Context;
+use bytes::Bytes;
+use chainlog_client::{Client, ClientConfig};
+use serde::{Deserialize, Serialize};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Most appends one load keeps outstanding (tasks spawned); the server's per-connection limit.
+pub const INFLIGHT_MAX: usize = chainlog_core::limits::CONNECTION_REQUESTS_MAX;
+/// Failed appends after which a run stops early: past this the figures describe a broken
+/// server, not a slow one.
+pub const ERRORS_MAX: u64 = 100;
+
+/// What to run.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AppendLoad {
+    pub log: String,
+    /// Closed loop: appends outstanding. Open loop: the most outstanding (the task count).
+    pub inflight: usize,
+    pub record_bytes: usize,
+    pub warmup: Duration,
+    pub duration: Duration,
+    /// Open loop at this many appends per second; `None` is closed loop.
+    pub rate_per_s: Option<f64>,
+}
+
+impl AppendLoad {
+    pub fn validate(&self) -> anyhow::Result<()> {
+        anyhow::ensure!(
+            (1..=INFLIGHT_MAX).contains(&self.inflight),
+            "in-flight must be 1..={INFLIGHT_MAX}"
+        );
+        anyhow::ensure!(
+            self.record_bytes <= chainlog_core::limits::RECORD_BYTES_MAX,
+            "record bytes over the {} limit",
+            chainlog_core::limits::RECORD_BYTES_MAX
+        );
+        anyhow::ensure!(!self.duration.is_zero(), "duration must be positive");
+        if let Some(r) = self.rate_per_s {
+            anyhow::ensure!(r.is_finite() && r > 0.0, "rate must be positive");
+        }
+        Ok(())
+    }
+}
+
+/// What a run measured (over the window after warm-up).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct AppendResult {
+    pub mode: String,
+    pub inflight: usize,
+    pub record_bytes: usize,
+    pub rate_per_s: Option<f64>,
+    pub duration_s: f64,
+    /// Appends acknowledged inside the measurement window.
+    pub records: u64,
+    pub records_per_s: f64,
+    /// Payload megabytes (10^6) per second.
+    pub mb_per_s: f64,
+    pub latency: LatencySummary,
+    pub errors: u64,
+    pub first_error: Option<String>,
+}
+
+/// Throughput over a window: `(records/s, payload MB/s)`.
+pub fn throughput(records: u64, record_bytes: usize, window: Duration) -> (f64, f64) {
+    let s = window.as_secs_f64();
+    if s <= 0.0 {
+        return (0.0, 0.0);
+    }
+    let rps = records as f64 / s;
+    (rps, rps * record_bytes as f64 / 1e6)
+}
+
+/// A payload that is not all zeros (so nothing downstream can shortcut it).
+pub fn payload(record_bytes: usize) -> Bytes {
+    Bytes::from(
+        (0..record_bytes)
+            .map(|i| (i * 31 % 251) as u8)
+            .collect::<Vec<u8>>(),
+    )
+}
+
+/// Connects a client to `addrs` (head first) with the library defaults.
+pub async fn connect(addrs: &[String]) -> anyhow::Result<Client> {
+    let cfg = ClientConfig::new(addrs.iter().cloned());
+    Client::connect(cfg)
+        .await
+        .with_context(|| format!("connecting to {addrs:?}"))
+}
+
+struct Shared {
+    stop: AtomicBool,
+    errors: AtomicU64,
+    first_error: Mutex<Option<String>>,
+}
+
+impl Shared {
+    fn failed(&self, e: &chainlog_client::Error) {
+        if self.errors.fetch_add(1, Ordering::Relaxed) + 1 >= ERRORS_MAX {
+            self.stop.store(true, Ordering::Relaxed);
+        }
+        let mut f = self.first_error.lock().unwrap_or_else(|p| p.into_inner());
+        if f.is_none() {
+            *f = Some(e.to_string());
+        }
+    }
+}
+
+/// Runs `load` against `client` (the log must exist). Returns once every task has finished its
+/// last append.
+pub async fn run_append(client: &Client, load: &AppendLoad) -> anyhow::Result<AppendResult> {
+    load.validate()?;
+    let body = payload(load.record_bytes);
+    let shared = Arc::new(Shared {
+        stop: AtomicBool::new(false),
+        errors: AtomicU64::new(0),
+        first_error: Mutex::new(None),
+    });
+    let start = Instant::now();
+    let measure_from = start + load.warmup;
+    let end = measure_from + load.duration;
+    // Open loop: task k sends at start + (k + j*N)/rate for j = 0, 1, ...; together the tasks
+    // send at `rate`, and one slow append delays only its own task's later sends, each of
+    // which is then charged from its intended time.
+    let interval = load.rate_per_s.map(|r| Duration::from_secs_f64(1.0 / r));
+    let mut tasks = Vec::with_capacity(load.inflight);
+    for k in 0..load.inflight {
+        let client = client.clone();
+        let log = load.log.clone();
+        let body = body.clone();
+        let shared = shared.clone();
+        let n = load.inflight as u32;
+        tasks.push(tokio::spawn(async move {
+            let mut hist = LatencyHist::new();
+            let mut done_in_window = 0u64;
+            let mut j = 0u32;
+            while !shared.stop.load(Ordering::Relaxed) {
+                let t0 = match interval {
+                    None => Instant::now(),
+                    Some(iv) => {
+                        let slot = (k as u32).saturating_add(j.saturating_mul(n));
+                        start + iv.saturating_mul(slot)
+                    }
+                };
+                if t0 >= end {
+                    break;
+                }
+                j = j.saturating_add(1);
+                if interval.is_some() {
+                    tokio::time::sleep_until(t0.into()).await;
+                }
+                let r = client.append(&log, body.clone()).await;
+                let t1 = Instant::now();
+                match r {
+                    Ok(_) => {
+                        if t0 >= measure_from {
+                            hist.record(t1 - t0);
+                        }
+                        if t1 >= measure_from && t1 <= end {
+                            done_in_window += 1;
+                        }
+                    }
+                    Err(e) => shared.failed(&e),
+                }
+            }
+            (hist, done_in_window)
+        }));
+    }
+    let mut hists = Vec::with_capacity(tasks.len());
+    let mut records = 0u64;
+    for t in tasks {
+        let (h, d) = t.await.context("append task panicked")?;
+        hists.push(h);
+        records += d;
+    }
+    let hist = LatencyHist::merged(&hists);
+    let (records_per_s, mb_per_s) = throughput(records, load.record_bytes, load.duration);
+    let first_error = shared
+        .first_error
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .clone();
+    Ok(AppendResult {
+        mode: if interval.is_some() { "open" } else { "closed" }.to_string(),
+        inflight: load.inflight,
+        record_bytes: load.record_bytes,
+        rate_per_s: load.rate_per_s,
+        duration_s: load.duration.as_secs_f64(),
+        records,
+        records_per_s,
+        mb_per_s,
+        latency: hist.summary(),
+        errors: shared.errors.load(Ordering::Relaxed),
+        first_error,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn throughput_math() {
+        let (rps, mbs) = throughput(50_000, 1024, Duration::from_secs(5));
+        assert_eq!(rps, 10_000.0);
+        assert!((mbs - 10.24).abs() < 1e-9);
+        assert_eq!(throughput(5, 1, Duration::ZERO), (0.0, 0.0));
+    }
+
+    #[test]
+    fn load_limits_are_checked() {
+        let ok = AppendLoad {
+            log: "b".into(),
+            inflight: 16,
+            record_bytes: 1024,
+            warmup: Duration::ZERO,
+            duration: Duration::from_secs(1),
+            rate_per_s: None,
+        };
+        ok.validate().unwrap();
+        for bad in [
+            AppendLoad {
+                inflight: 0,
+                ..ok.clone()
+            },
+            AppendLoad {
+                inflight: INFLIGHT_MAX + 1,
+                ..ok.clone()
+            },
+            AppendLoad {
+                duration: Duration::ZERO,
+                ..ok.clone()
+            },
+            AppendLoad {
+                rate_per_s: Some(0.0),
+                ..ok.clone()
+            },
+            AppendLoad {
+                record_bytes: usize::MAX,
+                ..ok.clone()
+            },
+        ] {
+            assert!(bad.validate().is_err(), "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn payload_is_sized_and_not_zero() {
+        let p = payload(1024);
+        assert_eq!(p.len(), 1024);
+        assert!(p.iter().any(|&b| b != 0));
+    }
+}
