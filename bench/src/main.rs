@@ -5,7 +5,7 @@ use chainlog_bench::floor::disk_floor_async;
 use chainlog_bench::loopback::loopback_rtt;
 use chainlog_bench::server::find_server_bin;
 use chainlog_bench::suite::{run_suite, SuiteConfig, LOG_NAME};
-use chainlog_bench::workload::{connect, run_append, AppendLoad};
+use chainlog_bench::workload::{connect, run_append, AppendLoad, ClientKnobs};
 use clap::{Parser, Subcommand};
 use std::path::PathBuf;
 use std::time::Duration;
@@ -65,6 +65,12 @@ enum Cmd {
         /// Open loop at this many appends/s; latency counted from each intended send time.
         #[arg(long)]
         rate: Option<f64>,
+        /// Client linger (µs) before sending a batch; default: the client's.
+        #[arg(long)]
+        linger_us: Option<u64>,
+        /// Client batches in flight per log; default: the client's.
+        #[arg(long)]
+        batches_in_flight: Option<usize>,
         /// Print the result as JSON instead of a line.
         #[arg(long)]
         json: bool,
@@ -98,6 +104,12 @@ enum Cmd {
         data_dir: Option<PathBuf>,
         #[arg(long, default_value = "bench-results")]
         out: PathBuf,
+        /// Client linger (µs) before sending a batch; default: the client's.
+        #[arg(long)]
+        linger_us: Option<u64>,
+        /// Client batches in flight per log; default: the client's.
+        #[arg(long)]
+        batches_in_flight: Option<usize>,
     },
 }
 
@@ -154,9 +166,15 @@ async fn main() -> anyhow::Result<()> {
             warmup_s,
             log,
             rate,
+            linger_us,
+            batches_in_flight,
             json,
         } => {
-            let client = connect(&addr).await?;
+            let knobs = ClientKnobs {
+                linger_us,
+                batches_in_flight_max: batches_in_flight,
+            };
+            let client = connect(&addr, knobs).await?;
             // Creating an existing log fails harmlessly; a real problem shows on the appends.
             let _ = client.create_log(&log).await;
             let load = AppendLoad {
@@ -201,6 +219,8 @@ async fn main() -> anyhow::Result<()> {
             server_bin,
             data_dir,
             out,
+            linger_us,
+            batches_in_flight,
         } => {
             anyhow::ensure!(
                 matches!(io_mode.as_str(), "auto" | "direct" | "buffered"),
@@ -221,6 +241,10 @@ async fn main() -> anyhow::Result<()> {
                 server_bin: find_server_bin(server_bin.as_deref())?,
                 data_dir: data_dir.unwrap_or_else(std::env::temp_dir),
                 out,
+                client: ClientKnobs {
+                    linger_us,
+                    batches_in_flight_max: batches_in_flight,
+                },
             };
             let report = run_suite(&cfg).await?;
             println!("{}", report.markdown());

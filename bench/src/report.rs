@@ -42,6 +42,8 @@ pub struct Meta {
     pub chain_nodes: usize,
     pub server_bin: String,
     pub data_dir: String,
+    pub client_linger_us: u64,
+    pub client_batches_in_flight_max: usize,
 }
 
 /// Medians over rounds at one in-flight level.
@@ -218,8 +220,8 @@ impl SuiteReport {
         let _ = writeln!(s, "# chainlog durable-append benchmark\n");
         let _ = writeln!(
             s,
-            "rev `{}` · host: {} cpus, Linux {}, {} · io-mode `{}` (floor O_DIRECT: {}) · {} B records · {} rounds × {} s (+{} s warm-up) per run · median over rounds\n",
-            m.git_rev, m.host_nproc, m.host_kernel, m.host_cpu, m.io_mode, m.floor_direct, m.record_bytes, m.rounds, m.duration_s, m.warmup_s
+            "rev `{}` · host: {} cpus, Linux {}, {} · server io-mode `{}` (floor O_DIRECT: {}) · {} B records · client linger {} µs, {} batches in flight · {} rounds × {} s (+{} s warm-up) per run · median over rounds\n",
+            m.git_rev, m.host_nproc, m.host_kernel, m.host_cpu, m.io_mode, m.floor_direct, m.record_bytes, m.client_linger_us, m.client_batches_in_flight_max, m.rounds, m.duration_s, m.warmup_s
         );
         let _ = writeln!(s, "## Throughput (records/s; MB/s of payload)\n");
         let _ = writeln!(

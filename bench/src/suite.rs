@@ -6,7 +6,7 @@ use crate::floor::{disk_floor_async, DiskFloor};
 use crate::loopback::loopback_rtt;
 use crate::report::{summarize, Meta, RoundResult, SuiteReport};
 use crate::server::{ServerProc, START_TIMEOUT};
-use crate::workload::{connect, run_append, AppendLoad, AppendResult};
+use crate::workload::{connect, run_append, AppendLoad, AppendResult, ClientKnobs};
 use anyhow::Context;
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -33,6 +33,7 @@ pub struct SuiteConfig {
     /// Parent of the temp data dirs (the floor is measured there too: same file system).
     pub data_dir: PathBuf,
     pub out: PathBuf,
+    pub client: ClientKnobs,
 }
 
 /// `git rev-parse --short HEAD` of the source tree (with `-dirty` if it has local changes).
@@ -81,7 +82,7 @@ async fn run_levels(
     what: &str,
 ) -> anyhow::Result<(Vec<AppendResult>, Option<serde_json::Value>)> {
     server.wait_listening(START_TIMEOUT).await?;
-    let client = connect(&server.addrs).await?;
+    let client = connect(&server.addrs, cfg.client).await?;
     let deadline = Instant::now() + CREATE_LOG_TIMEOUT;
     loop {
         match client.create_log(LOG_NAME).await {
@@ -196,6 +197,8 @@ pub async fn run_suite(cfg: &SuiteConfig) -> anyhow::Result<SuiteReport> {
         chain_nodes: usize::from(cfg.chain_nodes),
         server_bin: cfg.server_bin.display().to_string(),
         data_dir: cfg.data_dir.display().to_string(),
+        client_linger_us: cfg.client.config(&[]).linger_us,
+        client_batches_in_flight_max: cfg.client.config(&[]).batches_in_flight_max,
         ..Meta::default()
     };
     host_meta(&mut meta);

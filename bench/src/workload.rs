@@ -87,9 +87,31 @@ pub fn payload(record_bytes: usize) -> Bytes {
     )
 }
 
-/// Connects a client to `addrs` (head first) with the library defaults.
-pub async fn connect(addrs: &[String]) -> anyhow::Result<Client> {
-    let cfg = ClientConfig::new(addrs.iter().cloned());
+/// Client settings the benchmark varies; `None` keeps the library default.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+pub struct ClientKnobs {
+    pub linger_us: Option<u64>,
+    pub batches_in_flight_max: Option<usize>,
+}
+
+impl ClientKnobs {
+    /// The client configuration for `addrs` (head first) with these knobs applied.
+    pub fn config(&self, addrs: &[String]) -> ClientConfig {
+        let mut cfg = ClientConfig::new(addrs.iter().cloned());
+        if let Some(l) = self.linger_us {
+            cfg.linger_us = l;
+        }
+        if let Some(b) = self.batches_in_flight_max {
+            cfg.batches_in_flight_max = b;
+        }
+        cfg
+    }
+}
+
+/// Connects a client to `addrs` (head first).
+pub async fn connect(addrs: &[String], knobs: ClientKnobs) -> anyhow::Result<Client> {
+    let cfg = knobs.config(addrs);
+    cfg.validate().context("client configuration")?;
     Client::connect(cfg)
         .await
         .with_context(|| format!("connecting to {addrs:?}"))
@@ -131,9 +153,13 @@ pub async fn run_append(client: &Client, load: &AppendLoad) -> anyhow::Result<Ap
     // which is then charged from its intended time.
     let interval = load.rate_per_s.map(|r| Duration::from_secs_f64(1.0 / r));
     let mut tasks = Vec::with_capacity(load.inflight);
+    // One producer handle per task: every clone feeds the log's single batcher, and the hot
+    // loop skips the client's per-call producer lookup.
+    let producer = client
+        .producer(&load.log)
+        .with_context(|| format!("producer for {}", load.log))?;
     for k in 0..load.inflight {
-        let client = client.clone();
-        let log = load.log.clone();
+        let producer = producer.clone();
         let body = body.clone();
         let shared = shared.clone();
         let n = load.inflight as u32;
@@ -156,7 +182,7 @@ pub async fn run_append(client: &Client, load: &AppendLoad) -> anyhow::Result<Ap
                 if interval.is_some() {
                     tokio::time::sleep_until(t0.into()).await;
                 }
-                let r = client.append(&log, body.clone()).await;
+                let r = producer.append(body.clone()).await;
                 let t1 = Instant::now();
                 match r {
                     Ok(_) => {
