@@ -8,5 +8,6 @@ pub mod hist;
 pub mod loopback;
 pub mod report;
 pub mod server;
+pub mod storage_stats;
 pub mod suite;
 pub mod workload;

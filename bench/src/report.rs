@@ -3,6 +3,7 @@
 
 use crate::floor::DiskFloor;
 use crate::loopback::LoopbackResult;
+use crate::storage_stats::StorageCounters;
 use crate::workload::AppendResult;
 use serde::{Deserialize, Serialize};
 use std::fmt::Write as _;
@@ -19,6 +20,9 @@ pub struct RoundResult {
     pub loopback: LoopbackResult,
     pub single: Vec<AppendResult>,
     pub chain: Vec<AppendResult>,
+    /// The head's storage counters over each run (None if its status had none).
+    pub single_storage: Vec<Option<StorageCounters>>,
+    pub chain_storage: Vec<Option<StorageCounters>>,
     /// The head's status document after each run (None if the server did not answer).
     pub single_status: Option<serde_json::Value>,
     pub chain_status: Option<serde_json::Value>,
@@ -68,6 +72,11 @@ pub struct LevelSummary {
     pub single_vs_floor: f64,
     /// Median over rounds of (floor / nodes) ÷ chain (records/s).
     pub chain_vs_floor: f64,
+    /// From the head's storage counters: client batching and group commit.
+    pub single_records_per_batch: f64,
+    pub single_batches_per_fsync: f64,
+    pub chain_records_per_batch: f64,
+    pub chain_batches_per_fsync: f64,
     /// Per-round values of the two ratios, for the spread.
     pub single_vs_floor_rounds: Vec<f64>,
     pub chain_vs_floor_rounds: Vec<f64>,
@@ -122,6 +131,23 @@ fn at<T>(v: &[T], i: usize) -> Option<&T> {
     v.get(i)
 }
 
+/// `(records per batch, batches per fsync)` of run `i` from the head's counters.
+fn batching(
+    runs: &[AppendResult],
+    storage: &[Option<StorageCounters>],
+    i: usize,
+) -> Option<(f64, f64)> {
+    let d = at(storage, i)?.as_ref()?;
+    let r = at(runs, i)?;
+    if d.batches == 0 {
+        return None;
+    }
+    Some((
+        r.records_total as f64 / d.batches as f64,
+        d.batches_per_fsync(),
+    ))
+}
+
 /// Medians and ratios over `rounds` for each level in `levels`. A round missing a figure (a
 /// failed run) is left out of that figure's median.
 pub fn summarize(
@@ -155,6 +181,18 @@ pub fn summarize(
             chain_p99_us: median(&col(&|r| at(&r.chain, i).map(|a| a.latency.p99_us))),
             chain_p999_us: median(&col(&|r| at(&r.chain, i).map(|a| a.latency.p999_us))),
             chain_max_us: median(&col(&|r| at(&r.chain, i).map(|a| a.latency.max_us))),
+            single_records_per_batch: median(&col(&|r| {
+                batching(&r.single, &r.single_storage, i).map(|b| b.0)
+            })),
+            single_batches_per_fsync: median(&col(&|r| {
+                batching(&r.single, &r.single_storage, i).map(|b| b.1)
+            })),
+            chain_records_per_batch: median(&col(&|r| {
+                batching(&r.chain, &r.chain_storage, i).map(|b| b.0)
+            })),
+            chain_batches_per_fsync: median(&col(&|r| {
+                batching(&r.chain, &r.chain_storage, i).map(|b| b.1)
+            })),
             single_vs_floor: median(&sv),
             chain_vs_floor: median(&cv),
             single_vs_floor_rounds: sv,
@@ -268,6 +306,26 @@ impl SuiteReport {
                 n(l.chain_max_us)
             );
         }
+        let _ = writeln!(
+            s,
+            "\n## Batching at the head (server storage counters over each run)\n"
+        );
+        let _ = writeln!(
+            s,
+            "| in flight | single records/batch | single batches/fsync | chain records/batch | chain batches/fsync |"
+        );
+        let _ = writeln!(s, "|---:|---:|---:|---:|---:|");
+        for l in &self.levels {
+            let _ = writeln!(
+                s,
+                "| {} | {} | {} | {} | {} |",
+                l.inflight,
+                n(l.single_records_per_batch),
+                n(l.single_batches_per_fsync),
+                n(l.chain_records_per_batch),
+                n(l.chain_batches_per_fsync)
+            );
+        }
         let _ = writeln!(s, "\n## Targets (≤ {TARGET_RATIO_MAX}×)\n");
         if let Some(top) = self.levels.iter().max_by_key(|l| l.inflight) {
             let _ = writeln!(
@@ -356,6 +414,7 @@ mod tests {
             rate_per_s: None,
             duration_s: 5.0,
             records: (rps * 5.0) as u64,
+            records_total: (rps * 6.0) as u64,
             records_per_s: rps,
             mb_per_s: rps * 1024.0 / 1e6,
             latency: LatencySummary {
@@ -389,6 +448,15 @@ mod tests {
             },
             single: vec![run(1, 3000.0, 300.0), run(128, 60_000.0, 2000.0)],
             chain: vec![run(1, 1500.0, 390.0), run(128, 20_000.0, 6000.0)],
+            single_storage: vec![
+                None,
+                Some(StorageCounters {
+                    batches: 18_000,
+                    fsyncs: 3_000,
+                    ..StorageCounters::default()
+                }),
+            ],
+            chain_storage: vec![],
             single_status: None,
             chain_status: None,
         }
@@ -424,6 +492,11 @@ mod tests {
         // chain: (90k / 3) / 20k = 1.5 in the middle round.
         assert_eq!(top.chain_vs_floor, 1.5);
         assert_eq!(top.single_p99_us, 4000.0);
+        // 360k records in 18k batches, 6 batches per fsync; nothing reported for the chain.
+        assert_eq!(top.single_records_per_batch, 20.0);
+        assert_eq!(top.single_batches_per_fsync, 6.0);
+        assert!(top.chain_batches_per_fsync.is_nan());
+        assert!(levels[0].single_records_per_batch.is_nan());
         let t = target.unwrap();
         assert_eq!(t.fsync_p50_us, 200.0);
         assert_eq!(t.loopback_p50_us, 20.0);

@@ -6,6 +6,7 @@ use crate::floor::{disk_floor_async, DiskFloor};
 use crate::loopback::loopback_rtt;
 use crate::report::{summarize, Meta, RoundResult, SuiteReport};
 use crate::server::{ServerProc, START_TIMEOUT};
+use crate::storage_stats::StorageCounters;
 use crate::workload::{connect, run_append, AppendLoad, AppendResult, ClientKnobs};
 use anyhow::Context;
 use std::path::{Path, PathBuf};
@@ -76,11 +77,23 @@ fn host_meta(m: &mut Meta) {
         .unwrap_or_default();
 }
 
+/// What one server did over the levels: the load's results, the head's storage counters
+/// over each level, and its final status document.
+type LevelRuns = (
+    Vec<AppendResult>,
+    Vec<Option<StorageCounters>>,
+    Option<serde_json::Value>,
+);
+
+async fn storage_counters(client: &chainlog_client::Client) -> Option<StorageCounters> {
+    StorageCounters::from_status(&client.status().await.ok()?)
+}
+
 async fn run_levels(
     server: &mut ServerProc,
     cfg: &SuiteConfig,
     what: &str,
-) -> anyhow::Result<(Vec<AppendResult>, Option<serde_json::Value>)> {
+) -> anyhow::Result<LevelRuns> {
     server.wait_listening(START_TIMEOUT).await?;
     let client = connect(&server.addrs, cfg.client).await?;
     let deadline = Instant::now() + CREATE_LOG_TIMEOUT;
@@ -99,7 +112,9 @@ async fn run_levels(
         }
     }
     let mut out = Vec::new();
+    let mut storage = Vec::new();
     for &inflight in &cfg.levels {
+        let before = storage_counters(&client).await;
         let load = AppendLoad {
             log: LOG_NAME.into(),
             inflight,
@@ -110,6 +125,10 @@ async fn run_levels(
         };
         let r = run_append(&client, &load).await?;
         server.check_alive()?;
+        let delta = match (before, storage_counters(&client).await) {
+            (Some(b), Some(a)) => Some(a.since(&b)),
+            _ => None,
+        };
         eprintln!(
             "  {what:<6} @{inflight:<4} {:>9.0} rec/s {:>7.1} MB/s  p50 {:>8.0} p99 {:>8.0} p99.9 {:>8.0} µs{}",
             r.records_per_s,
@@ -119,10 +138,18 @@ async fn run_levels(
             r.latency.p999_us,
             if r.errors > 0 { format!("  ({} errors)", r.errors) } else { String::new() }
         );
+        if let Some(d) = delta {
+            eprintln!(
+                "         head storage: {:.1} records/batch, {:.1} batches/fsync",
+                r.records_total as f64 / d.batches.max(1) as f64,
+                d.batches_per_fsync()
+            );
+        }
         out.push(r);
+        storage.push(delta);
     }
     let status = client.status().await.ok();
-    Ok((out, status))
+    Ok((out, storage, status))
 }
 
 async fn one_round(round: usize, cfg: &SuiteConfig) -> anyhow::Result<RoundResult> {
@@ -152,11 +179,11 @@ async fn one_round(round: usize, cfg: &SuiteConfig) -> anyhow::Result<RoundResul
         loopback.frame_bytes, loopback.rtt.p50_us
     );
 
-    let (single, single_status) = {
+    let (single, single_storage, single_status) = {
         let mut s = ServerProc::single(&cfg.server_bin, &tmp.path().join("single"), &cfg.io_mode)?;
         run_levels(&mut s, cfg, "single").await?
     };
-    let (chain, chain_status) = {
+    let (chain, chain_storage, chain_status) = {
         let mut s = ServerProc::chain(
             &cfg.server_bin,
             &tmp.path().join("chain"),
@@ -171,6 +198,8 @@ async fn one_round(round: usize, cfg: &SuiteConfig) -> anyhow::Result<RoundResul
         loopback,
         single,
         chain,
+        single_storage,
+        chain_storage,
         single_status,
         chain_status,
     })

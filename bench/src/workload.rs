@@ -60,6 +60,8 @@ pub struct AppendResult {
     pub duration_s: f64,
     /// Appends acknowledged inside the measurement window.
     pub records: u64,
+    /// Appends acknowledged over the whole run, warm-up and drain included.
+    pub records_total: u64,
     pub records_per_s: f64,
     /// Payload megabytes (10^6) per second.
     pub mb_per_s: f64,
@@ -166,6 +168,7 @@ pub async fn run_append(client: &Client, load: &AppendLoad) -> anyhow::Result<Ap
         tasks.push(tokio::spawn(async move {
             let mut hist = LatencyHist::new();
             let mut done_in_window = 0u64;
+            let mut done = 0u64;
             let mut j = 0u32;
             while !shared.stop.load(Ordering::Relaxed) {
                 let t0 = match interval {
@@ -186,6 +189,7 @@ pub async fn run_append(client: &Client, load: &AppendLoad) -> anyhow::Result<Ap
                 let t1 = Instant::now();
                 match r {
                     Ok(_) => {
+                        done += 1;
                         if t0 >= measure_from {
                             hist.record(t1 - t0);
                         }
@@ -196,15 +200,17 @@ pub async fn run_append(client: &Client, load: &AppendLoad) -> anyhow::Result<Ap
                     Err(e) => shared.failed(&e),
                 }
             }
-            (hist, done_in_window)
+            (hist, done_in_window, done)
         }));
     }
     let mut hists = Vec::with_capacity(tasks.len());
     let mut records = 0u64;
+    let mut records_total = 0u64;
     for t in tasks {
-        let (h, d) = t.await.context("append task panicked")?;
+        let (h, d, all) = t.await.context("append task panicked")?;
         hists.push(h);
         records += d;
+        records_total += all;
     }
     let hist = LatencyHist::merged(&hists);
     let (records_per_s, mb_per_s) = throughput(records, load.record_bytes, load.duration);
@@ -220,6 +226,7 @@ pub async fn run_append(client: &Client, load: &AppendLoad) -> anyhow::Result<Ap
         rate_per_s: load.rate_per_s,
         duration_s: load.duration.as_secs_f64(),
         records,
+        records_total,
         records_per_s,
         mb_per_s,
         latency: hist.summary(),

@@ -1,0 +1,80 @@
+//! The server's own storage counters around one run (from the head's `status` document): how
+//! many batches each fdatasync carried, and how many records each batch — the group-commit and
+//! client-batching factors that explain a figure.
+
+use serde::{Deserialize, Serialize};
+
+/// Storage counters of one node, or their change over a run.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StorageCounters {
+    pub batches: u64,
+    pub groups: u64,
+    pub fsyncs: u64,
+    pub writes: u64,
+    pub bytes_written: u64,
+    pub padding_bytes: u64,
+}
+
+impl StorageCounters {
+    /// Reads `storage.{batches,groups,...}` from a status document; `None` if the node reported
+    /// no storage section (a field it lacks counts as 0, so older servers still parse).
+    pub fn from_status(doc: &serde_json::Value) -> Option<StorageCounters> {
+        let s = doc.get("storage")?.as_object()?;
+        let f = |k: &str| s.get(k).and_then(serde_json::Value::as_u64).unwrap_or(0);
+        Some(StorageCounters {
+            batches: f("batches"),
+            groups: f("groups"),
+            fsyncs: f("fsyncs"),
+            writes: f("writes"),
+            bytes_written: f("bytes_written"),
+            padding_bytes: f("padding_bytes"),
+        })
+    }
+
+    /// `self - before`, saturating (a restarted server would otherwise underflow).
+    pub fn since(&self, before: &StorageCounters) -> StorageCounters {
+        StorageCounters {
+            batches: self.batches.saturating_sub(before.batches),
+            groups: self.groups.saturating_sub(before.groups),
+            fsyncs: self.fsyncs.saturating_sub(before.fsyncs),
+            writes: self.writes.saturating_sub(before.writes),
+            bytes_written: self.bytes_written.saturating_sub(before.bytes_written),
+            padding_bytes: self.padding_bytes.saturating_sub(before.padding_bytes),
+        }
+    }
+
+    /// Batches made durable per fdatasync (the group-commit factor); NaN with no fsync.
+    pub fn batches_per_fsync(&self) -> f64 {
+        if self.fsyncs == 0 {
+            f64::NAN
+        } else {
+            self.batches as f64 / self.fsyncs as f64
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_and_diffs_status() {
+        let before: serde_json::Value = serde_json::from_str(
+            r#"{"storage":{"io_mode":"direct","batches":10,"groups":5,"fsyncs":5,"writes":5,"bytes_written":40960,"padding_bytes":100,"logs":[]}}"#,
+        )
+        .unwrap();
+        let after: serde_json::Value = serde_json::from_str(
+            r#"{"storage":{"batches":1010,"groups":105,"fsyncs":105,"writes":120,"bytes_written":4136960}}"#,
+        )
+        .unwrap();
+        let d = StorageCounters::from_status(&after)
+            .unwrap()
+            .since(&StorageCounters::from_status(&before).unwrap());
+        assert_eq!(d.batches, 1000);
+        assert_eq!(d.fsyncs, 100);
+        assert_eq!(d.batches_per_fsync(), 10.0);
+        assert_eq!(d.padding_bytes, 0);
+        assert!(StorageCounters::from_status(&serde_json::json!({"storage": null})).is_none());
+        assert!(StorageCounters::default().batches_per_fsync().is_nan());
+    }
+}
