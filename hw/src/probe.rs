@@ -54,15 +54,17 @@ pub fn probe(dir: &Path) -> Capabilities {
 fn probe_uring() -> (bool, String, bool) {
     let ring = match IoUring::new(8) {
         Ok(r) => r,
-        Err(e) => return (
-            false,
-            format!(
+        Err(e) => {
+            return (
+                false,
+                format!(
                 "io_uring_setup failed: {e}; check `sysctl kernel.io_uring_disabled` (must be 0), \
                      container seccomp policy (docker: --security-opt seccomp=unconfined), and \
                      that the kernel is >= 5.11 with CONFIG_IO_URING=y"
             ),
-            false,
-        ),
+                false,
+            )
+        }
     };
     let ext_arg = ring.params().is_feature_ext_arg();
     let mut p = io_uring::Probe::new();

@@ -1,0 +1,1194 @@
+//! The writer thread: owns the io_uring ring and every log's write state. Appends queue per
+//! log; while a log's write + fdatasync is in flight its new batches wait and then go out
+//! together in the next one (group commit). Truncate, trim, create and segment rolls are rare
+//! and run synchronously on this thread between groups.
+
+use super::format::{self, SegmentHeader, SEGMENT_HEADER_BYTES};
+use super::producers::ProducerTable;
+use super::recovery::{self, Recovered, SegState};
+use super::{
+    emit, Cmd, Counters, Events, Failpoints, LogView, SegView, StorageConfig, StorageError, Views,
+};
+use bytes::Bytes;
+use chainlog_core::effects::{DiskEvent, ProducerBatch, RecoveredLog};
+use chainlog_core::error::ErrorCode;
+use chainlog_core::limits::LOGS_MAX;
+use chainlog_core::record::{self, BatchHeader, HEADER_LEN};
+use chainlog_core::types::log_name_valid;
+use chainlog_core::{LogId, Offset};
+use chainlog_hw::buf::{round_up_page, BufPool, PoolConfig, CLASS_BYTES, PAGE_BYTES};
+use chainlog_hw::disk::{self, SpareFiles};
+use chainlog_hw::uring::{Completion, Op, Ring, RingWaker, IOV_MAX};
+use chainlog_hw::HwError;
+use crossbeam_channel::Receiver;
+use std::collections::{BTreeMap, BTreeSet, HashMap, VecDeque};
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant, SystemTime};
+
+/// How often the writer wakes when idle: age retention and committed-hint syncs run then.
+const TICK: Duration = Duration::from_secs(1);
+/// Short writes are continued this many times before the group is reported failed.
+const SHORT_WRITE_RETRIES_MAX: u32 = 8;
+
+enum Item {
+    Batch(Bytes, BatchHeader),
+    Truncate(Offset),
+    Trim(Offset),
+}
+
+#[derive(Clone, Copy, Debug)]
+enum OpKind {
+    GroupWrite,
+    GroupSync,
+    HintSync,
+}
+
+struct Group {
+    start_pos: u64,
+    end_pos: u64,
+    end_off: Offset,
+    /// (base offset, position, header) of each batch, for the index and producer table.
+    batches: Vec<(u64, BatchHeader)>,
+    /// Bytes of the write in flight, and where it starts.
+    write_pos: u64,
+    write_len: u64,
+    ops_pending: usize,
+    write_result: Option<io::Result<usize>>,
+    sync_result: Option<io::Result<usize>>,
+    bufs_back: Vec<Bytes>,
+    retries: u32,
+}
+
+struct LogW {
+    id: LogId,
+    name: String,
+    dir: PathBuf,
+    segs: Vec<SegState>,
+    /// Writer's descriptor of the last segment (O_DIRECT in direct mode).
+    active_file: Option<Arc<File>>,
+    durable_end: Offset,
+    /// End after every accepted append (queued or in flight): the next append's base.
+    accepted_end: Offset,
+    queue: VecDeque<Item>,
+    inflight: Option<Group>,
+    /// After a failed write: appends that do not start at `accepted_end` were sent before the
+    /// caller saw the failure and are dropped.
+    failed: bool,
+    /// A failure we could not clean up after (zeroing the failed range failed): refuse writes.
+    broken: bool,
+    must_roll: bool,
+    producers: ProducerTable,
+    hint: Offset,
+    hint_saved: Offset,
+    hint_seq: u64,
+    hint_unsynced: bool,
+    view: Arc<RwLock<LogView>>,
+}
+
+impl LogW {
+    fn start(&self) -> Offset {
+        self.segs.first().map_or(self.durable_end, |s| s.base)
+    }
+}
+
+pub(crate) struct Writer {
+    cfg: StorageConfig,
+    direct: bool,
+    align: u32,
+    ring: Ring,
+    waker: RingWaker,
+    cmd_rx: Receiver<Cmd>,
+    events: Events,
+    counters: Arc<Counters>,
+    views: Views,
+    failpoints: Arc<Failpoints>,
+    logs: BTreeMap<LogId, LogW>,
+    /// Logs with queued items and nothing in flight blocking them.
+    pending: BTreeSet<LogId>,
+    spares: SpareFiles,
+    pool: BufPool,
+    logs_dir: PathBuf,
+    spare_dir: PathBuf,
+    tags: HashMap<u64, (LogId, OpKind)>,
+    next_tag: u64,
+    shutting_down: bool,
+    last_tick: Instant,
+}
+
+/// ENOSPC and EDQUOT are "full"; everything else is a storage error.
+fn code_of(e: &io::Error) -> ErrorCode {
+    match e.kind() {
+        io::ErrorKind::StorageFull | io::ErrorKind::QuotaExceeded => ErrorCode::StorageFull,
+        _ => ErrorCode::StorageError,
+    }
+}
+
+fn code_of_storage(e: &StorageError) -> ErrorCode {
+    match e {
+        StorageError::Hw(HwError::Io { source, .. }) | StorageError::Io { source, .. } => {
+            code_of(source)
+        }
+        _ => ErrorCode::StorageError,
+    }
+}
+
+fn view_of(rec: &Recovered) -> LogView {
+    LogView {
+        name: rec.name.clone(),
+        start: rec.start(),
+        durable_end: rec.end,
+        segs: rec.segs.iter().map(seg_view).collect(),
+    }
+}
+
+fn seg_view(s: &SegState) -> SegView {
+    SegView {
+        base: s.base,
+        file: s.read_file.clone(),
+        align: s.align,
+        index: s.index.clone(),
+        durable_end: s.end,
+        durable_pos: s.end_pos,
+    }
+}
+
+impl Writer {
+    pub(crate) fn open(
+        cfg: StorageConfig,
+        direct: bool,
+        cmd_rx: Receiver<Cmd>,
+        events: Events,
+        counters: Arc<Counters>,
+        views: Views,
+        failpoints: Arc<Failpoints>,
+    ) -> Result<(Writer, Vec<RecoveredLog>), StorageError> {
+        let align = if direct { PAGE_BYTES as u32 } else { 1 };
+        let logs_dir = cfg.dir.join(format::LOGS_DIR);
+        let spare_dir = cfg.dir.join(format::SPARE_DIR);
+        std::fs::create_dir_all(&logs_dir)
+            .map_err(|e| StorageError::io("create logs dir", &logs_dir, e))?;
+        let mut ring = Ring::new(cfg.queue_depth)?;
+        let waker = ring.waker()?;
+        let spares = SpareFiles::start(spare_dir.clone(), cfg.segment_bytes, direct, 1)?;
+        let pool = BufPool::new(PoolConfig {
+            free_max: [64, 64, 8, 2],
+            // Copies for O_DIRECT: one group in flight and one being built per busy log is
+            // bounded by the group size; beyond this the writer allocates outside the pool.
+            outstanding_bytes_max: 2 * cfg.group_commit_bytes_max.max(CLASS_BYTES[3]),
+        });
+        let mut w = Writer {
+            cfg,
+            direct,
+            align,
+            ring,
+            waker,
+            cmd_rx,
+            events,
+            counters,
+            views,
+            failpoints,
+            logs: BTreeMap::new(),
+            pending: BTreeSet::new(),
+            spares,
+            pool,
+            logs_dir: logs_dir.clone(),
+            spare_dir,
+            tags: HashMap::new(),
+            next_tag: 1,
+            shutting_down: false,
+            last_tick: Instant::now(),
+        };
+        let mut recovered = Vec::new();
+        let listing = std::fs::read_dir(&logs_dir)
+            .map_err(|e| StorageError::io("list logs dir", &logs_dir, e))?;
+        let mut dirs = Vec::new();
+        for e in listing {
+            let e = e.map_err(|e| StorageError::io("list logs dir", &logs_dir, e))?;
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.starts_with(format::TMP_PREFIX) {
+                // A create that crashed before its rename: never reported, remove it.
+                let _ = std::fs::remove_dir_all(e.path());
+                continue;
+            }
+            dirs.push(e.path());
+        }
+        dirs.sort();
+        for d in dirs {
+            let rec = recovery::recover_log(&d, align, w.cfg.index_interval_bytes)?;
+            recovered.push(RecoveredLog {
+                log: rec.log,
+                name: rec.name.clone(),
+                start: rec.start(),
+                end: rec.end,
+                producers: rec.producers.to_vec(),
+                committed_hint: rec.committed_hint,
+            });
+            tracing::info!(log = %rec.log, name = %rec.name, start = %rec.start(), end = %rec.end, segments = rec.segs.len(), "recovered log");
+            w.install(rec, VecDeque::new())?;
+        }
+        Ok((w, recovered))
+    }
+
+    pub(crate) fn waker(&self) -> RingWaker {
+        self.waker.clone()
+    }
+
+    /// Takes over a recovered log (at open, or after a truncate re-read it).
+    fn install(&mut self, rec: Recovered, queue: VecDeque<Item>) -> Result<(), StorageError> {
+        let view = match self.logs.get(&rec.log) {
+            Some(old) => {
+                *old.view.write().unwrap_or_else(|e| e.into_inner()) = view_of(&rec);
+                old.view.clone()
+            }
+            None => Arc::new(RwLock::new(view_of(&rec))),
+        };
+        let (old_hint, old_seq) = self
+            .logs
+            .get(&rec.log)
+            .map_or((Offset::ZERO, 0), |l| (l.hint, l.hint_seq));
+        let active_file = match rec.segs.last() {
+            Some(s) if s.align == self.align => {
+                Some(Arc::new(disk::open_rw(&s.path, self.direct)?))
+            }
+            _ => None,
+        };
+        let must_roll = active_file.is_none();
+        let hint = rec.committed_hint.max(old_hint);
+        let l = LogW {
+            id: rec.log,
+            name: rec.name,
+            dir: rec.dir,
+            segs: rec.segs,
+            active_file,
+            durable_end: rec.end,
+            accepted_end: rec.end,
+            queue,
+            inflight: None,
+            failed: false,
+            broken: false,
+            must_roll,
+            producers: rec.producers,
+            hint,
+            hint_saved: rec.committed_hint,
+            hint_seq: rec.hint_seq.max(old_seq),
+            hint_unsynced: false,
+            view: view.clone(),
+        };
+        if !l.queue.is_empty() {
+            self.pending.insert(l.id);
+        }
+        self.views
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .insert(l.id, view);
+        self.logs.insert(l.id, l);
+        Ok(())
+    }
+
+    pub(crate) fn run(mut self) {
+        let mut done = Vec::new();
+        loop {
+            while let Ok(c) = self.cmd_rx.try_recv() {
+                self.on_cmd(c);
+            }
+            let ids: Vec<LogId> = self.pending.iter().copied().collect();
+            for id in ids {
+                self.pump(id);
+            }
+            if self.last_tick.elapsed() >= TICK {
+                self.last_tick = Instant::now();
+                self.tick();
+            }
+            if self.shutting_down
+                && self.pending.is_empty()
+                && self.ring.in_flight() == 0
+                && self.logs.values().all(|l| l.queue.is_empty())
+            {
+                break;
+            }
+            if let Err(e) = self.ring.wait(Some(TICK)) {
+                tracing::error!("io_uring wait failed: {e}");
+                std::thread::sleep(Duration::from_millis(10));
+            }
+            if let Err(e) = self.ring.complete(&mut done) {
+                tracing::error!("io_uring completion handling failed: {e}");
+            }
+            for c in done.drain(..) {
+                self.on_completion(c);
+            }
+        }
+        let ids: Vec<LogId> = self.logs.keys().copied().collect();
+        for id in ids {
+            self.save_hint(id, true);
+        }
+        tracing::info!("storage writer stopped");
+    }
+
+    fn on_cmd(&mut self, c: Cmd) {
+        match c {
+            Cmd::Append { log, base, batches } => self.on_append(log, base, batches),
+            Cmd::Truncate { log, end } => {
+                let Some(l) = self.logs.get_mut(&log) else {
+                    emit(
+                        &self.events,
+                        DiskEvent::WriteFailed {
+                            log,
+                            at: end,
+                            code: ErrorCode::UnknownLog,
+                        },
+                    );
+                    return;
+                };
+                l.accepted_end = l.accepted_end.min(end);
+                l.queue.push_back(Item::Truncate(end));
+                self.pending.insert(log);
+            }
+            Cmd::Trim { log, before } => {
+                let Some(l) = self.logs.get_mut(&log) else {
+                    tracing::warn!(%log, "trim of an unknown log ignored");
+                    return;
+                };
+                l.queue.push_back(Item::Trim(before));
+                self.pending.insert(log);
+            }
+            Cmd::SaveCommitted { log, end } => {
+                if let Some(l) = self.logs.get_mut(&log) {
+                    l.hint = l.hint.max(end);
+                }
+            }
+            Cmd::Create { log, name } => {
+                let result = self.create_log(log, &name);
+                emit(&self.events, DiskEvent::Created { log, result });
+            }
+            Cmd::Shutdown => self.shutting_down = true,
+        }
+    }
+
+    fn on_append(&mut self, log: LogId, base: Offset, batches: Vec<Bytes>) {
+        let Some(l) = self.logs.get_mut(&log) else {
+            emit(
+                &self.events,
+                DiskEvent::WriteFailed {
+                    log,
+                    at: base,
+                    code: ErrorCode::UnknownLog,
+                },
+            );
+            return;
+        };
+        if l.broken {
+            emit(
+                &self.events,
+                DiskEvent::WriteFailed {
+                    log,
+                    at: l.durable_end,
+                    code: ErrorCode::StorageError,
+                },
+            );
+            return;
+        }
+        if base != l.accepted_end && l.failed {
+            tracing::debug!(%log, %base, expected = %l.accepted_end, "append sent before a write failure was seen; dropped");
+            return;
+        }
+        assert_eq!(
+            base, l.accepted_end,
+            "append to {log} at {base} but its end is {}: caller bug",
+            l.accepted_end
+        );
+        l.failed = false;
+        for b in batches {
+            let h = match record::verify(&b) {
+                Ok(h) => h,
+                Err(e) => {
+                    panic!("append to {log} of a batch that does not verify ({e}): caller bug")
+                }
+            };
+            assert_eq!(
+                h.base_offset, l.accepted_end,
+                "batches of an append must be contiguous"
+            );
+            l.accepted_end = h.end_offset();
+            l.queue.push_back(Item::Batch(b, h));
+        }
+        self.pending.insert(log);
+    }
+
+    /// Starts whatever the log's queue allows: truncates and trims in order, then one group.
+    fn pump(&mut self, id: LogId) {
+        loop {
+            let Some(l) = self.logs.get_mut(&id) else {
+                self.pending.remove(&id);
+                return;
+            };
+            if l.inflight.is_some() {
+                self.pending.remove(&id);
+                return;
+            }
+            match l.queue.front() {
+                None => {
+                    self.pending.remove(&id);
+                    return;
+                }
+                Some(Item::Truncate(end)) => {
+                    let end = *end;
+                    l.queue.pop_front();
+                    self.truncate(id, end);
+                }
+                Some(Item::Trim(before)) => {
+                    let before = *before;
+                    l.queue.pop_front();
+                    self.trim(id, before);
+                }
+                Some(Item::Batch(..)) => {
+                    // A group needs its write and its sync in the ring together.
+                    if !self.ring.has_room(2) {
+                        return;
+                    }
+                    self.start_group(id);
+                }
+            }
+        }
+    }
+
+    fn tag(&mut self, log: LogId, kind: OpKind) -> u64 {
+        let t = self.next_tag;
+        self.next_tag += 1;
+        self.tags.insert(t, (log, kind));
+        t
+    }
+
+    fn start_group(&mut self, id: LogId) {
+        let (first_len, needs_roll) = {
+            let Some(l) = self.logs.get(&id) else { return };
+            let Some(Item::Batch(_, h)) = l.queue.front() else {
+                return;
+            };
+            let stride = format::stride(h.batch_len(), self.align);
+            let fits = l.segs.last().is_some_and(|s| s.end_pos + stride <= s.cap);
+            (stride, l.must_roll || l.active_file.is_none() || !fits)
+        };
+        if needs_roll {
+            if let Err(e) = self.roll(id, first_len) {
+                tracing::error!(log = %id, "segment roll failed: {e}");
+                let code = code_of_storage(&e);
+                self.fail(id, code, None);
+                return;
+            }
+        }
+        let group_max = self.cfg.group_commit_bytes_max as u64;
+        let align = self.align;
+        let direct = self.direct;
+        let Some(l) = self.logs.get_mut(&id) else {
+            return;
+        };
+        let Some(seg) = l.segs.last() else { return };
+        let Some(file) = l.active_file.clone() else {
+            return;
+        };
+        let start_pos = seg.end_pos;
+        let cap = seg.cap;
+        let mut pos = start_pos;
+        let mut end_off = l.durable_end;
+        let mut bufs = Vec::new();
+        let mut batches = Vec::new();
+        let (mut copied, mut padding) = (0u64, 0u64);
+        while let Some(Item::Batch(_, h)) = l.queue.front() {
+            let len = h.batch_len();
+            let stride = format::stride(len, align);
+            if !bufs.is_empty() && (pos - start_pos + stride > group_max || bufs.len() >= IOV_MAX) {
+                break;
+            }
+            if pos + stride > cap {
+                break;
+            }
+            let Some(Item::Batch(b, h)) = l.queue.pop_front() else {
+                unreachable!("front was a batch")
+            };
+            assert_eq!(h.base_offset, end_off);
+            let buf = if !direct {
+                b.slice(..len)
+            } else {
+                let padded = round_up_page(len);
+                padding += (padded - len) as u64;
+                let reusable = (b.as_ptr() as usize).is_multiple_of(PAGE_BYTES)
+                    && b.len() >= padded
+                    && b[len..padded].iter().all(|&x| x == 0);
+                if reusable {
+                    b.slice(..padded)
+                } else {
+                    copied += len as u64;
+                    let mut ab = match self.pool.get(padded) {
+                        Ok(ab) => ab,
+                        Err(HwError::PoolExhausted { .. }) | Err(HwError::Invalid(_)) => {
+                            chainlog_hw::AlignedBuf::new_unpooled(padded)
+                        }
+                        Err(e) => panic!("buffer pool: {e}"),
+                    };
+                    ab.extend_from_slice(&b[..len]);
+                    ab.into_padded_bytes()
+                }
+            };
+            batches.push((pos, h));
+            bufs.push(buf);
+            pos += stride;
+            end_off = h.end_offset();
+        }
+        assert!(
+            !bufs.is_empty(),
+            "group with no batch: roll should have made room"
+        );
+        Counters::add(&self.counters.copy_bytes, copied);
+        Counters::add(&self.counters.padding_bytes, padding);
+        l.inflight = Some(Group {
+            start_pos,
+            end_pos: pos,
+            end_off,
+            batches,
+            write_pos: start_pos,
+            write_len: pos - start_pos,
+            ops_pending: 2,
+            write_result: None,
+            sync_result: None,
+            bufs_back: Vec::new(),
+            retries: 0,
+        });
+        self.submit_write(id, file, start_pos, bufs);
+    }
+
+    fn submit_write(&mut self, id: LogId, file: Arc<File>, pos: u64, bufs: Vec<Bytes>) {
+        let n: u64 = bufs.iter().map(|b| b.len() as u64).sum();
+        Counters::add(&self.counters.bytes_written, n);
+        Counters::add(&self.counters.writes, 1);
+        Counters::add(&self.counters.fsyncs, 1);
+        let tw = self.tag(id, OpKind::GroupWrite);
+        let ts = self.tag(id, OpKind::GroupSync);
+        let ops = vec![
+            (
+                tw,
+                Op::Writev {
+                    file: file.clone(),
+                    offset: pos,
+                    bufs,
+                },
+            ),
+            (
+                ts,
+                Op::Sync {
+                    file,
+                    datasync: true,
+                },
+            ),
+        ];
+        if let Err(e) = self.ring.push_chain(ops) {
+            // has_room was checked; this is a bug in the accounting.
+            panic!("io_uring push failed after has_room: {e}");
+        }
+        if let Err(e) = self.ring.submit() {
+            tracing::warn!("io_uring submit failed (will retry on wait): {e}");
+        }
+    }
+
+    /// Applies armed failpoints to a write completion (all zero outside tests: one atomic
+    /// load each).
+    fn inject(&self, r: io::Result<usize>, expected: usize) -> io::Result<usize> {
+        if Failpoints::take(&self.failpoints.write_enospc) {
+            return Err(io::Error::from(io::ErrorKind::StorageFull));
+        }
+        if Failpoints::take(&self.failpoints.write_eio) {
+            return Err(io::Error::other("injected EIO"));
+        }
+        if r.is_ok() && expected >= 2 * PAGE_BYTES && Failpoints::take(&self.failpoints.short_write)
+        {
+            return Ok(expected / 2 / PAGE_BYTES * PAGE_BYTES);
+        }
+        r
+    }
+
+    fn on_completion(&mut self, c: Completion) {
+        let Some((id, kind)) = self.tags.remove(&c.tag) else {
+            tracing::error!(tag = c.tag, "completion for an unknown tag");
+            return;
+        };
+        match kind {
+            OpKind::HintSync => {
+                if let Err(e) = c.result {
+                    tracing::warn!(log = %id, "committed-hint sync failed: {e}");
+                }
+            }
+            OpKind::GroupWrite => {
+                let expected = c.op.expected_len();
+                let result = self.inject(c.result, expected);
+                let Some(g) = self.logs.get_mut(&id).and_then(|l| l.inflight.as_mut()) else {
+                    return;
+                };
+                if let Op::Writev { bufs, .. } = c.op {
+                    g.bufs_back = bufs;
+                }
+                g.write_result = Some(result);
+                g.ops_pending -= 1;
+                if g.ops_pending == 0 {
+                    self.finish_group(id);
+                }
+            }
+            OpKind::GroupSync => {
+                let Some(g) = self.logs.get_mut(&id).and_then(|l| l.inflight.as_mut()) else {
+                    return;
+                };
+                g.sync_result = Some(c.result);
+                g.ops_pending -= 1;
+                if g.ops_pending == 0 {
+                    self.finish_group(id);
+                }
+            }
+        }
+    }
+
+    fn finish_group(&mut self, id: LogId) {
+        let Some(l) = self.logs.get_mut(&id) else {
+            return;
+        };
+        let Some(mut g) = l.inflight.take() else {
+            return;
+        };
+        let wrote = match g.write_result.take() {
+            Some(Ok(n)) => n as u64,
+            Some(Err(e)) => {
+                tracing::error!(log = %id, "write failed: {e}");
+                let code = code_of(&e);
+                self.fail(id, code, Some(g.end_pos));
+                return;
+            }
+            None => 0,
+        };
+        if wrote < g.write_len {
+            // Short write: the linked sync was cancelled. Continue with the rest.
+            g.retries += 1;
+            let aligned = !self.direct || wrote % PAGE_BYTES as u64 == 0;
+            if g.retries > SHORT_WRITE_RETRIES_MAX || !aligned || wrote == 0 && g.retries > 1 {
+                tracing::error!(log = %id, wrote, of = g.write_len, "short writes did not complete the group");
+                self.fail(id, ErrorCode::StorageError, Some(g.end_pos));
+                return;
+            }
+            let mut skip = wrote as usize;
+            let mut rest = Vec::with_capacity(g.bufs_back.len());
+            for b in std::mem::take(&mut g.bufs_back) {
+                if skip >= b.len() {
+                    skip -= b.len();
+                } else {
+                    rest.push(b.slice(skip..));
+                    skip = 0;
+                }
+            }
+            g.write_pos += wrote;
+            g.write_len -= wrote;
+            g.ops_pending = 2;
+            g.write_result = None;
+            g.sync_result = None;
+            let (pos, file) = (g.write_pos, l.active_file.clone());
+            l.inflight = Some(g);
+            let Some(file) = file else { return };
+            if self.ring.has_room(2) {
+                self.submit_write(id, file, pos, rest);
+            } else {
+                // The ring is full of other logs' groups; this log waits for the same slots
+                // they do. Rare enough to fail rather than add a retry queue.
+                self.fail(id, ErrorCode::StorageError, None);
+            }
+            return;
+        }
+        if let Some(Err(e)) = g.sync_result.take() {
+            // After a failed fdatasync the page cache state is unknown (the kernel may have
+            // dropped the dirty pages): never report durable, stop writing this log.
+            tracing::error!(log = %id, "fdatasync failed: {e}");
+            let code = code_of(&e);
+            self.fail(id, code, Some(g.end_pos));
+            return;
+        }
+        let interval = self.cfg.index_interval_bytes;
+        let Some(seg) = l.segs.last_mut() else { return };
+        let first_new_index = seg.index.len();
+        for (pos, h) in &g.batches {
+            seg.maybe_index(h.base_offset, *pos, interval);
+            if h.producer_id.0 != 0 {
+                l.producers.add(ProducerBatch {
+                    producer: h.producer_id,
+                    seq: h.producer_seq,
+                    record_count: h.record_count,
+                    base_offset: h.base_offset,
+                });
+            }
+        }
+        assert_eq!(seg.end_pos, g.start_pos);
+        seg.end = g.end_off;
+        seg.end_pos = g.end_pos;
+        seg.modified = SystemTime::now();
+        assert!(g.end_off > l.durable_end, "durable end must grow");
+        l.durable_end = g.end_off;
+        {
+            let mut v = l.view.write().unwrap_or_else(|e| e.into_inner());
+            v.durable_end = l.durable_end;
+            if let Some(sv) = v.segs.last_mut() {
+                assert_eq!(sv.base, seg.base);
+                sv.index.extend_from_slice(&seg.index[first_new_index..]);
+                sv.durable_end = seg.end;
+                sv.durable_pos = seg.end_pos;
+            }
+        }
+        Counters::add(&self.counters.batches, g.batches.len() as u64);
+        Counters::add(&self.counters.groups, 1);
+        let end = l.durable_end;
+        if !l.queue.is_empty() {
+            self.pending.insert(id);
+        }
+        emit(&self.events, DiskEvent::Durable { log: id, end });
+        self.save_hint(id, false);
+    }
+
+    /// Reports a failed write and resets the log to its durable end. `dirty_to` is how far the
+    /// failed write may have put bytes on disk: that range is zeroed so none of it can come
+    /// back at recovery as if it had been acknowledged.
+    fn fail(&mut self, id: LogId, code: ErrorCode, dirty_to: Option<u64>) {
+        let Some(l) = self.logs.get_mut(&id) else {
+            return;
+        };
+        l.inflight = None;
+        let at = l.durable_end;
+        l.queue.retain(|i| !matches!(i, Item::Batch(..)));
+        l.accepted_end = at;
+        l.failed = true;
+        if let (Some(to), Some(seg)) = (dirty_to, l.segs.last()) {
+            let from = seg.end_pos;
+            let r = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&seg.path)
+                .map_err(|e| HwError::io("open segment", e))
+                .and_then(|f| {
+                    disk::write_zeros(&f, from, to.saturating_sub(from))?;
+                    disk::fdatasync(&f)
+                });
+            if let Err(e) = r {
+                tracing::error!(log = %id, "could not zero the range of a failed write ({e}); log refuses further writes");
+                l.broken = true;
+            }
+        }
+        if !l.queue.is_empty() {
+            self.pending.insert(id);
+        }
+        emit(&self.events, DiskEvent::WriteFailed { log: id, at, code });
+    }
+
+    /// Seals the active segment (writes its index) and starts a new one at the durable end
+    /// from a prepared spare (or a file made to measure for a batch larger than a segment).
+    fn roll(&mut self, id: LogId, first_stride: u64) -> Result<(), StorageError> {
+        let align = self.align;
+        let direct = self.direct;
+        let seg_bytes = self.cfg.segment_bytes;
+        let Some(l) = self.logs.get_mut(&id) else {
+            return Ok(());
+        };
+        assert!(l.inflight.is_none());
+        let empty_at_base = l
+            .segs
+            .last()
+            .is_some_and(|s| s.base == l.durable_end && s.end_pos == SEGMENT_HEADER_BYTES);
+        if empty_at_base {
+            // An empty segment at the same base (of the other alignment, or too small for an
+            // oversized batch): replace it.
+            if let Some(s) = l.segs.pop() {
+                let _ = std::fs::remove_file(l.dir.join(format::index_name(s.base)));
+                std::fs::remove_file(&s.path)
+                    .map_err(|e| StorageError::io("remove empty segment", &s.path, e))?;
+                l.view.write().unwrap_or_else(|e| e.into_inner()).segs.pop();
+            }
+        } else if let Some(s) = l.segs.last() {
+            if let Err(e) = recovery::write_index(&l.dir, &s.to_index(&l.producers)) {
+                tracing::warn!(log = %id, "could not write the index of a sealed segment: {e}");
+            }
+        }
+        l.active_file = None;
+        let base = l.durable_end;
+        let need = SEGMENT_HEADER_BYTES + first_stride;
+        let src = if need <= seg_bytes {
+            self.spares.take()?
+        } else {
+            let p = self
+                .spare_dir
+                .join(format!("{}oversize-{}", format::TMP_PREFIX, base.0));
+            let _ = std::fs::remove_file(&p);
+            disk::create_prezeroed(&p, round_up_page(need as usize) as u64, direct)?;
+            p
+        };
+        let header = SegmentHeader {
+            base,
+            log: id,
+            align,
+        };
+        {
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&src)
+                .map_err(|e| StorageError::io("open spare", &src, e))?;
+            f.write_all_at(&header.encode(), 0)
+                .map_err(|e| StorageError::io("write segment header", &src, e))?;
+            disk::fdatasync(&f)?;
+        }
+        let path = l.dir.join(format::segment_name(base));
+        std::fs::rename(&src, &path).map_err(|e| StorageError::io("rename spare", &path, e))?;
+        disk::fsync_dir(&l.dir)?;
+        let read_file = Arc::new(disk::open_read(&path)?);
+        let cap = read_file
+            .metadata()
+            .map_err(|e| StorageError::io("stat segment", &path, e))?
+            .len();
+        let wfile = Arc::new(disk::open_rw(&path, direct)?);
+        let seg = SegState {
+            base,
+            path,
+            cap,
+            align,
+            end: base,
+            end_pos: SEGMENT_HEADER_BYTES,
+            index: Vec::new(),
+            last_index_pos: None,
+            read_file,
+            modified: SystemTime::now(),
+        };
+        l.view
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .segs
+            .push(seg_view(&seg));
+        l.segs.push(seg);
+        l.active_file = Some(wfile);
+        l.must_roll = false;
+        Counters::add(&self.counters.segments_created, 1);
+        self.save_hint(id, true);
+        self.apply_retention(id);
+        Ok(())
+    }
+
+    /// Deletes the oldest segment (never the last). Returns false if there is none to delete.
+    fn delete_oldest(&mut self, id: LogId) -> bool {
+        let Some(l) = self.logs.get_mut(&id) else {
+            return false;
+        };
+        if l.segs.len() <= 1 {
+            return false;
+        }
+        let s = l.segs.remove(0);
+        {
+            let mut v = l.view.write().unwrap_or_else(|e| e.into_inner());
+            v.segs.remove(0);
+            v.start = l.segs[0].base;
+        }
+        let _ = std::fs::remove_file(l.dir.join(format::index_name(s.base)));
+        if let Err(e) = std::fs::remove_file(&s.path) {
+            tracing::error!(log = %id, "removing segment {}: {e}", s.path.display());
+        }
+        Counters::add(&self.counters.segments_deleted, 1);
+        true
+    }
+
+    fn finish_deletes(&mut self, id: LogId) {
+        let Some(l) = self.logs.get(&id) else { return };
+        if let Err(e) = disk::fsync_dir(&l.dir) {
+            tracing::error!(log = %id, "fsync of log dir after deleting segments: {e}");
+        }
+        let start = l.start();
+        emit(&self.events, DiskEvent::Trimmed { log: id, start });
+    }
+
+    fn apply_retention(&mut self, id: LogId) {
+        if self.cfg.retention_bytes.is_none() && self.cfg.retention_ms.is_none() {
+            return;
+        }
+        let max_bytes = self.cfg.retention_bytes.unwrap_or(u64::MAX);
+        let max_age = self.cfg.retention_ms;
+        let mut deleted = false;
+        loop {
+            let Some(l) = self.logs.get(&id) else { return };
+            if l.segs.len() <= 1 {
+                break;
+            }
+            let total: u64 = l.segs.iter().map(|s| s.data_bytes()).sum();
+            let too_big = total > max_bytes;
+            let too_old = max_age.is_some_and(|ms| {
+                l.segs[0]
+                    .modified
+                    .elapsed()
+                    .is_ok_and(|age| age > Duration::from_millis(ms))
+            });
+            if !(too_big || too_old) || !self.delete_oldest(id) {
+                break;
+            }
+            deleted = true;
+        }
+        if deleted {
+            self.finish_deletes(id);
+        }
+    }
+
+    fn trim(&mut self, id: LogId, before: Offset) {
+        let mut deleted = false;
+        while let Some(l) = self.logs.get(&id) {
+            if l.segs.len() <= 1 || l.segs[1].base > before {
+                break;
+            }
+            if !self.delete_oldest(id) {
+                break;
+            }
+            deleted = true;
+        }
+        if deleted {
+            self.finish_deletes(id);
+        } else if let Some(l) = self.logs.get(&id) {
+            emit(
+                &self.events,
+                DiskEvent::Trimmed {
+                    log: id,
+                    start: l.start(),
+                },
+            );
+        }
+    }
+
+    fn truncate(&mut self, id: LogId, end: Offset) {
+        let r = self.truncate_inner(id, end);
+        let Some(l) = self.logs.get_mut(&id) else {
+            return;
+        };
+        match r {
+            Ok(new_end) => {
+                emit(
+                    &self.events,
+                    DiskEvent::Truncated {
+                        log: id,
+                        end: new_end,
+                    },
+                );
+            }
+            Err(e) => {
+                tracing::error!(log = %id, "truncate failed: {e}");
+                l.broken = true;
+                let at = l.durable_end;
+                emit(
+                    &self.events,
+                    DiskEvent::WriteFailed {
+                        log: id,
+                        at,
+                        code: code_of_storage(&e),
+                    },
+                );
+            }
+        }
+    }
+
+    fn truncate_inner(&mut self, id: LogId, end: Offset) -> Result<Offset, StorageError> {
+        let (dir, queue, cut) = {
+            let Some(l) = self.logs.get_mut(&id) else {
+                return Ok(end);
+            };
+            assert!(l.inflight.is_none());
+            if end >= l.durable_end {
+                return Ok(l.durable_end);
+            }
+            let end = end.max(l.start());
+            let Some(k) = l.segs.iter().rposition(|s| s.base <= end) else {
+                return Ok(l.durable_end);
+            };
+            // Newest first, so a crash midway leaves a shorter log, never one with a hole.
+            for s in l.segs.drain(k + 1..).rev() {
+                let _ = std::fs::remove_file(l.dir.join(format::index_name(s.base)));
+                std::fs::remove_file(&s.path)
+                    .map_err(|e| StorageError::io("remove segment", &s.path, e))?;
+                Counters::add(&self.counters.segments_deleted, 1);
+            }
+            disk::fsync_dir(&l.dir)?;
+            let seg = &l.segs[k];
+            recovery::remove_index_durably(&l.dir, seg.base)?;
+            let cut = find_cut(seg, end)
+                .map_err(|e| StorageError::io("find truncation point", &seg.path, e))?;
+            let f = std::fs::OpenOptions::new()
+                .write(true)
+                .open(&seg.path)
+                .map_err(|e| StorageError::io("open segment", &seg.path, e))?;
+            disk::write_zeros(&f, cut, seg.end_pos - cut)?;
+            disk::fdatasync(&f)?;
+            (l.dir.clone(), std::mem::take(&mut l.queue), cut)
+        };
+        tracing::info!(log = %id, %end, cut, "truncated");
+        let rec = recovery::recover_log(&dir, self.align, self.cfg.index_interval_bytes)?;
+        let new_end = rec.end;
+        self.install(rec, queue)?;
+        if let Some(l) = self.logs.get_mut(&id) {
+            // Appends queued behind the truncate were accepted against the requested end.
+            let mut e = new_end;
+            for i in &l.queue {
+                if let Item::Batch(_, h) = i {
+                    e = h.end_offset();
+                }
+            }
+            l.accepted_end = e;
+        }
+        Ok(new_end)
+    }
+
+    fn create_log(&mut self, log: LogId, name: &str) -> Result<(), ErrorCode> {
+        // Ids normally come from `LogId::from_name`, but storage only needs them unique: a
+        // second name under one id is refused with LogExists.
+        if !log_name_valid(name) {
+            return Err(ErrorCode::BadRequest);
+        }
+        if let Some(l) = self.logs.get(&log) {
+            return if l.name == name {
+                Ok(())
+            } else {
+                Err(ErrorCode::LogExists)
+            };
+        }
+        if self.logs.len() >= LOGS_MAX {
+            return Err(ErrorCode::LimitExceeded);
+        }
+        let r = (|| -> Result<(), StorageError> {
+            let tmp = self.logs_dir.join(format!(
+                "{}{}",
+                format::TMP_PREFIX,
+                format::log_dir_name(log)
+            ));
+            let dst = self.logs_dir.join(format::log_dir_name(log));
+            let _ = std::fs::remove_dir_all(&tmp);
+            std::fs::create_dir(&tmp).map_err(|e| StorageError::io("create log dir", &tmp, e))?;
+            write_synced(
+                &tmp.join(format::META_FILE),
+                &format::encode_meta(log, name),
+            )?;
+            write_synced(
+                &tmp.join(format::HINT_FILE),
+                &vec![0u8; format::HINT_FILE_BYTES as usize],
+            )?;
+            disk::fsync_dir(&tmp)?;
+            std::fs::rename(&tmp, &dst).map_err(|e| StorageError::io("rename log dir", &dst, e))?;
+            disk::fsync_dir(&self.logs_dir)?;
+            let rec = recovery::recover_log(&dst, self.align, self.cfg.index_interval_bytes)?;
+            self.install(rec, VecDeque::new())
+        })();
+        r.map_err(|e| {
+            tracing::error!(%log, name, "create failed: {e}");
+            code_of_storage(&e)
+        })
+    }
+
+    /// Writes the committed hint if it moved (page cache only unless `sync`): it is a lower
+    /// bound, so losing the newest value in a crash only makes it less useful, never wrong.
+    fn save_hint(&mut self, id: LogId, sync: bool) {
+        let Some(l) = self.logs.get_mut(&id) else {
+            return;
+        };
+        if l.hint > l.hint_saved {
+            l.hint_seq += 1;
+            let slot = l.hint_seq % 2;
+            let p = l.dir.join(format::HINT_FILE);
+            let r = std::fs::OpenOptions::new()
+                .write(true)
+                .create(true)
+                .truncate(false)
+                .open(&p)
+                .and_then(|f| {
+                    f.write_all_at(
+                        &format::encode_hint(l.hint_seq, l.hint),
+                        slot * format::HINT_SLOT_BYTES,
+                    )?;
+                    if sync {
+                        f.sync_data()?;
+                    }
+                    Ok(())
+                });
+            match r {
+                Ok(()) => {
+                    l.hint_saved = l.hint;
+                    l.hint_unsynced = !sync;
+                }
+                Err(e) => tracing::warn!(log = %id, "saving committed hint: {e}"),
+            }
+        } else if sync && l.hint_unsynced {
+            let p = l.dir.join(format::HINT_FILE);
+            match File::open(&p).and_then(|f| f.sync_data()) {
+                Ok(()) => l.hint_unsynced = false,
+                Err(e) => tracing::warn!(log = %id, "syncing committed hint: {e}"),
+            }
+        }
+    }
+
+    fn tick(&mut self) {
+        let ids: Vec<LogId> = self.logs.keys().copied().collect();
+        for id in ids {
+            if self.cfg.retention_ms.is_some() {
+                let idle = self.logs.get(&id).is_some_and(|l| l.inflight.is_none());
+                if idle {
+                    self.apply_retention(id);
+                }
+            }
+            // Sync hints written since the last tick, asynchronously through the ring.
+            let Some(l) = self.logs.get(&id) else {
+                continue;
+            };
+            if l.hint_unsynced && self.ring.has_room(1) {
+                let p = l.dir.join(format::HINT_FILE);
+                if let Ok(f) = File::open(&p) {
+                    let t = self.tag(id, OpKind::HintSync);
+                    if self
+                        .ring
+                        .push(
+                            t,
+                            Op::Sync {
+                                file: Arc::new(f),
+                                datasync: true,
+                            },
+                        )
+                        .is_ok()
+                    {
+                        if let Some(l) = self.logs.get_mut(&id) {
+                            l.hint_unsynced = false;
+                        }
+                    } else {
+                        self.tags.remove(&t);
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn write_synced(path: &Path, data: &[u8]) -> Result<(), StorageError> {
+    let f = File::create(path).map_err(|e| StorageError::io("create", path, e))?;
+    f.write_all_at(data, 0)
+        .map_err(|e| StorageError::io("write", path, e))?;
+    f.sync_all().map_err(|e| StorageError::io("fsync", path, e))
+}
+
+/// Position of the first batch of `seg` that has records at or past `end` (where a truncate
+/// to `end` cuts), from the sparse index point at or before `end`.
+fn find_cut(seg: &SegState, end: Offset) -> io::Result<u64> {
+    let i = seg.index.partition_point(|(o, _)| *o <= end);
+    let mut pos = if i == 0 {
+        SEGMENT_HEADER_BYTES
+    } else {
+        seg.index[i - 1].1
+    };
+    let mut hb = [0u8; HEADER_LEN];
+    while pos < seg.end_pos {
+        seg.read_file.read_exact_at(&mut hb, pos)?;
+        let h = BatchHeader::decode(&hb)
+            .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e.to_string()))?;
+        if h.end_offset() > end {
+            return Ok(pos);
+        }
+        pos += format::stride(h.batch_len(), seg.align);
+    }
+    Ok(seg.end_pos)
+}
