@@ -204,6 +204,12 @@ async fn main() -> anyhow::Result<()> {
                     r.latency.count,
                     r.first_error.as_ref().map(|e| format!("; {} errors, first: {e}", r.errors)).unwrap_or_default()
                 );
+                if let Some(l) = r.send_lag {
+                    println!(
+                        "send lag behind schedule (included above) µs: p50 {:.0} p99 {:.0} max {:.0}",
+                        l.p50_us, l.p99_us, l.max_us
+                    );
+                }
             }
             anyhow::ensure!(r.errors == 0, "{} appends failed", r.errors);
         }

@@ -426,6 +426,7 @@ mod tests {
                 max_us: p50 * 5.0,
                 mean_us: p50,
             },
+            send_lag: None,
             errors: 0,
             first_error: None,
         }

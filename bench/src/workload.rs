@@ -66,6 +66,9 @@ pub struct AppendResult {
     /// Payload megabytes (10^6) per second.
     pub mb_per_s: f64,
     pub latency: LatencySummary,
+    /// Open loop: how late appends were sent after their intended time (the tool's own lag,
+    /// already included in `latency`).
+    pub send_lag: Option<LatencySummary>,
     pub errors: u64,
     pub first_error: Option<String>,
 }
@@ -137,6 +140,41 @@ impl Shared {
     }
 }
 
+/// Sends per open-loop pacer channel before the pacer waits for the workers (it then falls
+/// behind, but every append is still charged from its intended time).
+const PACER_QUEUE_MAX: usize = 4 * INFLIGHT_MAX;
+
+/// Intended send times of an open loop: `start`, `start + interval`, ... before `end`.
+pub fn schedule(start: Instant, interval: Duration, end: Instant) -> impl Iterator<Item = Instant> {
+    assert!(!interval.is_zero(), "open loop needs a positive interval");
+    (0u32..)
+        .map(move |i| start + interval.saturating_mul(i))
+        .take_while(move |t| *t < end)
+}
+
+/// The open loop's clock: a thread that hands each intended send time to the workers when it
+/// comes. tokio's timer rounds sleeps up to whole milliseconds, which would be charged to every
+/// append as latency; a thread's sleep is good to tens of microseconds. Stops when the
+/// schedule ends or every worker is gone.
+pub fn spawn_pacer(
+    start: Instant,
+    interval: Duration,
+    end: Instant,
+    tx: tokio::sync::mpsc::Sender<Instant>,
+) -> std::thread::JoinHandle<()> {
+    std::thread::spawn(move || {
+        for t in schedule(start, interval, end) {
+            let now = Instant::now();
+            if t > now {
+                std::thread::sleep(t - now);
+            }
+            if tx.blocking_send(t).is_err() {
+                return;
+            }
+        }
+    })
+}
+
 /// Runs `load` against `client` (the log must exist). Returns once every task has finished its
 /// last append.
 pub async fn run_append(client: &Client, load: &AppendLoad) -> anyhow::Result<AppendResult> {
@@ -150,40 +188,51 @@ pub async fn run_append(client: &Client, load: &AppendLoad) -> anyhow::Result<Ap
     let start = Instant::now();
     let measure_from = start + load.warmup;
     let end = measure_from + load.duration;
-    // Open loop: task k sends at start + (k + j*N)/rate for j = 0, 1, ...; together the tasks
-    // send at `rate`, and one slow append delays only its own task's later sends, each of
-    // which is then charged from its intended time.
-    let interval = load.rate_per_s.map(|r| Duration::from_secs_f64(1.0 / r));
+    // Open loop: the pacer releases intended send times; whichever worker is free takes the
+    // next one (one waiter at a time, through the fair mutex). When every worker is busy the
+    // times queue up, and the wait is charged to those appends: no coordinated omission.
+    let (slots, pacer) = match load.rate_per_s {
+        None => (None, None),
+        Some(rate) => {
+            let (tx, rx) = tokio::sync::mpsc::channel(PACER_QUEUE_MAX);
+            let pacer = spawn_pacer(start, Duration::from_secs_f64(1.0 / rate), end, tx);
+            (Some(Arc::new(tokio::sync::Mutex::new(rx))), Some(pacer))
+        }
+    };
     let mut tasks = Vec::with_capacity(load.inflight);
     // One producer handle per task: every clone feeds the log's single batcher, and the hot
     // loop skips the client's per-call producer lookup.
     let producer = client
         .producer(&load.log)
         .with_context(|| format!("producer for {}", load.log))?;
-    for k in 0..load.inflight {
+    for _ in 0..load.inflight {
         let producer = producer.clone();
         let body = body.clone();
         let shared = shared.clone();
-        let n = load.inflight as u32;
+        let slots = slots.clone();
         tasks.push(tokio::spawn(async move {
             let mut hist = LatencyHist::new();
+            let mut lag = LatencyHist::new();
             let mut done_in_window = 0u64;
             let mut done = 0u64;
-            let mut j = 0u32;
             while !shared.stop.load(Ordering::Relaxed) {
-                let t0 = match interval {
+                let t0 = match &slots {
                     None => Instant::now(),
-                    Some(iv) => {
-                        let slot = (k as u32).saturating_add(j.saturating_mul(n));
-                        start + iv.saturating_mul(slot)
+                    Some(rx) => {
+                        let next = rx.lock().await.recv().await;
+                        match next {
+                            Some(t) => {
+                                if t >= measure_from {
+                                    lag.record(t.elapsed());
+                                }
+                                t
+                            }
+                            None => break,
+                        }
                     }
                 };
                 if t0 >= end {
                     break;
-                }
-                j = j.saturating_add(1);
-                if interval.is_some() {
-                    tokio::time::sleep_until(t0.into()).await;
                 }
                 let r = producer.append(body.clone()).await;
                 let t1 = Instant::now();
@@ -200,17 +249,27 @@ pub async fn run_append(client: &Client, load: &AppendLoad) -> anyhow::Result<Ap
                     Err(e) => shared.failed(&e),
                 }
             }
-            (hist, done_in_window, done)
+            (hist, lag, done_in_window, done)
         }));
     }
+    drop(slots);
     let mut hists = Vec::with_capacity(tasks.len());
+    let mut lags = Vec::with_capacity(tasks.len());
     let mut records = 0u64;
     let mut records_total = 0u64;
     for t in tasks {
-        let (h, d, all) = t.await.context("append task panicked")?;
+        let (h, l, d, all) = t.await.context("append task panicked")?;
         hists.push(h);
+        lags.push(l);
         records += d;
         records_total += all;
+    }
+    if let Some(p) = pacer {
+        // Every receiver is gone, so the pacer's next send fails and it returns.
+        tokio::task::spawn_blocking(move || p.join())
+            .await
+            .context("joining the pacer")?
+            .map_err(|_| anyhow::anyhow!("pacer thread panicked"))?;
     }
     let hist = LatencyHist::merged(&hists);
     let (records_per_s, mb_per_s) = throughput(records, load.record_bytes, load.duration);
@@ -219,8 +278,9 @@ pub async fn run_append(client: &Client, load: &AppendLoad) -> anyhow::Result<Ap
         .lock()
         .unwrap_or_else(|p| p.into_inner())
         .clone();
+    let open = load.rate_per_s.is_some();
     Ok(AppendResult {
-        mode: if interval.is_some() { "open" } else { "closed" }.to_string(),
+        mode: if open { "open" } else { "closed" }.to_string(),
         inflight: load.inflight,
         record_bytes: load.record_bytes,
         rate_per_s: load.rate_per_s,
@@ -230,6 +290,7 @@ pub async fn run_append(client: &Client, load: &AppendLoad) -> anyhow::Result<Ap
         records_per_s,
         mb_per_s,
         latency: hist.summary(),
+        send_lag: open.then(|| LatencyHist::merged(&lags).summary()),
         errors: shared.errors.load(Ordering::Relaxed),
         first_error,
     })
@@ -282,6 +343,51 @@ mod tests {
         ] {
             assert!(bad.validate().is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn schedule_is_evenly_spaced_and_bounded() {
+        let t = Instant::now();
+        let v: Vec<Instant> =
+            schedule(t, Duration::from_millis(2), t + Duration::from_millis(9)).collect();
+        assert_eq!(v.len(), 5);
+        for (i, x) in v.iter().enumerate() {
+            assert_eq!(*x - t, Duration::from_millis(2 * i as u64));
+        }
+    }
+
+    #[tokio::test]
+    async fn pacer_releases_every_slot_in_order_and_stops() {
+        let start = Instant::now();
+        let (tx, mut rx) = tokio::sync::mpsc::channel(4);
+        let p = spawn_pacer(
+            start,
+            Duration::from_millis(1),
+            start + Duration::from_millis(20),
+            tx,
+        );
+        let mut got = Vec::new();
+        while let Some(t) = rx.recv().await {
+            // A slot is never released before its time.
+            assert!(Instant::now() >= t);
+            got.push(t);
+        }
+        p.join().unwrap();
+        assert_eq!(got.len(), 20);
+        assert!(got
+            .windows(2)
+            .all(|w| w[1] - w[0] == Duration::from_millis(1)));
+        // With the receiver gone the pacer gives up instead of blocking forever.
+        let (tx, rx) = tokio::sync::mpsc::channel(1);
+        drop(rx);
+        spawn_pacer(
+            Instant::now(),
+            Duration::from_secs(1),
+            Instant::now() + Duration::from_secs(3600),
+            tx,
+        )
+        .join()
+        .unwrap();
     }
 
     #[test]
