@@ -70,6 +70,25 @@ pub fn fsync_dir(dir: &Path) -> Result<()> {
     d.sync_all().map_err(|e| HwError::io("fsync dir", e))
 }
 
+/// Takes an exclusive advisory lock on `path` (created if missing) for as long as the returned
+/// file stays open, so two processes never run on one data directory. Fails at once (no
+/// waiting) if another process holds it.
+pub fn lock_exclusive(path: &Path) -> Result<File> {
+    let f = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)
+        .map_err(|e| HwError::io("open lock file", e))?;
+    // SAFETY: flock takes no pointers; the fd is valid for the borrow of `f`.
+    let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) };
+    if r != 0 {
+        return Err(HwError::io("flock", io::Error::last_os_error()));
+    }
+    Ok(f)
+}
+
 /// Creates `path` (which must not exist) with `len` bytes allocated and written as zeros, then
 /// fdatasync: afterwards writes inside it are pure data writes. `len` must be page-aligned.
 pub fn create_prezeroed(path: &Path, len: u64, direct: bool) -> Result<()> {
@@ -303,6 +322,16 @@ mod tests {
             "must not overwrite"
         );
         assert!(create_prezeroed(&dir.path().join("b"), 100, false).is_err());
+    }
+
+    #[test]
+    fn lock_is_exclusive() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("LOCK");
+        let a = lock_exclusive(&p).unwrap();
+        assert!(lock_exclusive(&p).is_err());
+        drop(a);
+        assert!(lock_exclusive(&p).is_ok());
     }
 
     #[test]

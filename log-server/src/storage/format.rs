@@ -9,6 +9,7 @@
 //! <dir>/logs/<id>/00000000000000000000.seg                       segment: 4 KiB header, batches
 //! <dir>/logs/<id>/00000000000000000000.idx                       index of a sealed segment
 //! <dir>/spare/                                                   pre-zeroed spare segments
+//! <dir>/LOCK                                                     flock held while open
 //! ```
 
 use chainlog_core::effects::ProducerBatch;
@@ -34,6 +35,7 @@ pub const INDEX_SUFFIX: &str = ".idx";
 pub const META_FILE: &str = "meta";
 pub const HINT_FILE: &str = "committed";
 pub const LOGS_DIR: &str = "logs";
+pub const LOCK_FILE: &str = "LOCK";
 pub const SPARE_DIR: &str = "spare";
 pub const TMP_PREFIX: &str = ".tmp-";
 

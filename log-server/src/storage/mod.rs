@@ -28,7 +28,7 @@ use serde::{Deserialize, Serialize};
 use std::collections::BTreeMap;
 use std::fs::File;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, RwLock};
 use std::thread::JoinHandle;
 
@@ -240,6 +240,15 @@ pub(crate) fn emit(events: &Events, ev: DiskEvent) {
     (f)(ev)
 }
 
+/// Handles the storage threads share with the `Storage` handle.
+pub(crate) struct Shared {
+    pub events: Events,
+    pub counters: Arc<Counters>,
+    pub views: Views,
+    pub failpoints: Arc<Failpoints>,
+    pub sleeping: Arc<AtomicBool>,
+}
+
 pub(crate) enum Cmd {
     Append {
         log: LogId,
@@ -304,6 +313,11 @@ pub struct Storage {
     direct: bool,
     threads: Vec<JoinHandle<()>>,
     failpoints: Arc<Failpoints>,
+    /// Set by the writer just before it sleeps in the ring: only then does a command need an
+    /// eventfd write (a syscall) to wake it.
+    sleeping: Arc<AtomicBool>,
+    /// Held (flock) while open; dropped after the threads stop.
+    _lock: File,
 }
 
 impl std::fmt::Debug for Storage {
@@ -324,6 +338,13 @@ impl Storage {
         cfg.validate()?;
         std::fs::create_dir_all(&cfg.dir)
             .map_err(|e| StorageError::io("create data dir", &cfg.dir, e))?;
+        let lock_path = cfg.dir.join(format::LOCK_FILE);
+        let lock = chainlog_hw::disk::lock_exclusive(&lock_path).map_err(|e| {
+            StorageError::Unsupported(format!(
+                "cannot lock {} ({e}): is another log-server using this data dir?",
+                lock_path.display()
+            ))
+        })?;
         let caps = chainlog_hw::probe::probe(&cfg.dir);
         if let Some(why) = caps.uring_unavailable() {
             return Err(StorageError::Unsupported(why.to_string()));
@@ -351,14 +372,18 @@ impl Storage {
         let (cmd_tx, cmd_rx) = crossbeam_channel::bounded(COMMANDS_QUEUED_MAX);
         let (read_tx, read_rx) = crossbeam_channel::bounded(READS_QUEUED_MAX);
 
+        let sleeping = Arc::new(AtomicBool::new(false));
         let (writer, recovered) = writer::Writer::open(
             cfg.clone(),
             direct,
             cmd_rx,
-            events.clone(),
-            counters.clone(),
-            views.clone(),
-            failpoints.clone(),
+            Shared {
+                events: events.clone(),
+                counters: counters.clone(),
+                views: views.clone(),
+                failpoints: failpoints.clone(),
+                sleeping: sleeping.clone(),
+            },
         )?;
         let waker = writer.waker();
         let mut threads = Vec::new();
@@ -385,6 +410,8 @@ impl Storage {
                 direct,
                 threads,
                 failpoints,
+                sleeping,
+                _lock: lock,
             },
             recovered,
         ))
@@ -396,7 +423,11 @@ impl Storage {
             tracing::error!("storage writer is gone; command dropped");
             return;
         }
-        self.waker.wake();
+        // Pairs with the writer's store-then-recheck: either it sees this command in the
+        // channel before sleeping, or we see it asleep and wake it.
+        if self.sleeping.swap(false, Ordering::SeqCst) {
+            self.waker.wake();
+        }
     }
 
     /// Appends whole batches at `base` (== the log's current end). Reports `Durable` (group
@@ -420,6 +451,7 @@ impl Storage {
     }
 
     /// Reads whole durable batches from the one containing `from`; reports `ReadDone`.
+    /// `max_bytes` is capped at `READ_BYTES_MAX` (the first batch is returned even if larger).
     pub fn read(&self, token: ReadToken, log: LogId, from: Offset, end: Offset, max_bytes: usize) {
         let Some(tx) = &self.read_tx else { return };
         let req = ReadReq {

@@ -7,6 +7,7 @@ use super::{emit, Counters, Events, ReadReq, Views};
 use bytes::{Bytes, BytesMut};
 use chainlog_core::effects::DiskEvent;
 use chainlog_core::error::ErrorCode;
+use chainlog_core::limits::READ_BYTES_MAX;
 use chainlog_core::record::{self, BatchHeader, HEADER_LEN};
 use chainlog_core::Offset;
 use crossbeam_channel::Receiver;
@@ -80,7 +81,8 @@ fn read_one(views: &Views, req: &ReadReq, counters: &Counters) -> Result<Vec<Byt
     };
     let mut out = Vec::new();
     let mut total = 0usize;
-    let r = collect(&segs, req.from, end, req.max_bytes, &mut out, &mut total);
+    let max_bytes = req.max_bytes.min(READ_BYTES_MAX);
+    let r = collect(&segs, req.from, end, max_bytes, &mut out, &mut total);
     Counters::add(&counters.reads, 1);
     Counters::add(&counters.read_bytes, total as u64);
     match r {

@@ -116,7 +116,10 @@ impl<'a> ChunkReader<'a> {
         let have = pos >= self.at && end <= self.at + self.buf.len() as u64;
         if !have {
             let n = (len.max(SCAN_CHUNK_BYTES) as u64).min(self.limit - pos) as usize;
-            self.buf.resize(n, 0);
+            if self.buf.len() != n {
+                // A fresh zeroed allocation (calloc) rather than a resize that fills byte by byte.
+                self.buf = vec![0u8; n];
+            }
             self.file.read_exact_at(&mut self.buf, pos)?;
             self.at = pos;
         }
@@ -200,7 +203,7 @@ pub(crate) fn zero_tail(path: &Path, from: u64, cap: u64) -> Result<bool, Storag
         let n = ((cap - at) as usize).min(SCAN_CHUNK_BYTES);
         f.read_exact_at(&mut buf[..n], at)
             .map_err(|e| StorageError::io("read segment tail", path, e))?;
-        if let Some(last) = buf[..n].iter().rposition(|&b| b != 0) {
+        if let Some(last) = last_nonzero(&buf[..n]) {
             disk::write_zeros(&f, at, last as u64 + 1)?;
             dirty = true;
         }
@@ -210,6 +213,23 @@ pub(crate) fn zero_tail(path: &Path, from: u64, cap: u64) -> Result<bool, Storag
         disk::fdatasync(&f)?;
     }
     Ok(dirty)
+}
+
+/// Index of the last non-zero byte. Compares whole pages against zeros first (a `memcmp`),
+/// since tails are almost always entirely zero.
+fn last_nonzero(b: &[u8]) -> Option<usize> {
+    const PAGE: usize = 4096;
+    static ZEROS: [u8; PAGE] = [0; PAGE];
+    let mut end = b.len();
+    while end > 0 {
+        let start = end.saturating_sub(PAGE);
+        let page = &b[start..end];
+        if page != &ZEROS[..page.len()] {
+            return page.iter().rposition(|&x| x != 0).map(|i| start + i);
+        }
+        end = start;
+    }
+    None
 }
 
 fn read_file_opt(path: &Path) -> Result<Option<Vec<u8>>, StorageError> {
@@ -485,4 +505,20 @@ pub(crate) fn recover_log(
         committed_hint,
         end,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::last_nonzero;
+
+    #[test]
+    fn finds_last_nonzero() {
+        let mut b = vec![0u8; 10_000];
+        assert_eq!(last_nonzero(&b), None);
+        for i in [0, 1, 4095, 4096, 8191, 9999] {
+            b[i] = 1;
+            assert_eq!(last_nonzero(&b), Some(i));
+        }
+        assert_eq!(last_nonzero(&[]), None);
+    }
 }

@@ -7,7 +7,8 @@ use super::format::{self, SegmentHeader, SEGMENT_HEADER_BYTES};
 use super::producers::ProducerTable;
 use super::recovery::{self, Recovered, SegState};
 use super::{
-    emit, Cmd, Counters, Events, Failpoints, LogView, SegView, StorageConfig, StorageError, Views,
+    emit, Cmd, Counters, Events, Failpoints, LogView, SegView, Shared, StorageConfig, StorageError,
+    Views,
 };
 use bytes::Bytes;
 use chainlog_core::effects::{DiskEvent, ProducerBatch, RecoveredLog};
@@ -26,6 +27,7 @@ use std::fs::File;
 use std::io;
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant, SystemTime};
 
@@ -102,6 +104,7 @@ pub(crate) struct Writer {
     ring: Ring,
     waker: RingWaker,
     cmd_rx: Receiver<Cmd>,
+    sleeping: Arc<AtomicBool>,
     events: Events,
     counters: Arc<Counters>,
     views: Views,
@@ -161,11 +164,15 @@ impl Writer {
         cfg: StorageConfig,
         direct: bool,
         cmd_rx: Receiver<Cmd>,
-        events: Events,
-        counters: Arc<Counters>,
-        views: Views,
-        failpoints: Arc<Failpoints>,
+        shared: Shared,
     ) -> Result<(Writer, Vec<RecoveredLog>), StorageError> {
+        let Shared {
+            events,
+            counters,
+            views,
+            failpoints,
+            sleeping,
+        } = shared;
         let align = if direct { PAGE_BYTES as u32 } else { 1 };
         let logs_dir = cfg.dir.join(format::LOGS_DIR);
         let spare_dir = cfg.dir.join(format::SPARE_DIR);
@@ -187,6 +194,7 @@ impl Writer {
             ring,
             waker,
             cmd_rx,
+            sleeping,
             events,
             counters,
             views,
@@ -310,10 +318,14 @@ impl Writer {
             {
                 break;
             }
-            if let Err(e) = self.ring.wait(Some(TICK)) {
-                tracing::error!("io_uring wait failed: {e}");
-                std::thread::sleep(Duration::from_millis(10));
+            self.sleeping.store(true, Ordering::SeqCst);
+            if self.cmd_rx.is_empty() {
+                if let Err(e) = self.ring.wait(Some(TICK)) {
+                    tracing::error!("io_uring wait failed: {e}");
+                    std::thread::sleep(Duration::from_millis(10));
+                }
             }
+            self.sleeping.store(false, Ordering::SeqCst);
             if let Err(e) = self.ring.complete(&mut done) {
                 tracing::error!("io_uring completion handling failed: {e}");
             }
