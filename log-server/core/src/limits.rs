@@ -15,7 +15,7 @@ pub const LOG_NAME_BYTES_MAX: usize = 200;
 pub const LOGS_MAX: usize = 4096;
 /// Largest read reply (bytes of batches). A read returns whole batches, so a single batch larger
 /// than this is still returned alone.
-pub const READ_BYTES_MAX: usize = 8 << 20;
+pub const READ_BYTES_MAX: usize = BATCH_BYTES_MAX;
 /// Default un-acknowledged bytes a node keeps in flight to its successor, per log, before the
 /// head stops admitting appends (backpressure).
 pub const PIPELINE_BYTES_DEFAULT: usize = 32 << 20;

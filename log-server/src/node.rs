@@ -1,0 +1,857 @@
+//! One node's runtime: the core loop that feeds the replica and carries out its effects, the
+//! listener for clients and the predecessor, and the link to the successor.
+//!
+//! Threads: tokio tasks for sockets and the core loop; the storage thread(s) own io_uring. The
+//! replica is touched only by the core loop, so it needs no locks; everything reaches it as an
+//! `Event` over one channel, in arrival order.
+
+use crate::config::{load_or_create_cluster_id, IoModeSetting, NodeConfig};
+use crate::metrics::Metrics;
+use crate::storage::{IoMode, Storage, StorageConfig};
+use anyhow::Context;
+use bytes::Bytes;
+use chainlog_core::effects::{ClientId, DiskEvent, Effect, RecoveredLog};
+use chainlog_core::types::{ClusterId, Epoch, Instant, LogId, NodeId, Offset};
+use chainlog_core::wire::{
+    ClientReply, ClientRequest, Encoded, Hello, HelloOk, Kind, PeerMessage, Role, PROTOCOL_VERSION,
+};
+use chainlog_core::ErrorCode;
+use chainlog_core::{ChainConfig, Replica, ReplicaConfig};
+use chainlog_hw::net::tcp::{split, StreamReader, StreamWriter};
+use chainlog_hw::net::{Frame, FrameRecv, FrameSend, NetError};
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{mpsc, watch, Semaphore};
+
+/// How long a new connection may take to say Hello.
+const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
+/// Core tick period: drives resends, idle commits, read waits.
+const TICK: Duration = Duration::from_millis(1);
+/// Reconnect back-off to the successor.
+const RECONNECT_MIN: Duration = Duration::from_millis(20);
+const RECONNECT_MAX: Duration = Duration::from_millis(500);
+/// Events the core loop takes before it carries out effects and polls again (fairness bound).
+const EVENTS_PER_TURN_MAX: usize = 1024;
+/// Frames a connection writer coalesces into one vectored write.
+const FRAMES_PER_WRITE_MAX: usize = 256;
+
+/// An outbound frame plus whether it completes a request (frees an in-flight slot).
+struct Out {
+    frame: Encoded,
+    completes: bool,
+}
+
+type OutTx = mpsc::UnboundedSender<Out>;
+
+enum Event {
+    ClientUp {
+        id: ClientId,
+        tx: OutTx,
+    },
+    Client {
+        id: ClientId,
+        request_id: u64,
+        req: ClientRequest,
+    },
+    ClientGone {
+        id: ClientId,
+    },
+    LinkUp {
+        peer: NodeId,
+        gen: u64,
+        tx: OutTx,
+    },
+    LinkDown {
+        peer: NodeId,
+        gen: u64,
+    },
+    Peer {
+        from: NodeId,
+        gen: u64,
+        msg: PeerMessage,
+    },
+    Disk(DiskEvent),
+}
+
+/// A running node; dropping it does not stop it: call `shutdown`.
+pub struct NodeHandle {
+    pub node: NodeId,
+    pub listen: SocketAddr,
+    pub cluster_id: ClusterId,
+    stop: watch::Sender<bool>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl NodeHandle {
+    /// Stops accepting, finishes the core loop and drains storage (everything written so far is
+    /// durable when this returns).
+    pub async fn shutdown(self) {
+        let _ = self.stop.send(true);
+        let _ = self.done.await;
+    }
+}
+
+struct Shared {
+    cfg: NodeConfig,
+    cluster_id: ClusterId,
+    epoch: Epoch,
+    node: NodeId,
+    next_client: AtomicU64,
+    next_link_gen: AtomicU64,
+    connections: Arc<Semaphore>,
+}
+
+fn now_us(start: std::time::Instant) -> Instant {
+    Instant(start.elapsed().as_micros() as u64)
+}
+
+/// Starts a node: recovers storage, binds the listener, connects to the successor.
+pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
+    cfg.validate()?;
+    std::fs::create_dir_all(&cfg.dir)
+        .with_context(|| format!("creating data directory {}", cfg.dir.display()))?;
+    let cluster_id = if cfg.cluster_id != 0 {
+        ClusterId(cfg.cluster_id)
+    } else {
+        load_or_create_cluster_id(&cfg.dir)
+            .with_context(|| format!("cluster id in {}", cfg.dir.display()))?
+    };
+    let listener = TcpListener::bind(&cfg.listen)
+        .await
+        .with_context(|| format!("binding {}", cfg.listen))?;
+    let listen = listener.local_addr()?;
+
+    let (ev_tx, ev_rx) = mpsc::unbounded_channel::<Event>();
+    let disk_tx = ev_tx.clone();
+    let scfg = StorageConfig {
+        dir: cfg.dir.join("logs"),
+        segment_bytes: cfg.storage.segment_bytes,
+        io_mode: match cfg.storage.io_mode {
+            IoModeSetting::Auto => IoMode::Auto,
+            IoModeSetting::Direct => IoMode::Direct,
+            IoModeSetting::Buffered => IoMode::Buffered,
+        },
+        retention_bytes: cfg.storage.retention_bytes,
+        retention_ms: cfg.storage.retention_ms,
+        ..StorageConfig::default()
+    };
+    let (storage, mut recovered) = tokio::task::block_in_place(|| {
+        Storage::open(
+            scfg,
+            Box::new(move |ev| {
+                let _ = disk_tx.send(Event::Disk(ev));
+            }),
+        )
+    })
+    .with_context(|| format!("opening storage in {}", cfg.dir.display()))?;
+    let mut ev_rx = ev_rx;
+    ensure_default_log(&storage, &mut recovered, &mut ev_rx).await?;
+
+    let node = cfg.node();
+    let epoch = cfg.epoch();
+    let mut rcfg = ReplicaConfig::new(node, cluster_id);
+    rcfg.pipeline_bytes_max = cfg.replication.pipeline_bytes_max;
+    rcfg.resend_timeout_us = cfg.replication.resend_timeout_ms * 1000;
+    let chain = ChainConfig {
+        epoch,
+        nodes: cfg.chain_ids(),
+    };
+    let start = std::time::Instant::now();
+    let replica = Replica::new(rcfg, chain, recovered, now_us(start));
+
+    let shared = Arc::new(Shared {
+        cluster_id,
+        epoch,
+        node,
+        next_client: AtomicU64::new(1),
+        next_link_gen: AtomicU64::new(1),
+        connections: Arc::new(Semaphore::new(cfg.connections_max)),
+        cfg,
+    });
+    let (stop, stop_rx) = watch::channel(false);
+
+    tokio::spawn(accept_loop(
+        listener,
+        shared.clone(),
+        ev_tx.clone(),
+        stop_rx.clone(),
+    ));
+    if let Some(succ) = shared.cfg.successor().cloned() {
+        tokio::spawn(successor_loop(
+            shared.clone(),
+            NodeId(succ.id),
+            succ.addr,
+            ev_tx.clone(),
+            stop_rx.clone(),
+        ));
+    }
+    let core = CoreLoop {
+        shared: shared.clone(),
+        replica,
+        storage: Some(storage),
+        clients: BTreeMap::new(),
+        links: BTreeMap::new(),
+        start,
+        listen,
+        metrics: Metrics::default(),
+        append_started: BTreeMap::new(),
+    };
+    let done = tokio::spawn(core.run(ev_rx, stop_rx));
+    tracing::info!(node = node.0, %listen, cluster = %format!("{:016x}", cluster_id.0), "node started");
+    Ok(NodeHandle {
+        node,
+        listen,
+        cluster_id,
+        stop,
+        done,
+    })
+}
+
+/// Every node has a log named "default" so the CLI works with no set-up.
+async fn ensure_default_log(
+    storage: &Storage,
+    recovered: &mut Vec<RecoveredLog>,
+    ev_rx: &mut mpsc::UnboundedReceiver<Event>,
+) -> anyhow::Result<()> {
+    let id = LogId::from_name("default");
+    if recovered.iter().any(|r| r.log == id) {
+        return Ok(());
+    }
+    storage.create_log(id, "default");
+    loop {
+        match ev_rx.recv().await {
+            Some(Event::Disk(DiskEvent::Created { log, result })) if log == id => {
+                result.map_err(|c| anyhow::anyhow!("creating the default log: {c:?}"))?;
+                break;
+            }
+            Some(_) => continue,
+            None => anyhow::bail!("storage stopped while creating the default log"),
+        }
+    }
+    recovered.push(RecoveredLog {
+        log: id,
+        name: "default".into(),
+        start: Offset(0),
+        end: Offset(0),
+        producers: vec![],
+        committed_hint: Offset(0),
+    });
+    Ok(())
+}
+
+struct CoreLoop {
+    shared: Arc<Shared>,
+    replica: Replica,
+    storage: Option<Storage>,
+    clients: BTreeMap<ClientId, OutTx>,
+    links: BTreeMap<NodeId, (u64, OutTx)>,
+    start: std::time::Instant,
+    listen: SocketAddr,
+    metrics: Metrics,
+    /// Start times of appends in flight, for the head's append-latency histogram.
+    append_started: BTreeMap<(ClientId, u64), std::time::Instant>,
+}
+
+impl CoreLoop {
+    async fn run(
+        mut self,
+        mut rx: mpsc::UnboundedReceiver<Event>,
+        mut stop: watch::Receiver<bool>,
+    ) {
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut effects: Vec<Effect> = Vec::with_capacity(256);
+        loop {
+            tokio::select! {
+                biased;
+                _ = stop.changed() => break,
+                ev = rx.recv() => {
+                    let Some(ev) = ev else { break };
+                    self.handle(ev, &mut effects);
+                    let mut n = 1;
+                    while n < EVENTS_PER_TURN_MAX {
+                        match rx.try_recv() {
+                            Ok(ev) => { self.handle(ev, &mut effects); n += 1; }
+                            Err(_) => break,
+                        }
+                    }
+                }
+                _ = tick.tick() => {
+                    let now = now_us(self.start);
+                    self.replica.on_tick(now, &mut effects);
+                }
+            }
+            self.carry_out(&mut effects);
+        }
+        if let Some(s) = self.storage.take() {
+            tokio::task::block_in_place(|| s.shutdown());
+        }
+        tracing::info!(node = self.shared.node.0, "node stopped");
+    }
+
+    fn handle(&mut self, ev: Event, out: &mut Vec<Effect>) {
+        let now = now_us(self.start);
+        match ev {
+            Event::ClientUp { id, tx } => {
+                self.clients.insert(id, tx);
+            }
+            Event::Client {
+                id,
+                request_id,
+                req,
+            } => match req {
+                ClientRequest::Status => {
+                    let reply = ClientReply::StatusOk {
+                        json: self.status_json(),
+                    };
+                    self.reply(id, request_id, &reply);
+                }
+                req => {
+                    if matches!(req, ClientRequest::Append { .. }) {
+                        self.append_started
+                            .insert((id, request_id), std::time::Instant::now());
+                    }
+                    self.replica.on_client(now, id, request_id, req, out)
+                }
+            },
+            Event::ClientGone { id } => {
+                self.clients.remove(&id);
+                self.replica.on_client_gone(now, id, out);
+            }
+            Event::LinkUp { peer, gen, tx } => {
+                if let Some((_, old)) = self.links.insert(peer, (gen, tx)) {
+                    drop(old);
+                    self.replica.on_link(now, peer, false, out);
+                }
+                self.replica.on_link(now, peer, true, out);
+            }
+            Event::LinkDown { peer, gen } => {
+                if self.links.get(&peer).map(|(g, _)| *g) == Some(gen) {
+                    self.links.remove(&peer);
+                    self.replica.on_link(now, peer, false, out);
+                }
+            }
+            Event::Peer { from, gen, msg } => {
+                // A message from a link that has since been replaced belongs to an old session.
+                if self.links.get(&from).map(|(g, _)| *g) == Some(gen) {
+                    self.replica.on_peer(now, from, msg, out);
+                }
+            }
+            Event::Disk(ev) => {
+                if let DiskEvent::WriteFailed { log, at, code } = &ev {
+                    tracing::error!(log = log.0, at = at.0, ?code, "storage write failed");
+                }
+                self.replica.on_disk(now, ev, out);
+            }
+        }
+    }
+
+    fn reply(&mut self, client: ClientId, request_id: u64, reply: &ClientReply) {
+        if let Some(tx) = self.clients.get(&client) {
+            let completes = !matches!(reply, ClientReply::Records { .. });
+            let _ = tx.send(Out {
+                frame: reply.encode(request_id),
+                completes,
+            });
+        }
+    }
+
+    fn carry_out(&mut self, effects: &mut Vec<Effect>) {
+        for e in effects.drain(..) {
+            match e {
+                Effect::Send { to, msg } => {
+                    if let Some((_, tx)) = self.links.get(&to) {
+                        let _ = tx.send(Out {
+                            frame: msg.encode(),
+                            completes: false,
+                        });
+                    }
+                }
+                Effect::Reply {
+                    client,
+                    request_id,
+                    reply,
+                } => {
+                    if let Some(t0) = self.append_started.remove(&(client, request_id)) {
+                        if matches!(reply, ClientReply::AppendOk { .. }) {
+                            self.metrics.record_append(t0.elapsed());
+                        }
+                    }
+                    self.reply(client, request_id, &reply);
+                }
+                Effect::Append { log, base, batches } => {
+                    if let Some(s) = &self.storage {
+                        s.append(log, base, batches);
+                    }
+                }
+                Effect::Truncate { log, end } => {
+                    if let Some(s) = &self.storage {
+                        s.truncate(log, end);
+                    }
+                }
+                Effect::CreateLog { log, name } => {
+                    if let Some(s) = &self.storage {
+                        s.create_log(log, &name);
+                    }
+                }
+                Effect::Read {
+                    token,
+                    log,
+                    from,
+                    end,
+                    max_bytes,
+                } => {
+                    if let Some(s) = &self.storage {
+                        s.read(token, log, from, end, max_bytes);
+                    }
+                }
+                Effect::Trim { log, before } => {
+                    if let Some(s) = &self.storage {
+                        s.trim(log, before);
+                    }
+                }
+                Effect::SaveCommitted { log, end } => {
+                    if let Some(s) = &self.storage {
+                        s.save_committed(log, end);
+                    }
+                }
+            }
+        }
+        // Drop start times of appends whose client went away (bounded by in-flight limits).
+        if self.append_started.len() > 1 << 20 {
+            self.append_started.clear();
+        }
+    }
+
+    fn status_json(&self) -> Bytes {
+        let cfg = &self.shared.cfg;
+        let chain: Vec<serde_json::Value> = cfg
+            .chain
+            .nodes
+            .iter()
+            .enumerate()
+            .map(|(i, n)| {
+                let role = if cfg.chain.nodes.len() == 1 {
+                    "head+tail"
+                } else if i == 0 {
+                    "head"
+                } else if i + 1 == cfg.chain.nodes.len() {
+                    "tail"
+                } else {
+                    "middle"
+                };
+                serde_json::json!({ "id": n.id, "addr": n.addr, "role": role,
+                    "link_up": n.id == cfg.node_id || self.links.contains_key(&NodeId(n.id)) })
+            })
+            .collect();
+        let doc = serde_json::json!({
+            "node": self.shared.node.0,
+            "cluster_id": format!("{:016x}", self.shared.cluster_id.0),
+            "epoch": self.shared.epoch.0,
+            "listen": self.listen.to_string(),
+            "chain": chain,
+            "replica": self.replica.status(),
+            "storage": self.storage.as_ref().map(|s| s.stats()),
+            "net_copy_bytes": chainlog_hw::net::copy_bytes_total(),
+            "append_latency_us": self.metrics.append_summary(),
+            "clients": self.clients.len(),
+        });
+        Bytes::from(serde_json::to_vec_pretty(&doc).unwrap_or_default())
+    }
+}
+
+async fn accept_loop(
+    listener: TcpListener,
+    shared: Arc<Shared>,
+    ev_tx: mpsc::UnboundedSender<Event>,
+    mut stop: watch::Receiver<bool>,
+) {
+    loop {
+        let accepted = tokio::select! {
+            _ = stop.changed() => return,
+            a = listener.accept() => a,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let permit = match shared.connections.clone().try_acquire_owned() {
+                    Ok(p) => p,
+                    Err(_) => {
+                        tokio::spawn(refuse(
+                            stream,
+                            ErrorCode::LimitExceeded,
+                            "too many connections",
+                        ));
+                        continue;
+                    }
+                };
+                let shared = shared.clone();
+                let ev_tx = ev_tx.clone();
+                let stop = stop.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = serve_connection(stream, shared, ev_tx, stop).await {
+                        tracing::debug!(%peer, error = %e, "connection ended");
+                    }
+                    drop(permit);
+                });
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "accept failed");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    }
+}
+
+async fn refuse(stream: TcpStream, code: ErrorCode, message: &str) {
+    let (_, mut w) = split(stream);
+    let _ = w
+        .send(&[ClientReply::Error {
+            code,
+            message: message.into(),
+        }
+        .encode(0)])
+        .await;
+}
+
+async fn send_error<W: tokio::io::AsyncWrite + Unpin + Send>(
+    w: &mut StreamWriter<W>,
+    request_id: u64,
+    code: ErrorCode,
+    message: String,
+) {
+    let _ = w
+        .send(&[ClientReply::Error { code, message }.encode(request_id)])
+        .await;
+}
+
+/// Handshake, then serve the connection as a client session or as the predecessor's link.
+async fn serve_connection(
+    stream: TcpStream,
+    shared: Arc<Shared>,
+    ev_tx: mpsc::UnboundedSender<Event>,
+    stop: watch::Receiver<bool>,
+) -> Result<(), NetError> {
+    let (mut r, mut w) = split(stream);
+    let first = match tokio::time::timeout(HELLO_TIMEOUT, r.recv()).await {
+        Ok(f) => f?,
+        Err(_) => {
+            send_error(&mut w, 0, ErrorCode::Timeout, "no hello within 5 s".into()).await;
+            return Ok(());
+        }
+    };
+    let Some(first) = first else { return Ok(()) };
+    if first.header.kind != Kind::Hello as u16 {
+        send_error(
+            &mut w,
+            first.header.request_id,
+            ErrorCode::BadRequest,
+            "the first frame must be Hello".into(),
+        )
+        .await;
+        return Ok(());
+    }
+    let hello = match Hello::decode(first.body) {
+        Ok(h) => h,
+        Err(e) => {
+            send_error(&mut w, first.header.request_id, e.code(), e.to_string()).await;
+            return Ok(());
+        }
+    };
+    if hello.version != PROTOCOL_VERSION {
+        send_error(
+            &mut w,
+            first.header.request_id,
+            ErrorCode::UnsupportedVersion,
+            format!(
+                "protocol version {} not supported (this node speaks {PROTOCOL_VERSION})",
+                hello.version
+            ),
+        )
+        .await;
+        return Ok(());
+    }
+    let cluster_ok = hello.cluster_id == shared.cluster_id
+        || (hello.cluster_id.0 == 0 && hello.role == Role::Client);
+    if !cluster_ok {
+        send_error(
+            &mut w,
+            first.header.request_id,
+            ErrorCode::WrongCluster,
+            format!(
+                "this node belongs to cluster {:016x}, not {:016x}",
+                shared.cluster_id.0, hello.cluster_id.0
+            ),
+        )
+        .await;
+        return Ok(());
+    }
+    let ok = HelloOk {
+        version: PROTOCOL_VERSION,
+        cluster_id: shared.cluster_id,
+        node: shared.node,
+        epoch: shared.epoch,
+    };
+    match hello.role {
+        Role::Client => {
+            w.send(&[ok.encode(first.header.request_id)]).await?;
+            client_session(r, w, shared, ev_tx, stop).await
+        }
+        Role::Peer { node } => {
+            let pred = shared.cfg.predecessor().map(|n| NodeId(n.id));
+            if pred != Some(node) {
+                send_error(
+                    &mut w,
+                    first.header.request_id,
+                    ErrorCode::BadRequest,
+                    format!(
+                        "node {node} is not this node's predecessor in epoch {}",
+                        shared.epoch
+                    ),
+                )
+                .await;
+                return Ok(());
+            }
+            if hello.epoch != shared.epoch {
+                send_error(
+                    &mut w,
+                    first.header.request_id,
+                    ErrorCode::WrongEpoch,
+                    format!("epoch {} != this node's {}", hello.epoch, shared.epoch),
+                )
+                .await;
+                return Ok(());
+            }
+            w.send(&[ok.encode(first.header.request_id)]).await?;
+            peer_session(node, r, w, shared, ev_tx, stop).await;
+            Ok(())
+        }
+    }
+}
+
+async fn client_session(
+    mut r: StreamReader<tokio::net::tcp::OwnedReadHalf>,
+    w: StreamWriter<tokio::net::tcp::OwnedWriteHalf>,
+    shared: Arc<Shared>,
+    ev_tx: mpsc::UnboundedSender<Event>,
+    mut stop: watch::Receiver<bool>,
+) -> Result<(), NetError> {
+    let id = ClientId(shared.next_client.fetch_add(1, Ordering::Relaxed));
+    let (tx, rx) = mpsc::unbounded_channel::<Out>();
+    let inflight = Arc::new(Semaphore::new(
+        chainlog_core::limits::CONNECTION_REQUESTS_MAX,
+    ));
+    let _ = ev_tx.send(Event::ClientUp { id, tx: tx.clone() });
+    let writer = tokio::spawn(writer_loop(w, rx, Some(inflight.clone())));
+    let result = loop {
+        // Backpressure: stop reading when this connection has too many requests in flight.
+        let permit = tokio::select! {
+            _ = stop.changed() => break Ok(()),
+            p = inflight.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break Ok(()) },
+        };
+        let frame = tokio::select! {
+            _ = stop.changed() => break Ok(()),
+            f = r.recv() => f,
+        };
+        let frame: Frame = match frame {
+            Ok(Some(f)) => f,
+            Ok(None) => break Ok(()),
+            Err(NetError::BadFrame(e)) => {
+                let _ = tx.send(Out {
+                    frame: ClientReply::Error {
+                        code: e.code(),
+                        message: e.to_string(),
+                    }
+                    .encode(0),
+                    completes: false,
+                });
+                break Err(NetError::BadFrame(e));
+            }
+            Err(e) => break Err(e),
+        };
+        // The permit is given back by the writer when the reply goes out.
+        permit.forget();
+        let request_id = frame.header.request_id;
+        match ClientRequest::decode(frame.header.kind, frame.body) {
+            Ok(req) => {
+                let _ = ev_tx.send(Event::Client {
+                    id,
+                    request_id,
+                    req,
+                });
+            }
+            Err(e) => {
+                let _ = tx.send(Out {
+                    frame: ClientReply::Error {
+                        code: e.code(),
+                        message: e.to_string(),
+                    }
+                    .encode(request_id),
+                    completes: true,
+                });
+            }
+        }
+    };
+    let _ = ev_tx.send(Event::ClientGone { id });
+    drop(tx);
+    let _ = writer.await;
+    result
+}
+
+/// Writes queued frames, many per vectored write; frees in-flight slots as replies go out.
+async fn writer_loop<W: tokio::io::AsyncWrite + Unpin + Send>(
+    mut w: StreamWriter<W>,
+    mut rx: mpsc::UnboundedReceiver<Out>,
+    inflight: Option<Arc<Semaphore>>,
+) {
+    let mut frames: Vec<Encoded> = Vec::with_capacity(FRAMES_PER_WRITE_MAX);
+    while let Some(first) = rx.recv().await {
+        let mut completed = usize::from(first.completes);
+        frames.push(first.frame);
+        while frames.len() < FRAMES_PER_WRITE_MAX {
+            match rx.try_recv() {
+                Ok(o) => {
+                    completed += usize::from(o.completes);
+                    frames.push(o.frame);
+                }
+                Err(_) => break,
+            }
+        }
+        let res = w.send(&frames).await;
+        frames.clear();
+        if let Some(s) = &inflight {
+            s.add_permits(completed);
+        }
+        if res.is_err() {
+            break;
+        }
+    }
+}
+
+/// Our predecessor's link: we read its Appends/Commits and write our Acks.
+async fn peer_session(
+    peer: NodeId,
+    mut r: StreamReader<tokio::net::tcp::OwnedReadHalf>,
+    w: StreamWriter<tokio::net::tcp::OwnedWriteHalf>,
+    shared: Arc<Shared>,
+    ev_tx: mpsc::UnboundedSender<Event>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let gen = shared.next_link_gen.fetch_add(1, Ordering::Relaxed);
+    let (tx, rx) = mpsc::unbounded_channel::<Out>();
+    let _ = ev_tx.send(Event::LinkUp { peer, gen, tx });
+    let writer = tokio::spawn(writer_loop(w, rx, None));
+    loop {
+        let f = tokio::select! {
+            _ = stop.changed() => break,
+            f = r.recv() => f,
+        };
+        match f {
+            Ok(Some(f)) if f.header.kind == Kind::Peer as u16 => {
+                match PeerMessage::decode(f.body) {
+                    Ok(msg) => {
+                        let _ = ev_tx.send(Event::Peer {
+                            from: peer,
+                            gen,
+                            msg,
+                        });
+                    }
+                    Err(e) => {
+                        tracing::warn!(peer = peer.0, error = %e, "bad peer message; dropping link");
+                        break;
+                    }
+                }
+            }
+            Ok(Some(f)) => {
+                tracing::warn!(
+                    peer = peer.0,
+                    kind = f.header.kind,
+                    "unexpected frame on peer link"
+                );
+                break;
+            }
+            Ok(None) => break,
+            Err(e) => {
+                tracing::debug!(peer = peer.0, error = %e, "peer link read failed");
+                break;
+            }
+        }
+    }
+    let _ = ev_tx.send(Event::LinkDown { peer, gen });
+    writer.abort();
+}
+
+/// Keeps a link to the successor up: connect, handshake, serve, reconnect with back-off.
+async fn successor_loop(
+    shared: Arc<Shared>,
+    succ: NodeId,
+    addr: String,
+    ev_tx: mpsc::UnboundedSender<Event>,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut backoff = RECONNECT_MIN;
+    loop {
+        if *stop.borrow() {
+            return;
+        }
+        match connect_peer(&shared, succ, &addr).await {
+            Ok((r, w)) => {
+                backoff = RECONNECT_MIN;
+                tracing::info!(node = shared.node.0, successor = succ.0, %addr, "link to successor up");
+                peer_session(succ, r, w, shared.clone(), ev_tx.clone(), stop.clone()).await;
+                tracing::info!(
+                    node = shared.node.0,
+                    successor = succ.0,
+                    "link to successor down"
+                );
+            }
+            Err(e) => {
+                tracing::debug!(successor = succ.0, %addr, error = %e, "connect to successor failed");
+            }
+        }
+        tokio::select! {
+            _ = stop.changed() => return,
+            _ = tokio::time::sleep(backoff) => {}
+        }
+        backoff = (backoff * 2).min(RECONNECT_MAX);
+    }
+}
+
+async fn connect_peer(
+    shared: &Shared,
+    succ: NodeId,
+    addr: &str,
+) -> anyhow::Result<(
+    StreamReader<tokio::net::tcp::OwnedReadHalf>,
+    StreamWriter<tokio::net::tcp::OwnedWriteHalf>,
+)> {
+    let stream = tokio::time::timeout(HELLO_TIMEOUT, TcpStream::connect(addr)).await??;
+    let (mut r, mut w) = split(stream);
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        cluster_id: shared.cluster_id,
+        role: Role::Peer { node: shared.node },
+        epoch: shared.epoch,
+    };
+    w.send(&[hello.encode(0)]).await?;
+    let f = tokio::time::timeout(HELLO_TIMEOUT, r.recv())
+        .await??
+        .ok_or_else(|| anyhow::anyhow!("successor closed during handshake"))?;
+    if f.header.kind != Kind::HelloOk as u16 {
+        let reply = ClientReply::decode(f.header.kind, f.body)?;
+        anyhow::bail!("successor refused the link: {reply:?}");
+    }
+    let ok = HelloOk::decode(f.body)?;
+    if ok.node != succ || ok.cluster_id != shared.cluster_id {
+        anyhow::bail!(
+            "{addr} is node {} of cluster {:016x}, expected node {succ} of {:016x}",
+            ok.node,
+            ok.cluster_id.0,
+            shared.cluster_id.0
+        );
+    }
+    Ok((r, w))
+}

@@ -1,0 +1,260 @@
+//! Bad input against a real server: every kind gets a typed error or a clean close, the server
+//! keeps serving other clients, and nothing acknowledged is lost.
+
+mod common;
+
+use chainlog_core::record::{self, BatchBuilder, HEADER_LEN};
+use chainlog_core::types::{ClusterId, LogId, Offset, ProducerId};
+use chainlog_core::wire::{ClientReply, ClientRequest, FrameHeader, Kind};
+use chainlog_core::ErrorCode;
+use common::{Raw, Server};
+
+fn append(raw: &mut Raw, id: u64, log: &str, payloads: &[&[u8]]) -> ClientReply {
+    let mut b = BatchBuilder::new();
+    for p in payloads {
+        b.push(p).expect("push");
+    }
+    let batch = b.finish(ClusterId(0), LogId::from_name(log), ProducerId(0), 0, 0);
+    raw.request(id, &ClientRequest::Append { batch })
+}
+
+fn read_all(raw: &mut Raw, log: &str) -> Vec<(u64, Vec<u8>)> {
+    let reply = raw.request(
+        999,
+        &ClientRequest::Read {
+            log: LogId::from_name(log),
+            from: Offset(0),
+            max_records: 100_000,
+            max_bytes: 8 << 20,
+            wait_ms: 0,
+        },
+    );
+    let ClientReply::ReadOk { batches, .. } = reply else {
+        panic!("read failed: {reply:?}")
+    };
+    let mut out = vec![];
+    for b in &batches {
+        for (o, p) in record::records(b).expect("records") {
+            out.push((o.0, p.to_vec()));
+        }
+    }
+    out
+}
+
+fn expect_error(reply: ClientReply, code: ErrorCode) {
+    match reply {
+        ClientReply::Error { code: c, message } => {
+            assert_eq!(c, code, "message: {message}");
+            assert!(!message.is_empty());
+        }
+        other => panic!("expected {code:?}, got {other:?}"),
+    }
+}
+
+#[test]
+fn bad_input_gets_typed_errors_and_the_server_keeps_serving() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::single(&dir.path().join("n1"), "auto");
+
+    // A well-behaved client appends first; it must be unaffected by everything below.
+    let (mut good, hello) = Raw::client(server.addr, 0);
+    hello.expect("hello");
+    assert!(matches!(
+        append(&mut good, 1, "default", &[b"before-1", b"before-2"]),
+        ClientReply::AppendOk {
+            base_offset: Offset(0),
+            record_count: 2
+        }
+    ));
+
+    // Garbage bytes instead of a Hello: an error frame or a clean close, never a hang.
+    {
+        let mut g = Raw::connect(server.addr);
+        g.send_bytes(&[0xde, 0xad, 0xbe, 0xef].repeat(64));
+        if let Some((h, body)) = g.recv() {
+            assert_eq!(h.kind, Kind::Error as u16);
+            assert!(ClientReply::decode(h.kind, body).is_ok());
+        }
+    }
+    // Garbage after a good Hello.
+    {
+        let (mut g, hello) = Raw::client(server.addr, 0);
+        hello.expect("hello");
+        g.send_bytes(&[0x5a; 333]);
+        if let Some((h, _)) = g.recv() {
+            assert_eq!(h.kind, Kind::Error as u16);
+        }
+    }
+    // A frame whose length field exceeds the limit: TooLarge before any body is read.
+    {
+        let (mut g, hello) = Raw::client(server.addr, 0);
+        hello.expect("hello");
+        let mut b = bytes::BytesMut::new();
+        FrameHeader {
+            body_len: u32::MAX,
+            kind: Kind::Append as u16,
+            flags: 0,
+            request_id: 5,
+        }
+        .encode(&mut b);
+        g.send_bytes(&b);
+        let (h, body) = g.recv().expect("error frame");
+        expect_error(
+            ClientReply::decode(h.kind, body).expect("decode"),
+            ErrorCode::RecordTooLarge,
+        );
+    }
+    // A frame whose length disagrees with its content (claims more than the batch holds, then
+    // the connection closes): the server must not hang or crash; the half frame is dropped.
+    {
+        let (mut g, hello) = Raw::client(server.addr, 0);
+        hello.expect("hello");
+        let batch = BatchBuilder::new();
+        let mut batch = batch;
+        batch.push(b"x").expect("push");
+        let batch = batch.finish(
+            ClusterId(0),
+            LogId::from_name("default"),
+            ProducerId(0),
+            0,
+            0,
+        );
+        let mut f = ClientRequest::Append { batch }.encode(6).to_vec();
+        let wrong = (f.len() - 16 + 100) as u32;
+        f[0..4].copy_from_slice(&wrong.to_le_bytes());
+        g.send_bytes(&f);
+        let _ = g.s.shutdown(std::net::Shutdown::Write);
+        let _ = g.recv();
+    }
+    // A length that is too SHORT for its kind: typed BadRequest, the connection stays usable.
+    {
+        let (mut g, hello) = Raw::client(server.addr, 0);
+        hello.expect("hello");
+        let mut b = bytes::BytesMut::new();
+        FrameHeader {
+            body_len: 3,
+            kind: Kind::Read as u16,
+            flags: 0,
+            request_id: 7,
+        }
+        .encode(&mut b);
+        b.extend_from_slice(&[1, 2, 3]);
+        g.send_bytes(&b);
+        let (h, body) = g.recv().expect("reply");
+        assert_eq!(h.request_id, 7);
+        expect_error(
+            ClientReply::decode(h.kind, body).expect("decode"),
+            ErrorCode::BadRequest,
+        );
+        assert!(matches!(
+            g.request(8, &ClientRequest::Status),
+            ClientReply::StatusOk { .. }
+        ));
+    }
+    // An oversized record (hand-built: the builder refuses to make one).
+    {
+        let (mut g, hello) = Raw::client(server.addr, 0);
+        hello.expect("hello");
+        let n = chainlog_core::limits::RECORD_BYTES_MAX + 1;
+        let mut body = Vec::with_capacity(4 + n);
+        body.extend_from_slice(&(n as u32).to_le_bytes());
+        body.resize(4 + n, 0x41);
+        let h = record::BatchHeader {
+            flags: 0,
+            body_len: body.len() as u32,
+            record_count: 1,
+            cluster_id: ClusterId(0),
+            log_id: LogId::from_name("default"),
+            epoch: chainlog_core::Epoch(0),
+            base_offset: Offset(0),
+            producer_id: ProducerId(0),
+            producer_seq: 0,
+            timestamp_us: 0,
+            body_crc: crc32c::crc32c(&body),
+        };
+        let mut batch = vec![0u8; HEADER_LEN];
+        h.encode_into(&mut batch);
+        batch.extend_from_slice(&body);
+        let reply = g.request(
+            9,
+            &ClientRequest::Append {
+                batch: batch.into(),
+            },
+        );
+        expect_error(reply, ErrorCode::RecordTooLarge);
+    }
+    // A batch with a flipped bit: Corruption.
+    {
+        let (mut g, hello) = Raw::client(server.addr, 0);
+        hello.expect("hello");
+        let mut b = BatchBuilder::new();
+        b.push(b"payload").expect("push");
+        let batch = b.finish(
+            ClusterId(0),
+            LogId::from_name("default"),
+            ProducerId(0),
+            0,
+            0,
+        );
+        let mut v = batch.to_vec();
+        let last = v.len() - 1;
+        v[last] ^= 1;
+        expect_error(
+            g.request(10, &ClientRequest::Append { batch: v.into() }),
+            ErrorCode::Corruption,
+        );
+    }
+    // An unknown log.
+    {
+        expect_error(
+            append(&mut good, 11, "no-such-log", &[b"x"]),
+            ErrorCode::UnknownLog,
+        );
+        let reply = good.request(
+            12,
+            &ClientRequest::Read {
+                log: LogId::from_name("no-such-log"),
+                from: Offset(0),
+                max_records: 1,
+                max_bytes: 100,
+                wait_ms: 0,
+            },
+        );
+        expect_error(reply, ErrorCode::UnknownLog);
+    }
+    // A client of another cluster.
+    {
+        let status = good.request(13, &ClientRequest::Status);
+        let ClientReply::StatusOk { json } = status else {
+            panic!("status")
+        };
+        let v: serde_json::Value = serde_json::from_slice(&json).expect("json");
+        let ours =
+            u64::from_str_radix(v["cluster_id"].as_str().expect("cluster_id"), 16).expect("hex");
+        let (_, hello) = Raw::client(server.addr, ours ^ 0xffff);
+        match hello {
+            Err(ClientReply::Error { code, .. }) => assert_eq!(code, ErrorCode::WrongCluster),
+            other => panic!("expected WrongCluster, got {other:?}"),
+        }
+        let (_, hello) = Raw::client(server.addr, ours);
+        hello.expect("own cluster accepted");
+    }
+
+    // The good client is still served, and nothing acknowledged was lost.
+    assert!(matches!(
+        append(&mut good, 20, "default", &[b"after"]),
+        ClientReply::AppendOk {
+            base_offset: Offset(2),
+            record_count: 1
+        }
+    ));
+    let all = read_all(&mut good, "default");
+    assert_eq!(
+        all,
+        vec![
+            (0, b"before-1".to_vec()),
+            (1, b"before-2".to_vec()),
+            (2, b"after".to_vec())
+        ]
+    );
+}
