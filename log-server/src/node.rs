@@ -381,6 +381,7 @@ impl CoreLoop {
                             self.metrics.record_append(t0.elapsed());
                         }
                     }
+                    let reply = self.with_head_address(reply);
                     self.reply(client, request_id, &reply);
                 }
                 Effect::Append { log, base, batches } => {
@@ -427,6 +428,27 @@ impl CoreLoop {
         }
     }
 
+    /// The core knows node ids, not addresses: a `NotHead` answer gets the head's client
+    /// address appended so clients can follow the redirect ("... at HOST:PORT").
+    fn with_head_address(&self, reply: ClientReply) -> ClientReply {
+        match reply {
+            ClientReply::Error {
+                code: ErrorCode::NotHead,
+                message,
+            } => {
+                let message = match self.shared.cfg.chain.nodes.first() {
+                    Some(head) => format!("{message} at {}", head.addr),
+                    None => message,
+                };
+                ClientReply::Error {
+                    code: ErrorCode::NotHead,
+                    message,
+                }
+            }
+            other => other,
+        }
+    }
+
     fn status_json(&self) -> Bytes {
         let cfg = &self.shared.cfg;
         let chain: Vec<serde_json::Value> = cfg
@@ -444,8 +466,19 @@ impl CoreLoop {
                 } else {
                     "middle"
                 };
-                serde_json::json!({ "id": n.id, "addr": n.addr, "role": role,
-                    "link_up": n.id == cfg.node_id || self.links.contains_key(&NodeId(n.id)) })
+                // Only neighbours have links; say so rather than report "down" for the rest.
+                let neighbour = cfg.predecessor().map(|p| p.id) == Some(n.id)
+                    || cfg.successor().map(|p| p.id) == Some(n.id);
+                let link = if n.id == cfg.node_id {
+                    "self"
+                } else if !neighbour {
+                    "-"
+                } else if self.links.contains_key(&NodeId(n.id)) {
+                    "up"
+                } else {
+                    "down"
+                };
+                serde_json::json!({ "id": n.id, "addr": n.addr, "role": role, "link": link })
             })
             .collect();
         let doc = serde_json::json!({

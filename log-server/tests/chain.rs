@@ -206,6 +206,26 @@ async fn three_processes_replicate_and_agree() {
         "offsets are dense"
     );
 
+    // A client that only knows the tail is redirected to the head for appends.
+    {
+        let mut cfg = ClientConfig::new([chain.servers[2].addr.to_string()]);
+        cfg.request_timeout_ms = 20_000;
+        let tail_only = Client::connect(cfg).await.expect("connect to tail");
+        let p = b"via-redirect".to_vec();
+        let off = tail_only
+            .append("default", p.clone())
+            .await
+            .expect("append follows NotHead");
+        assert!(expected.insert(off.0, p).is_none());
+    }
+
+    let end = Offset(expected.len() as u64);
+    assert_eq!(
+        *expected.keys().last().expect("some"),
+        end.0 - 1,
+        "offsets are dense"
+    );
+
     // Reads from each replica return the same committed log.
     for node in 0..3 {
         let log = read_all(&client, node, end).await;
