@@ -18,7 +18,7 @@ use crate::error::ErrorCode;
 use crate::limits::{BATCH_BYTES_MAX, LOGS_MAX, PIPELINE_BYTES_DEFAULT, READ_BYTES_MAX};
 use crate::record::{self, BatchHeader};
 use crate::session::{Dedup, ProducerTable, PRODUCERS_PER_LOG_MAX};
-use crate::types::{log_name_valid, ClusterId, Epoch, Instant, LogId, NodeId, Offset};
+use crate::types::{log_name_valid, ClusterId, Epoch, Instant, LogId, NodeId, Offset, ProducerId};
 use crate::wire::{ClientReply, ClientRequest, PeerMessage};
 use bytes::{Bytes, BytesMut};
 use serde::Serialize;
@@ -41,8 +41,9 @@ pub struct ReplicaConfig {
     pub node: NodeId,
     pub cluster_id: ClusterId,
     /// Un-acknowledged bytes per log towards the successor before the head stops admitting
-    /// (default `limits::PIPELINE_BYTES_DEFAULT`; minimum `BATCH_BYTES_MAX`). Also bounds the
-    /// bytes of appends waiting in the admission queue.
+    /// (default `limits::PIPELINE_BYTES_DEFAULT`; minimum 1: a batch larger than the window
+    /// still goes alone when nothing else is in flight). Also bounds the bytes of appends
+    /// waiting in the admission queue.
     pub pipeline_bytes_max: usize,
     /// Bytes of batches in one replication message (default 1 MiB, at most `BATCH_BYTES_MAX`;
     /// a single larger batch still travels alone).
@@ -77,11 +78,8 @@ impl ReplicaConfig {
 
     /// Checks the documented minimums.
     pub fn validate(&self) -> Result<(), String> {
-        if self.pipeline_bytes_max < BATCH_BYTES_MAX {
-            return Err(format!(
-                "pipeline_bytes_max {} is below the largest batch {BATCH_BYTES_MAX}",
-                self.pipeline_bytes_max
-            ));
+        if self.pipeline_bytes_max == 0 {
+            return Err("pipeline_bytes_max must be at least 1".into());
         }
         if self.forward_bytes_max == 0 || self.forward_bytes_max > BATCH_BYTES_MAX {
             return Err(format!(
@@ -194,6 +192,9 @@ struct LogState {
     committed_saved: Offset,
     failed: Option<ErrorCode>,
     producers: ProducerTable,
+    /// Producers whose batch at this sequence was refused (admission full): later batches of
+    /// theirs are refused until they resend from it.
+    fences: BTreeMap<ProducerId, u64>,
     queue: VecDeque<Queued>,
     queue_bytes: usize,
     commit_waiters: BTreeMap<Offset, Vec<Waiter>>,
@@ -221,6 +222,7 @@ impl LogState {
             committed_saved: Offset::ZERO,
             failed: None,
             producers,
+            fences: BTreeMap::new(),
             queue: VecDeque::new(),
             queue_bytes: 0,
             commit_waiters: BTreeMap::new(),
@@ -503,6 +505,28 @@ impl Replica {
         if let Some(code) = l.failed {
             return Self::reply(out, client, request_id, err(code, "log storage failed"));
         }
+        // Once a producer's batch is refused, its later batches are refused too until it
+        // resends from the refused one: otherwise a later batch could be appended before the
+        // earlier one and the producer's sequence would have a hole for good.
+        let (producer, seq) = (header.producer_id, header.producer_seq);
+        if producer.0 != 0 {
+            if let Some(&fence) = l.fences.get(&producer) {
+                if seq > fence {
+                    return Self::reply(
+                        out,
+                        client,
+                        request_id,
+                        err(
+                            ErrorCode::Unavailable,
+                            format!("sequence {fence} of producer {producer} was refused; resend from it"),
+                        ),
+                    );
+                }
+                if seq == fence {
+                    l.fences.remove(&producer);
+                }
+            }
+        }
         // Fast path for retries of batches already in the log. New batches (and gaps, which
         // may be filled by batches still queued) are classified again when sequenced.
         if let Dedup::Duplicate {
@@ -543,6 +567,12 @@ impl Replica {
         }
         let len = header.batch_len();
         if l.queue.len() >= queue_max || (l.queue_bytes + len > bytes_max && !l.queue.is_empty()) {
+            if producer.0 != 0
+                && (l.fences.len() < PRODUCERS_PER_LOG_MAX || l.fences.contains_key(&producer))
+            {
+                let f = l.fences.entry(producer).or_insert(seq);
+                *f = (*f).min(seq);
+            }
             return Self::reply(
                 out,
                 client,
@@ -1226,6 +1256,7 @@ impl Replica {
             if record_producers {
                 l.producers
                     .record(h.producer_id, h.producer_seq, h.record_count, h.base_offset);
+                Self::clear_fence(l, h.producer_id, h.producer_seq, h.record_count);
             }
             let end = h.end_offset();
             if has_succ {
@@ -1251,6 +1282,16 @@ impl Replica {
             base,
             batches,
         });
+    }
+
+    /// Lifts a producer's fence once a batch at or past the refused sequence is in the log.
+    fn clear_fence(l: &mut LogState, producer: ProducerId, seq: u64, record_count: u32) {
+        if l.fences
+            .get(&producer)
+            .is_some_and(|f| seq.saturating_add(u64::from(record_count)) > *f)
+        {
+            l.fences.remove(&producer);
+        }
     }
 
     fn trim_window(l: &mut LogState) {
@@ -1607,6 +1648,8 @@ impl Replica {
     }
 
     fn pump(&mut self, l: &mut LogState, now: Instant, out: &mut Vec<Effect>) {
+        // Batches adopted from the successor are already acknowledged by it.
+        Self::trim_window(l);
         if self.is_head() {
             let acked = self.ack_end(l);
             if acked > l.committed_end {
@@ -1754,10 +1797,15 @@ impl Replica {
             let Some(q) = l.queue.pop_front() else { break };
             l.queue_bytes -= len;
             let h = q.header;
-            match l
+            let dedup = l
                 .producers
-                .check(h.producer_id, h.producer_seq, h.record_count)
-            {
+                .check(h.producer_id, h.producer_seq, h.record_count);
+            if !matches!(dedup, Dedup::Gap { .. }) {
+                // An earlier copy of the refused sequence was queued (or is already in the
+                // log): the producer's order is intact again.
+                Self::clear_fence(l, h.producer_id, h.producer_seq, h.record_count);
+            }
+            match dedup {
                 Dedup::Duplicate {
                     base_offset,
                     record_count,

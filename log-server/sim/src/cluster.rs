@@ -1,0 +1,1694 @@
+//! The simulated world: real replica cores on simulated disks and links, clients, a fault
+//! schedule, one event queue ordered by (time, sequence), and the checkers after every step.
+
+use crate::checker::{Checker, Violation};
+use crate::disk::SimDisk;
+use crate::rng::Rng;
+use bytes::Bytes;
+use chainlog_core::effects::{ClientId, DiskEvent, Effect, PRODUCER_BATCHES_KEPT};
+use chainlog_core::record::BatchBuilder;
+use chainlog_core::wire::{ClientReply, ClientRequest, PeerMessage, FRAME_HEADER_LEN};
+use chainlog_core::{
+    ChainConfig, ClusterId, Epoch, ErrorCode, Instant, LogId, NodeId, Offset, ProducerId, Replica,
+    ReplicaConfig, ReplicaStatus,
+};
+use std::cmp::Ordering;
+use std::collections::{BTreeMap, BinaryHeap};
+
+pub const CLUSTER: ClusterId = ClusterId(0xC1A1);
+const SALT_PROFILE: u64 = 1;
+const SALT_NET: u64 = 2;
+const SALT_DISK: u64 = 3;
+const SALT_CRASH: u64 = 4;
+const SALT_WORK: u64 = 5;
+const TICK_US: u64 = 1000;
+const FAULT_TICK_US: u64 = 1000;
+/// Client id used by the liveness verifier.
+const VERIFIER: usize = 1000;
+
+/// How a run is shaped. Fields left `None` are drawn from the seed.
+#[derive(Clone, Debug)]
+pub struct SimOptions {
+    /// Events processed in the safety phase (faults on).
+    pub steps: u64,
+    /// Events the liveness phase may take before the chain must have converged.
+    pub liveness_steps_max: u64,
+    pub nodes: Option<usize>,
+    /// Inject faults in the safety phase.
+    pub faults: bool,
+    /// Deliberately wrong rule in every replica (checker test).
+    pub bug_ack_before_successor: bool,
+}
+
+impl Default for SimOptions {
+    fn default() -> Self {
+        SimOptions {
+            steps: 3000,
+            liveness_steps_max: 60_000,
+            nodes: None,
+            faults: true,
+            bug_ack_before_successor: false,
+        }
+    }
+}
+
+/// Fault and timing knobs of one run, drawn from the seed.
+#[derive(Clone, Debug)]
+pub struct Params {
+    pub drop_p: f64,
+    pub dup_p: f64,
+    pub fifo: bool,
+    pub net_delay_us: (u64, u64),
+    pub long_delay_p: f64,
+    pub sync_delay_us: (u64, u64),
+    pub io_delay_us: (u64, u64),
+    pub crash_p: f64,
+    pub restart_delay_us: (u64, u64),
+    pub partition_p: f64,
+    pub partition_us: (u64, u64),
+    pub flip_p: f64,
+    pub pad_reads: bool,
+}
+
+#[derive(Clone, Debug)]
+pub struct Report {
+    pub seed: u64,
+    pub nodes: usize,
+    pub steps: u64,
+    pub sim_time_us: u64,
+    pub trace_hash: u64,
+    pub acked_appends: usize,
+    pub crashes: u64,
+    pub bit_flips: u64,
+    pub partitions: u64,
+}
+
+#[derive(Clone, Debug)]
+pub struct Failure {
+    pub seed: u64,
+    pub step: u64,
+    pub message: String,
+    pub options: SimOptions,
+}
+
+impl Failure {
+    /// The one-line command that replays this failure.
+    pub fn repro(&self) -> String {
+        let mut s = format!(
+            "cargo run --release -p chainlog-sim -- --seed {} --steps {}",
+            self.seed, self.options.steps
+        );
+        if let Some(n) = self.options.nodes {
+            s.push_str(&format!(" --nodes {n}"));
+        }
+        if self.options.bug_ack_before_successor {
+            s.push_str(" --bug-ack-before-successor");
+        }
+        if !self.options.faults {
+            s.push_str(" --no-faults");
+        }
+        s
+    }
+}
+
+impl std::fmt::Display for Failure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "seed {} failed at step {}: {}\n  repro: {}",
+            self.seed,
+            self.step,
+            self.message,
+            self.repro()
+        )
+    }
+}
+
+enum Ev {
+    Tick {
+        node: usize,
+        inc: u64,
+    },
+    Peer {
+        link: usize,
+        gen: u64,
+        from: usize,
+        to: usize,
+        body: Bytes,
+    },
+    Request {
+        node: usize,
+        inc: u64,
+        client: usize,
+        rid: u64,
+        req: ClientRequest,
+    },
+    Reply {
+        rid: u64,
+        reply: ClientReply,
+    },
+    Disk {
+        node: usize,
+        inc: u64,
+        ev: DiskEvent,
+    },
+    SyncDone {
+        node: usize,
+        inc: u64,
+    },
+    Restart {
+        node: usize,
+    },
+    Heal {
+        link: usize,
+    },
+    ClientWake {
+        client: usize,
+    },
+    Fault,
+}
+
+impl Ev {
+    fn code(&self) -> u64 {
+        match self {
+            Ev::Tick { .. } => 1,
+            Ev::Peer { .. } => 2,
+            Ev::Request { .. } => 3,
+            Ev::Reply { .. } => 4,
+            Ev::Disk { .. } => 5,
+            Ev::SyncDone { .. } => 6,
+            Ev::Restart { .. } => 7,
+            Ev::Heal { .. } => 8,
+            Ev::ClientWake { .. } => 9,
+            Ev::Fault => 10,
+        }
+    }
+}
+
+struct Sched {
+    at: u64,
+    seq: u64,
+    ev: Ev,
+}
+
+impl PartialEq for Sched {
+    fn eq(&self, o: &Self) -> bool {
+        (self.at, self.seq) == (o.at, o.seq)
+    }
+}
+impl Eq for Sched {}
+impl PartialOrd for Sched {
+    fn partial_cmp(&self, o: &Self) -> Option<Ordering> {
+        Some(self.cmp(o))
+    }
+}
+impl Ord for Sched {
+    fn cmp(&self, o: &Self) -> Ordering {
+        // BinaryHeap is a max-heap: earliest first.
+        (o.at, o.seq).cmp(&(self.at, self.seq))
+    }
+}
+
+pub struct SimNode {
+    pub id: NodeId,
+    pub replica: Option<Replica>,
+    pub inc: u64,
+    pub disk: SimDisk,
+    /// Holds committed data no longer (bit rot cut it at recovery) until repaired.
+    pub damaged: bool,
+    cfg: ReplicaConfig,
+    sync_delay_us: Option<(u64, u64)>,
+    restart_scheduled: bool,
+}
+
+struct Link {
+    a: usize,
+    b: usize,
+    partitioned: bool,
+    up: bool,
+    gen: u64,
+    /// Last delivery time per direction (a→b, b→a), for FIFO links.
+    last: [u64; 2],
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Kind {
+    Producer { producer: u64, window: usize },
+    Reader,
+    Subscriber,
+}
+
+struct PendingAppend {
+    /// Position among this producer's batches (0, 1, 2, ...).
+    batch_no: u64,
+    seq: u64,
+    batch: Bytes,
+    rid: u64,
+    sent_at: u64,
+    retry_at: Option<u64>,
+}
+
+struct SimClient {
+    kind: Kind,
+    next_seq: u64,
+    next_batch_no: u64,
+    pending: Vec<PendingAppend>,
+    read: Option<(u64, u64)>,
+    sub: Option<(usize, u64)>,
+    sub_next: Offset,
+    last_send: BTreeMap<usize, u64>,
+}
+
+enum ReqKind {
+    Append { batch: Bytes, seq: u64 },
+    Read { log: LogId, from: Offset },
+    Subscribe { log: LogId },
+}
+
+struct ReqInfo {
+    client: usize,
+    node: usize,
+    kind: ReqKind,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Phase {
+    Safety,
+    Liveness,
+}
+
+pub struct Cluster {
+    pub seed: u64,
+    pub opts: SimOptions,
+    pub params: Params,
+    pub now: u64,
+    pub steps: u64,
+    queue: BinaryHeap<Sched>,
+    seq: u64,
+    pub nodes: Vec<SimNode>,
+    chain: ChainConfig,
+    links: Vec<Link>,
+    net: Rng,
+    disk_rng: Rng,
+    crash_rng: Rng,
+    work: Rng,
+    phase: Phase,
+    faults_on: bool,
+    clients: Vec<SimClient>,
+    requests: BTreeMap<u64, ReqInfo>,
+    sub_expect: BTreeMap<u64, Offset>,
+    next_rid: u64,
+    pub checker: Checker,
+    trace: u64,
+    out: Vec<Effect>,
+    failure: Option<String>,
+    /// Replies delivered to the verifier (liveness phase), by request id.
+    verifier_replies: BTreeMap<u64, ClientReply>,
+    pub crashes: u64,
+    pub bit_flips: u64,
+    pub partitions: u64,
+    log: LogId,
+    /// Print every event and effect (set `CHAINLOG_SIM_VERBOSE=1`).
+    verbose: bool,
+}
+
+fn mix(h: &mut u64, x: u64) {
+    *h ^= x;
+    *h = h.wrapping_mul(0x0000_0100_0000_01b3);
+}
+
+fn effect_digest(h: &mut u64, e: &Effect) {
+    match e {
+        Effect::Send { to, msg } => {
+            mix(h, 1);
+            mix(h, u64::from(to.0));
+            mix(h, msg.log().0);
+            mix(h, msg.session());
+            mix(h, msg.batch_bytes() as u64);
+            if let PeerMessage::Ack { ack_end, seq, .. } = msg {
+                mix(h, ack_end.0);
+                mix(h, *seq);
+            }
+        }
+        Effect::Reply {
+            client,
+            request_id,
+            reply,
+        } => {
+            mix(h, 2);
+            mix(h, client.0);
+            mix(h, *request_id);
+            match reply {
+                ClientReply::AppendOk { base_offset, .. } => mix(h, base_offset.0),
+                ClientReply::ReadOk { batches, .. } | ClientReply::Records { batches, .. } => {
+                    mix(h, batches.len() as u64)
+                }
+                ClientReply::Error { code, .. } => mix(h, *code as u64),
+                _ => mix(h, 9),
+            }
+        }
+        Effect::Append { log, base, batches } => {
+            mix(h, 3);
+            mix(h, log.0);
+            mix(h, base.0);
+            mix(h, batches.len() as u64);
+        }
+        Effect::Truncate { log, end } => {
+            mix(h, 4);
+            mix(h, log.0 ^ end.0);
+        }
+        Effect::CreateLog { log, .. } => {
+            mix(h, 5);
+            mix(h, log.0);
+        }
+        Effect::Read {
+            token, from, end, ..
+        } => {
+            mix(h, 6);
+            mix(h, token.0);
+            mix(h, from.0);
+            mix(h, end.0);
+        }
+        Effect::Trim { log, before } => {
+            mix(h, 7);
+            mix(h, log.0 ^ before.0);
+        }
+        Effect::SaveCommitted { log, end } => {
+            mix(h, 8);
+            mix(h, log.0 ^ end.0);
+        }
+    }
+}
+
+fn brief(m: &PeerMessage) -> String {
+    match m {
+        PeerMessage::Append {
+            session,
+            base,
+            committed_end,
+            batches,
+            ..
+        } => format!(
+            "Append s{session} @{base} x{} c{committed_end}",
+            batches.len()
+        ),
+        PeerMessage::Ack {
+            session,
+            seq,
+            written_end,
+            ack_end,
+            chain_end,
+            resend,
+            ..
+        } => format!(
+            "Ack s{session} #{seq} w{written_end} a{ack_end} ce{chain_end}{}",
+            if *resend { " RESEND" } else { "" }
+        ),
+        PeerMessage::FetchReply {
+            session,
+            base,
+            batches,
+            ..
+        } => format!("FetchReply s{session} @{base} x{}", batches.len()),
+        other => format!("{other:?}"),
+    }
+}
+
+fn brief_reply(r: &ClientReply) -> String {
+    match r {
+        ClientReply::ReadOk {
+            committed_end,
+            batches,
+        } => format!("ReadOk c{committed_end} x{}", batches.len()),
+        ClientReply::Records {
+            committed_end,
+            batches,
+        } => format!("Records c{committed_end} x{}", batches.len()),
+        other => format!("{other:?}"),
+    }
+}
+
+fn retriable(code: ErrorCode) -> bool {
+    code.is_retriable() || matches!(code, ErrorCode::SequenceGap | ErrorCode::LimitExceeded)
+}
+
+impl Cluster {
+    pub fn new(seed: u64, opts: SimOptions) -> Cluster {
+        let mut profile = Rng::new(seed, SALT_PROFILE);
+        let nodes_n = opts.nodes.unwrap_or_else(|| match profile.range(0, 99) {
+            0..=14 => 1,
+            15..=44 => 2,
+            _ => 3,
+        });
+        let params = Params {
+            drop_p: if profile.chance(0.6) {
+                profile.range(0, 50) as f64 / 1000.0
+            } else {
+                0.0
+            },
+            dup_p: if profile.chance(0.5) {
+                profile.range(0, 50) as f64 / 1000.0
+            } else {
+                0.0
+            },
+            fifo: profile.chance(0.5),
+            net_delay_us: (20, profile.range(50, 400)),
+            long_delay_p: profile.range(0, 30) as f64 / 1000.0,
+            sync_delay_us: (30, profile.range(100, 3000)),
+            io_delay_us: (5, profile.range(10, 300)),
+            crash_p: profile.range(0, 8) as f64 / 1000.0,
+            restart_delay_us: (500, profile.range(1000, 40_000)),
+            partition_p: profile.range(0, 4) as f64 / 1000.0,
+            partition_us: (500, profile.range(1000, 60_000)),
+            flip_p: if profile.chance(0.5) { 0.5 } else { 0.0 },
+            pad_reads: profile.chance(0.5),
+        };
+        let chain = ChainConfig {
+            epoch: Epoch(1 + profile.range(0, 3)),
+            nodes: (1..=nodes_n as u32).map(NodeId).collect(),
+        };
+        let resend_timeout_us = profile.range(5_000, 40_000);
+        let forward_bytes_max = profile.range(128, 4096) as usize;
+        let pipeline_bytes_max = profile.range(256, 16_384) as usize;
+        let admission_queue_max = profile.range(2, 64) as usize;
+        let mut nodes = Vec::new();
+        for i in 0..nodes_n {
+            let mut cfg = ReplicaConfig::new(NodeId(i as u32 + 1), CLUSTER);
+            cfg.resend_timeout_us = resend_timeout_us;
+            cfg.forward_bytes_max = forward_bytes_max;
+            cfg.pipeline_bytes_max = pipeline_bytes_max;
+            cfg.admission_queue_max = admission_queue_max;
+            cfg.bug_ack_before_successor = opts.bug_ack_before_successor;
+            let mut disk = SimDisk::default();
+            // The runtime creates "default" on every node at first start.
+            let _ = disk.create(LogId::from_name("default"), "default");
+            nodes.push(SimNode {
+                id: NodeId(i as u32 + 1),
+                replica: None,
+                inc: 0,
+                disk,
+                damaged: false,
+                cfg,
+                sync_delay_us: None,
+                restart_scheduled: false,
+            });
+        }
+        let links = (0..nodes_n.saturating_sub(1))
+            .map(|i| Link {
+                a: i,
+                b: i + 1,
+                partitioned: false,
+                up: false,
+                gen: 0,
+                last: [0, 0],
+            })
+            .collect();
+        let mut clients = Vec::new();
+        let producers = profile.range(1, 3);
+        for p in 0..producers {
+            let producer = if p == 0 && profile.chance(0.3) {
+                0
+            } else {
+                100 + p
+            };
+            clients.push(SimClient::new(Kind::Producer {
+                producer,
+                window: profile.range(1, 3) as usize,
+            }));
+        }
+        clients.push(SimClient::new(Kind::Reader));
+        if profile.chance(0.7) {
+            clients.push(SimClient::new(Kind::Subscriber));
+        }
+        let mut c = Cluster {
+            seed,
+            faults_on: opts.faults,
+            opts,
+            params,
+            now: 0,
+            steps: 0,
+            queue: BinaryHeap::new(),
+            seq: 0,
+            nodes,
+            chain,
+            links,
+            net: Rng::new(seed, SALT_NET),
+            disk_rng: Rng::new(seed, SALT_DISK),
+            crash_rng: Rng::new(seed, SALT_CRASH),
+            work: Rng::new(seed, SALT_WORK),
+            phase: Phase::Safety,
+            clients,
+            requests: BTreeMap::new(),
+            sub_expect: BTreeMap::new(),
+            next_rid: 0,
+            checker: Checker::default(),
+            trace: 0xcbf2_9ce4_8422_2325,
+            out: Vec::new(),
+            failure: None,
+            verifier_replies: BTreeMap::new(),
+            crashes: 0,
+            bit_flips: 0,
+            partitions: 0,
+            log: LogId::from_name("default"),
+            verbose: std::env::var_os("CHAINLOG_SIM_VERBOSE").is_some(),
+        };
+        for n in 0..nodes_n {
+            c.start_node(n);
+        }
+        for i in 0..c.clients.len() {
+            let d = c.work_range(100, 1000);
+            c.schedule(d, Ev::ClientWake { client: i });
+        }
+        c.schedule(FAULT_TICK_US, Ev::Fault);
+        c
+    }
+
+    fn work_range(&mut self, lo: u64, hi: u64) -> u64 {
+        self.work.range(lo, hi)
+    }
+
+    fn schedule(&mut self, after_us: u64, ev: Ev) {
+        self.seq += 1;
+        self.queue.push(Sched {
+            at: self.now + after_us,
+            seq: self.seq,
+            ev,
+        });
+    }
+
+    fn fail(&mut self, v: Violation) {
+        if self.failure.is_none() {
+            self.failure = Some(v);
+        }
+    }
+
+    fn failure(&self) -> Result<(), Failure> {
+        match &self.failure {
+            None => Ok(()),
+            Some(m) => Err(Failure {
+                seed: self.seed,
+                step: self.steps,
+                message: m.clone(),
+                options: self.opts.clone(),
+            }),
+        }
+    }
+
+    pub fn trace_hash(&self) -> u64 {
+        self.trace
+    }
+
+    pub fn node_count(&self) -> usize {
+        self.nodes.len()
+    }
+
+    pub fn status(&self, id: u32) -> Option<ReplicaStatus> {
+        self.nodes[id as usize - 1]
+            .replica
+            .as_ref()
+            .map(Replica::status)
+    }
+
+    // ------------------------------------------------------------ nodes
+
+    fn start_node(&mut self, n: usize) {
+        let (recovered, removed) = self.nodes[n].disk.recover();
+        self.checker.on_removed(&removed);
+        self.checker.on_restart(n);
+        let now = Instant(self.now);
+        let node = &mut self.nodes[n];
+        node.inc += 1;
+        node.restart_scheduled = false;
+        node.replica = Some(Replica::new(
+            node.cfg.clone(),
+            self.chain.clone(),
+            recovered,
+            now,
+        ));
+        let inc = node.inc;
+        self.schedule(TICK_US, Ev::Tick { node: n, inc });
+        self.update_links();
+    }
+
+    fn crash_node(&mut self, n: usize, flip: bool) {
+        if self.nodes[n].replica.is_none() {
+            return;
+        }
+        if self.verbose {
+            println!("{} n{} CRASH flip={flip}", self.now, n + 1);
+        }
+        self.crashes += 1;
+        let node = &mut self.nodes[n];
+        node.replica = None;
+        node.inc += 1;
+        let removed = node.disk.crash(&mut self.disk_rng);
+        self.checker.on_removed(&removed);
+        if flip {
+            if let Some((_, _)) = self.nodes[n].disk.flip_bit(&mut self.disk_rng) {
+                self.bit_flips += 1;
+                self.nodes[n].damaged = true;
+            }
+        }
+        // Requests in flight to it and its subscriptions are gone with its connections; a
+        // producer sees its connection drop and resends what is outstanding, in order (as
+        // chainlog-client does), once it can reach the node again.
+        let now = self.now;
+        for c in &mut self.clients {
+            if c.sub.is_some_and(|(node, _)| node == n) {
+                c.sub = None;
+            }
+            if n == 0 {
+                match c.kind {
+                    // Outcome unknown and no dedup: give up rather than risk a duplicate.
+                    Kind::Producer { producer: 0, .. } => c.pending.clear(),
+                    _ => c.pending.iter_mut().for_each(|p| p.retry_at = Some(now)),
+                }
+            }
+        }
+        self.update_links();
+    }
+
+    /// Brings each link to the state its ends and partitions call for, telling both cores.
+    fn update_links(&mut self) {
+        for i in 0..self.links.len() {
+            let (a, b) = (self.links[i].a, self.links[i].b);
+            let want = !self.links[i].partitioned
+                && self.nodes[a].replica.is_some()
+                && self.nodes[b].replica.is_some();
+            if want == self.links[i].up {
+                continue;
+            }
+            self.links[i].up = want;
+            if want {
+                self.links[i].gen += 1;
+            }
+            let (ida, idb) = (self.nodes[a].id, self.nodes[b].id);
+            for (n, peer) in [(a, idb), (b, ida)] {
+                if self.nodes[n].replica.is_some() {
+                    let now = Instant(self.now);
+                    let mut out = std::mem::take(&mut self.out);
+                    if let Some(r) = self.nodes[n].replica.as_mut() {
+                        r.on_link(now, peer, want, &mut out);
+                    }
+                    self.apply(n, &mut out);
+                    self.out = out;
+                }
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ stepping
+
+    /// Processes one event. Returns false when nothing is left to do.
+    pub fn step(&mut self) -> bool {
+        let Some(s) = self.queue.pop() else {
+            return false;
+        };
+        assert!(s.at >= self.now, "time went backwards");
+        self.now = s.at;
+        self.steps += 1;
+        mix(&mut self.trace, s.at);
+        mix(&mut self.trace, s.ev.code());
+        if self.verbose {
+            self.print_event(&s.ev);
+        }
+        let touched = self.handle(s.ev);
+        if let Some(n) = touched {
+            self.check_node(n);
+        }
+        true
+    }
+
+    fn print_event(&self, ev: &Ev) {
+        let t = self.now;
+        match ev {
+            Ev::Tick { .. } | Ev::ClientWake { .. } | Ev::Fault => {}
+            Ev::Peer { from, to, body, .. } => match PeerMessage::decode(body.clone()) {
+                Ok(m) => println!("{t} n{}->n{}: {}", from + 1, to + 1, brief(&m)),
+                Err(e) => println!("{t} bad peer message {e}"),
+            },
+            Ev::Request { node, rid, req, .. } => {
+                let what = match req {
+                    ClientRequest::Append { batch } => {
+                        match chainlog_core::record::BatchHeader::decode(batch) {
+                            Ok(h) => format!(
+                                "Append p{} seq {} x{}",
+                                h.producer_id, h.producer_seq, h.record_count
+                            ),
+                            Err(e) => format!("Append (bad: {e})"),
+                        }
+                    }
+                    other => format!("{other:?}"),
+                };
+                println!("{t} n{} request {rid}: {what}", node + 1)
+            }
+            Ev::Reply { rid, .. } => println!("{t} client gets reply {rid}"),
+            Ev::Disk { node, ev, .. } => match ev {
+                DiskEvent::ReadDone { token, result } => println!(
+                    "{t} n{} ReadDone {token:?} {:?}",
+                    node + 1,
+                    result.as_ref().map(Vec::len)
+                ),
+                other => println!("{t} n{} {other:?}", node + 1),
+            },
+            Ev::SyncDone { node, .. } => println!("{t} n{} sync done", node + 1),
+            Ev::Restart { node } => println!("{t} n{} restart", node + 1),
+            Ev::Heal { link } => println!("{t} heal link {link}"),
+        }
+    }
+
+    fn check_node(&mut self, n: usize) {
+        let Some(r) = self.nodes[n].replica.as_ref() else {
+            return;
+        };
+        let status = r.status();
+        let disks: Vec<&SimDisk> = self.nodes.iter().map(|x| &x.disk).collect();
+        let damaged: Vec<bool> = self.nodes.iter().map(|x| x.damaged).collect();
+        if let Err(v) = self.checker.on_status(n, &status, &disks, &damaged) {
+            self.fail(v);
+        }
+        for i in 0..self.nodes.len() {
+            // A crashed node's rot is only found (and cut) when it recovers.
+            if self.nodes[i].damaged
+                && self.nodes[i].replica.is_some()
+                && self.checker.repaired(&self.nodes[i].disk)
+            {
+                self.nodes[i].damaged = false;
+            }
+        }
+    }
+
+    fn with_replica(
+        &mut self,
+        n: usize,
+        f: impl FnOnce(&mut Replica, Instant, &mut Vec<Effect>),
+    ) -> Option<usize> {
+        let now = Instant(self.now);
+        let mut out = std::mem::take(&mut self.out);
+        let r = self.nodes[n].replica.as_mut()?;
+        f(r, now, &mut out);
+        self.apply(n, &mut out);
+        self.out = out;
+        Some(n)
+    }
+
+    fn alive_inc(&self, n: usize, inc: u64) -> bool {
+        self.nodes[n].replica.is_some() && self.nodes[n].inc == inc
+    }
+
+    fn handle(&mut self, ev: Ev) -> Option<usize> {
+        match ev {
+            Ev::Tick { node, inc } => {
+                if !self.alive_inc(node, inc) {
+                    return None;
+                }
+                self.schedule(TICK_US, Ev::Tick { node, inc });
+                self.with_replica(node, |r, now, out| r.on_tick(now, out))
+            }
+            Ev::Peer {
+                link,
+                gen,
+                from,
+                to,
+                body,
+            } => {
+                let l = &self.links[link];
+                if !l.up || l.gen != gen {
+                    return None; // the connection it travelled on is gone
+                }
+                let msg = match PeerMessage::decode(body) {
+                    Ok(m) => m,
+                    Err(e) => {
+                        self.fail(format!("a peer message failed to decode: {e}"));
+                        return None;
+                    }
+                };
+                let from_id = self.nodes[from].id;
+                self.with_replica(to, |r, now, out| r.on_peer(now, from_id, msg, out))
+            }
+            Ev::Request {
+                node,
+                inc,
+                client,
+                rid,
+                req,
+            } => {
+                if !self.alive_inc(node, inc) {
+                    return None;
+                }
+                let cid = ClientId(client as u64 + 1);
+                self.with_replica(node, |r, now, out| r.on_client(now, cid, rid, req, out))
+            }
+            Ev::Reply { rid, reply } => {
+                self.client_reply(rid, reply);
+                None
+            }
+            Ev::Disk { node, inc, ev } => {
+                if !self.alive_inc(node, inc) {
+                    return None;
+                }
+                self.with_replica(node, |r, now, out| r.on_disk(now, ev, out))
+            }
+            Ev::SyncDone { node, inc } => {
+                if !self.alive_inc(node, inc) {
+                    return None;
+                }
+                let (durable, again) = self.nodes[node].disk.sync_done();
+                if again {
+                    let d = self.sync_delay(node);
+                    self.schedule(d, Ev::SyncDone { node, inc });
+                }
+                self.with_replica(node, |r, now, out| {
+                    for (log, end) in durable {
+                        r.on_disk(now, DiskEvent::Durable { log, end }, out);
+                    }
+                })
+            }
+            Ev::Restart { node } => {
+                if self.nodes[node].replica.is_none() {
+                    self.start_node(node);
+                    return Some(node);
+                }
+                None
+            }
+            Ev::Heal { link } => {
+                self.links[link].partitioned = false;
+                self.update_links();
+                None
+            }
+            Ev::ClientWake { client } => {
+                self.client_wake(client);
+                let d = self.work_range(200, 1500);
+                self.schedule(d, Ev::ClientWake { client });
+                None
+            }
+            Ev::Fault => {
+                self.fault_tick();
+                self.schedule(FAULT_TICK_US, Ev::Fault);
+                None
+            }
+        }
+    }
+
+    fn sync_delay(&mut self, n: usize) -> u64 {
+        let (lo, hi) = self.nodes[n]
+            .sync_delay_us
+            .unwrap_or(self.params.sync_delay_us);
+        self.disk_rng.range(lo, hi)
+    }
+
+    fn io_delay(&mut self) -> u64 {
+        let (lo, hi) = self.params.io_delay_us;
+        self.disk_rng.range(lo, hi)
+    }
+
+    /// Carries out a node's effects on the simulated disk, network and clients.
+    fn apply(&mut self, n: usize, out: &mut Vec<Effect>) {
+        let inc = self.nodes[n].inc;
+        for e in out.drain(..) {
+            effect_digest(&mut self.trace, &e);
+            if self.verbose {
+                match &e {
+                    Effect::Append { log, base, batches } => {
+                        println!("  n{} Append {log} @{base} x{}", n + 1, batches.len())
+                    }
+                    Effect::Read { .. } | Effect::SaveCommitted { .. } => {
+                        println!("  n{} {e:?}", n + 1)
+                    }
+                    Effect::Send { to, msg } => println!("  n{} -> n{to}: {}", n + 1, brief(msg)),
+                    Effect::Reply {
+                        request_id, reply, ..
+                    } => println!("  n{} reply {request_id}: {}", n + 1, brief_reply(reply)),
+                    _ => println!("  n{} {e:?}", n + 1),
+                }
+            }
+            match e {
+                Effect::Send { to, msg } => self.send_peer(n, to, msg),
+                Effect::Reply {
+                    client,
+                    request_id,
+                    reply,
+                } => self.node_reply(n, client, request_id, reply),
+                Effect::Append { log, base, batches } => {
+                    let stored = match self.nodes[n].disk.append(log, base, &batches) {
+                        Ok(s) => s,
+                        Err(v) => {
+                            self.fail(format!("node {}: {v}", n + 1));
+                            continue;
+                        }
+                    };
+                    if let Err(v) = self.checker.on_write(n, log, &stored) {
+                        self.fail(v);
+                    }
+                    if self.nodes[n].disk.want_sync() {
+                        let d = self.sync_delay(n);
+                        self.schedule(d, Ev::SyncDone { node: n, inc });
+                    }
+                }
+                Effect::Truncate { log, end } => {
+                    if end < self.checker.acked_end(log) {
+                        self.fail(format!(
+                            "node {} truncates {log} to {end}, below acknowledged data",
+                            n + 1
+                        ));
+                    }
+                    let removed = self.nodes[n].disk.truncate(log, end);
+                    self.checker.on_removed(&removed);
+                    let d = self.io_delay();
+                    self.schedule(
+                        d,
+                        Ev::Disk {
+                            node: n,
+                            inc,
+                            ev: DiskEvent::Truncated { log, end },
+                        },
+                    );
+                }
+                Effect::CreateLog { log, name } => {
+                    let result = self.nodes[n].disk.create(log, &name);
+                    let d = self.io_delay();
+                    self.schedule(
+                        d,
+                        Ev::Disk {
+                            node: n,
+                            inc,
+                            ev: DiskEvent::Created { log, result },
+                        },
+                    );
+                }
+                Effect::Read {
+                    token,
+                    log,
+                    from,
+                    end,
+                    max_bytes,
+                } => {
+                    let pad = self.params.pad_reads;
+                    let result = self.nodes[n].disk.read(log, from, end, max_bytes, pad);
+                    let d = self.io_delay();
+                    self.schedule(
+                        d,
+                        Ev::Disk {
+                            node: n,
+                            inc,
+                            ev: DiskEvent::ReadDone { token, result },
+                        },
+                    );
+                }
+                Effect::Trim { log, before } => {
+                    let (start, removed) = self.nodes[n].disk.trim(log, before);
+                    self.checker.on_removed(&removed);
+                    let d = self.io_delay();
+                    self.schedule(
+                        d,
+                        Ev::Disk {
+                            node: n,
+                            inc,
+                            ev: DiskEvent::Trimmed { log, start },
+                        },
+                    );
+                }
+                Effect::SaveCommitted { log, end } => {
+                    self.nodes[n].disk.save_committed(log, end);
+                }
+            }
+        }
+    }
+
+    fn send_peer(&mut self, from: usize, to: NodeId, msg: PeerMessage) {
+        let to = to.0 as usize - 1;
+        let Some(li) = self
+            .links
+            .iter()
+            .position(|l| (l.a == from && l.b == to) || (l.b == from && l.a == to))
+        else {
+            self.fail(format!(
+                "node {} sent to non-neighbour {}",
+                from + 1,
+                to + 1
+            ));
+            return;
+        };
+        if !self.links[li].up {
+            return; // lost with the connection
+        }
+        let frame = msg.encode().to_vec();
+        let body = Bytes::from(frame).slice(FRAME_HEADER_LEN..);
+        let copies = if self.faults_on && self.net.chance(self.params.dup_p) {
+            2
+        } else {
+            1
+        };
+        for _ in 0..copies {
+            if self.faults_on && self.net.chance(self.params.drop_p) {
+                continue;
+            }
+            let (lo, hi) = self.params.net_delay_us;
+            let mut d = self.net.range(lo, hi);
+            if self.faults_on && self.net.chance(self.params.long_delay_p) {
+                d += self.net.range(1000, 20_000);
+            }
+            let dir = usize::from(self.links[li].a != from);
+            let mut at = self.now + d;
+            if self.params.fifo {
+                at = at.max(self.links[li].last[dir]);
+                self.links[li].last[dir] = at;
+            }
+            let gen = self.links[li].gen;
+            self.schedule(
+                at - self.now,
+                Ev::Peer {
+                    link: li,
+                    gen,
+                    from,
+                    to,
+                    body: body.clone(),
+                },
+            );
+        }
+    }
+
+    /// A reply left node `n`: check it, then deliver it to the client a little later.
+    fn node_reply(&mut self, n: usize, client: ClientId, rid: u64, reply: ClientReply) {
+        let push = matches!(reply, ClientReply::Records { .. });
+        if let Err(v) = self.checker.on_reply(rid, push) {
+            self.fail(v);
+        }
+        let Some(info) = self.requests.get(&rid) else {
+            self.fail(format!("reply to unknown request {rid}"));
+            return;
+        };
+        if info.node != n || client != ClientId(info.client as u64 + 1) {
+            self.fail(format!(
+                "reply to request {rid} from the wrong node or client"
+            ));
+            return;
+        }
+        let result = match (&info.kind, &reply) {
+            (
+                ReqKind::Append { batch, .. },
+                ClientReply::AppendOk {
+                    base_offset,
+                    record_count,
+                },
+            ) => {
+                let disks: Vec<&SimDisk> = self.nodes.iter().map(|x| &x.disk).collect();
+                let damaged: Vec<bool> = self.nodes.iter().map(|x| x.damaged).collect();
+                let log = chainlog_core::record::BatchHeader::decode(batch)
+                    .map(|h| h.log_id)
+                    .unwrap_or(self.log);
+                self.checker
+                    .on_append_ok(log, *base_offset, *record_count, batch, &disks, &damaged)
+            }
+            (
+                ReqKind::Read { log, from },
+                ClientReply::ReadOk {
+                    committed_end,
+                    batches,
+                },
+            ) => self
+                .checker
+                .check_served(n, *log, *from, *committed_end, batches)
+                .map(|_| ()),
+            (
+                ReqKind::Subscribe { log },
+                ClientReply::Records {
+                    committed_end,
+                    batches,
+                },
+            ) => {
+                let from = self.sub_expect.get(&rid).copied().unwrap_or(Offset::ZERO);
+                match self
+                    .checker
+                    .check_served(n, *log, from, *committed_end, batches)
+                {
+                    Ok(Some(end)) => {
+                        self.sub_expect.insert(rid, end);
+                        Ok(())
+                    }
+                    Ok(None) => Err(format!("node {} pushed an empty Records", n + 1)),
+                    Err(v) => Err(v),
+                }
+            }
+            (_, ClientReply::Error { .. }) => Ok(()),
+            _ => Err(format!("reply {reply:?} does not fit request {rid}")),
+        };
+        if let Err(v) = result {
+            self.fail(v);
+        }
+        let d = self.net.range(5, 100);
+        self.schedule(d, Ev::Reply { rid, reply });
+    }
+
+    fn send_request(
+        &mut self,
+        client: usize,
+        node: usize,
+        kind: ReqKind,
+        req: ClientRequest,
+    ) -> u64 {
+        self.next_rid += 1;
+        let rid = self.next_rid;
+        if let ReqKind::Subscribe { .. } = kind {
+            if let ClientRequest::Subscribe { from, .. } = &req {
+                self.sub_expect.insert(rid, *from);
+            }
+        }
+        self.requests.insert(rid, ReqInfo { client, node, kind });
+        let inc = self.nodes[node].inc;
+        if self.nodes[node].replica.is_none() {
+            return rid; // nobody is listening: the client times out
+        }
+        // Requests on one connection arrive in order (TCP).
+        let d = self.net.range(10, 120);
+        let last = if client == VERIFIER {
+            0
+        } else {
+            self.clients[client]
+                .last_send
+                .get(&node)
+                .copied()
+                .unwrap_or(0)
+        };
+        let at = (self.now + d).max(last);
+        if client != VERIFIER {
+            self.clients[client].last_send.insert(node, at);
+        }
+        self.schedule(
+            at - self.now,
+            Ev::Request {
+                node,
+                inc,
+                client,
+                rid,
+                req,
+            },
+        );
+        rid
+    }
+
+    // ------------------------------------------------------------ clients
+
+    fn client_wake(&mut self, ci: usize) {
+        let kind = self.clients[ci].kind;
+        let now = self.now;
+        match kind {
+            Kind::Producer { producer, window } => {
+                let timeout = 40_000;
+                if producer == 0 {
+                    // No dedup: a timed-out append may have been appended, so the client gives
+                    // up on it; a refused one ("nothing written") is sent again.
+                    self.clients[ci]
+                        .pending
+                        .retain(|p| p.retry_at.is_some() || now < p.sent_at + timeout);
+                    for i in 0..self.clients[ci].pending.len() {
+                        if self.clients[ci].pending[i]
+                            .retry_at
+                            .is_some_and(|t| now >= t)
+                        {
+                            self.resend(ci, i);
+                        }
+                    }
+                } else {
+                    // An idempotent producer resends everything outstanding, in sequence
+                    // order, when anything times out or is refused (as chainlog-client does).
+                    let c = &self.clients[ci];
+                    let timed_out = c.pending.iter().any(|p| now >= p.sent_at + timeout);
+                    let due = c
+                        .pending
+                        .iter()
+                        .any(|p| p.retry_at.is_some_and(|t| now >= t));
+                    if timed_out || due {
+                        for i in 0..self.clients[ci].pending.len() {
+                            self.resend(ci, i);
+                        }
+                    }
+                }
+                // Like Kafka's in-flight bound: never run further ahead of the oldest
+                // unanswered batch than the head remembers for deduplication.
+                let c = &self.clients[ci];
+                let span_ok = c
+                    .pending
+                    .first()
+                    .is_none_or(|p| c.next_batch_no - p.batch_no < PRODUCER_BATCHES_KEPT as u64);
+                if self.phase == Phase::Safety && self.clients[ci].pending.len() < window && span_ok
+                {
+                    let records = self.work.range(1, 3);
+                    let mut b = BatchBuilder::new();
+                    for r in 0..records {
+                        let len = self.work.range(0, 40) as usize;
+                        let fill = (self.work.next_u64() & 0xff) as u8;
+                        let mut payload = vec![fill; len];
+                        payload.extend_from_slice(&(ci as u64 * 1_000_000 + r).to_le_bytes());
+                        if b.push(&payload).is_err() {
+                            break;
+                        }
+                    }
+                    let seq = self.clients[ci].next_seq;
+                    let batch = b.finish(CLUSTER, self.log, ProducerId(producer), seq, now);
+                    self.clients[ci].next_seq += records;
+                    let rid = self.send_request(
+                        ci,
+                        0,
+                        ReqKind::Append {
+                            batch: batch.clone(),
+                            seq,
+                        },
+                        ClientRequest::Append {
+                            batch: batch.clone(),
+                        },
+                    );
+                    let batch_no = self.clients[ci].next_batch_no;
+                    self.clients[ci].next_batch_no += 1;
+                    self.clients[ci].pending.push(PendingAppend {
+                        batch_no,
+                        seq,
+                        batch,
+                        rid,
+                        sent_at: now,
+                        retry_at: None,
+                    });
+                }
+            }
+            Kind::Reader => {
+                if self.clients[ci]
+                    .read
+                    .is_some_and(|(_, at)| now < at + 200_000)
+                {
+                    return;
+                }
+                let node = self.work.index(self.nodes.len());
+                let hi = self.checker.acked_end(self.log).0 + 2;
+                let from = Offset(self.work.range(0, hi));
+                let wait_ms = [0u32, 1, 10][self.work.index(3)];
+                let log = self.log;
+                let max_records = self.work.range(1, 50) as u32;
+                let max_bytes = self.work.range(1, 4096) as u32;
+                let rid = self.send_request(
+                    ci,
+                    node,
+                    ReqKind::Read { log, from },
+                    ClientRequest::Read {
+                        log,
+                        from,
+                        max_records,
+                        max_bytes,
+                        wait_ms,
+                    },
+                );
+                self.clients[ci].read = Some((rid, now));
+            }
+            Kind::Subscriber => {
+                if self.clients[ci].sub.is_some() {
+                    return;
+                }
+                let node = self.work.index(self.nodes.len());
+                if self.nodes[node].replica.is_none() {
+                    return;
+                }
+                let log = self.log;
+                let from = self.clients[ci].sub_next;
+                let rid = self.send_request(
+                    ci,
+                    node,
+                    ReqKind::Subscribe { log },
+                    ClientRequest::Subscribe { log, from },
+                );
+                self.clients[ci].sub = Some((node, rid));
+            }
+        }
+    }
+
+    fn resend(&mut self, ci: usize, i: usize) {
+        let batch = self.clients[ci].pending[i].batch.clone();
+        let seq = self.clients[ci].pending[i].seq;
+        let rid = self.send_request(
+            ci,
+            0,
+            ReqKind::Append {
+                batch: batch.clone(),
+                seq,
+            },
+            ClientRequest::Append { batch },
+        );
+        let p = &mut self.clients[ci].pending[i];
+        p.rid = rid;
+        p.sent_at = self.now;
+        p.retry_at = None;
+    }
+
+    fn client_reply(&mut self, rid: u64, reply: ClientReply) {
+        let Some(info) = self.requests.get(&rid) else {
+            return;
+        };
+        let ci = info.client;
+        if ci == VERIFIER {
+            self.verifier_replies.insert(rid, reply);
+            return;
+        }
+        let now = self.now;
+        let seq_of = match &info.kind {
+            ReqKind::Append { seq, .. } => Some(*seq),
+            _ => None,
+        };
+        let kind = self.clients[ci].kind;
+        match (kind, reply) {
+            (Kind::Producer { .. }, ClientReply::AppendOk { .. }) => {
+                let Some(seq) = seq_of else { return };
+                self.clients[ci].pending.retain(|p| p.seq != seq);
+            }
+            (Kind::Producer { .. }, ClientReply::Error { code, message }) => {
+                if !retriable(code) {
+                    self.fail(format!("append got unexpected {code:?}: {message}"));
+                    return;
+                }
+                let backoff = self.work.range(500, 5000);
+                if let Some(p) = self.clients[ci].pending.iter_mut().find(|p| p.rid == rid) {
+                    p.retry_at = Some(now + backoff);
+                }
+            }
+            (Kind::Reader, r) => {
+                if self.clients[ci].read.is_some_and(|(x, _)| x == rid) {
+                    self.clients[ci].read = None;
+                }
+                if let ClientReply::Error { code, message } = r {
+                    if !retriable(code) {
+                        self.fail(format!("read got unexpected {code:?}: {message}"));
+                    }
+                }
+            }
+            (Kind::Subscriber, ClientReply::Records { batches, .. }) => {
+                if let Some(h) = batches
+                    .last()
+                    .and_then(|b| chainlog_core::record::BatchHeader::decode(b).ok())
+                {
+                    let c = &mut self.clients[ci];
+                    c.sub_next = c.sub_next.max(h.end_offset());
+                }
+            }
+            (Kind::Subscriber, ClientReply::Error { code, message }) => {
+                if !retriable(code) {
+                    self.fail(format!("subscribe got unexpected {code:?}: {message}"));
+                }
+                self.clients[ci].sub = None;
+            }
+            (_, r) => self.fail(format!("client {ci} got an unexpected {r:?}")),
+        }
+    }
+
+    // ------------------------------------------------------------ faults
+
+    fn fault_tick(&mut self) {
+        if !self.faults_on {
+            return;
+        }
+        let n = self.nodes.len();
+        if self.crash_rng.chance(self.params.crash_p) {
+            let victim = self.crash_rng.index(n);
+            if self.nodes[victim].replica.is_some() {
+                let may_flip = n >= 2 && !self.nodes.iter().any(|x| x.damaged);
+                let flip = may_flip && self.crash_rng.chance(self.params.flip_p);
+                self.crash_node(victim, flip);
+                let (lo, hi) = self.params.restart_delay_us;
+                let d = self.crash_rng.range(lo, hi);
+                self.nodes[victim].restart_scheduled = true;
+                self.schedule(d, Ev::Restart { node: victim });
+            }
+        }
+        if !self.links.is_empty() && self.crash_rng.chance(self.params.partition_p) {
+            let li = self.crash_rng.index(self.links.len());
+            if !self.links[li].partitioned {
+                if self.verbose {
+                    println!("{} partition link {li}", self.now);
+                }
+                self.partitions += 1;
+                self.links[li].partitioned = true;
+                self.update_links();
+                let (lo, hi) = self.params.partition_us;
+                let d = self.crash_rng.range(lo, hi);
+                self.schedule(d, Ev::Heal { link: li });
+            }
+        }
+    }
+
+    /// Stops every fault: heals partitions and restarts crashed nodes now.
+    pub fn heal(&mut self) {
+        self.faults_on = false;
+        for l in &mut self.links {
+            l.partitioned = false;
+        }
+        for n in 0..self.nodes.len() {
+            if self.nodes[n].replica.is_none() {
+                self.start_node(n);
+            }
+        }
+        self.update_links();
+    }
+
+    // ------------------------------------------------------------ phases
+
+    /// Runs until `steps` events have been processed (or the queue empties / a check fails).
+    pub fn run_steps(&mut self, steps: u64) -> Result<(), Failure> {
+        let target = self.steps + steps;
+        while self.steps < target && self.failure.is_none() {
+            if !self.step() {
+                break;
+            }
+        }
+        self.failure()
+    }
+
+    /// Runs for `us` of simulated time.
+    pub fn run_for(&mut self, us: u64) -> Result<(), Failure> {
+        let until = self.now + us;
+        while self.failure.is_none() {
+            match self.queue.peek() {
+                Some(s) if s.at <= until => {}
+                _ => break,
+            }
+            self.step();
+        }
+        self.now = self.now.max(until);
+        self.failure()
+    }
+
+    fn run_until(
+        &mut self,
+        what: &str,
+        budget: &mut u64,
+        mut done: impl FnMut(&mut Cluster) -> bool,
+    ) -> Result<(), Failure> {
+        while !done(self) {
+            self.failure()?;
+            if *budget == 0 || !self.step() {
+                self.fail(format!(
+                    "liveness: {what} did not happen in time (t={} us)",
+                    self.now
+                ));
+                return self.failure();
+            }
+            *budget -= 1;
+        }
+        self.failure()
+    }
+
+    /// Heals everything, then requires the chain to accept an append, every producer's
+    /// appends to resolve, every acknowledged append to be readable from every replica, and
+    /// every disk to hold them.
+    pub fn run_liveness(&mut self) -> Result<(), Failure> {
+        self.phase = Phase::Liveness;
+        self.heal();
+        let mut budget = self.opts.liveness_steps_max;
+        // A fresh append must commit.
+        let mut b = BatchBuilder::new();
+        b.push(b"liveness-probe")
+            .map_err(|e| self.internal(e.to_string()))?;
+        let probe = b.finish(CLUSTER, self.log, ProducerId(999_999), 0, self.now);
+        let mut acked = false;
+        while !acked {
+            let rid = self.send_request(
+                VERIFIER,
+                0,
+                ReqKind::Append {
+                    batch: probe.clone(),
+                    seq: 0,
+                },
+                ClientRequest::Append {
+                    batch: probe.clone(),
+                },
+            );
+            let wait_until = self.now + 50_000;
+            self.run_until("an answer to the probe append", &mut budget, |c| {
+                c.verifier_replies.contains_key(&rid) || c.now >= wait_until
+            })?;
+            match self.verifier_replies.remove(&rid) {
+                Some(ClientReply::AppendOk { .. }) => acked = true,
+                Some(ClientReply::Error { code, message }) if !retriable(code) => {
+                    self.fail(format!("probe append got {code:?}: {message}"));
+                    return self.failure();
+                }
+                _ => {}
+            }
+        }
+        self.run_until("every producer's appends to resolve", &mut budget, |c| {
+            c.clients.iter().all(|x| x.pending.is_empty())
+        })?;
+        // Every acknowledged append, read back through every replica's own read path.
+        let end = self.checker.acked_end(self.log);
+        for n in 0..self.nodes.len() {
+            let mut from = Offset::ZERO;
+            while from < end {
+                let log = self.log;
+                let rid = self.send_request(
+                    VERIFIER,
+                    n,
+                    ReqKind::Read { log, from },
+                    ClientRequest::Read {
+                        log,
+                        from,
+                        max_records: 10_000,
+                        max_bytes: 64 * 1024,
+                        wait_ms: 20,
+                    },
+                );
+                self.run_until("a verifier read", &mut budget, |c| {
+                    c.verifier_replies.contains_key(&rid)
+                })?;
+                match self.verifier_replies.remove(&rid) {
+                    Some(ClientReply::ReadOk { batches, .. }) => {
+                        if let Some(h) = batches
+                            .last()
+                            .and_then(|b| chainlog_core::record::BatchHeader::decode(b).ok())
+                        {
+                            from = h.end_offset();
+                        }
+                    }
+                    Some(ClientReply::Error { code, message }) if !retriable(code) => {
+                        self.fail(format!("node {} read: {code:?} {message}", n + 1));
+                        return self.failure();
+                    }
+                    _ => {}
+                }
+            }
+        }
+        let disks: Vec<&SimDisk> = self.nodes.iter().map(|x| &x.disk).collect();
+        if let Err(v) = self.checker.check_final_disks(&disks) {
+            self.fail(v);
+        }
+        self.failure()
+    }
+
+    fn internal(&self, m: String) -> Failure {
+        Failure {
+            seed: self.seed,
+            step: self.steps,
+            message: m,
+            options: self.opts.clone(),
+        }
+    }
+
+    pub fn report(&self) -> Report {
+        Report {
+            seed: self.seed,
+            nodes: self.nodes.len(),
+            steps: self.steps,
+            sim_time_us: self.now,
+            trace_hash: self.trace,
+            acked_appends: self.checker.acked.values().map(BTreeMap::len).sum(),
+            crashes: self.crashes,
+            bit_flips: self.bit_flips,
+            partitions: self.partitions,
+        }
+    }
+
+    // ------------------------------------------------------------ scenario controls
+
+    /// A handle on node `id` (1-based, chain order) for scenario tests.
+    pub fn node(&mut self, id: u32) -> NodeCtl<'_> {
+        assert!(id >= 1 && id as usize <= self.nodes.len());
+        NodeCtl {
+            c: self,
+            n: id as usize - 1,
+        }
+    }
+
+    /// Stops the random fault schedule (scenario tests inject faults by hand).
+    pub fn quiet(&mut self) {
+        self.faults_on = false;
+    }
+}
+
+/// Scenario controls of one node.
+pub struct NodeCtl<'a> {
+    c: &'a mut Cluster,
+    n: usize,
+}
+
+impl NodeCtl<'_> {
+    /// Power loss: unsynced writes are lost (maybe torn); it stays down until `restart`.
+    pub fn crash(self) {
+        self.c.crash_node(self.n, false);
+    }
+
+    /// Power loss plus bit rot in synced data, found by checksums at the next recovery.
+    pub fn crash_with_bit_flip(self) {
+        self.c.crash_node(self.n, true);
+    }
+
+    /// Restart in place: recover from its own disk, rejoin its neighbours.
+    pub fn restart(self) {
+        if self.c.nodes[self.n].replica.is_none() {
+            self.c.start_node(self.n);
+        }
+    }
+
+    /// Makes this node's syncs take `lo..=hi` µs.
+    pub fn sync_delay_us(self, lo: u64, hi: u64) {
+        self.c.nodes[self.n].sync_delay_us = Some((lo, hi));
+    }
+
+    /// Written end of the default log on its disk.
+    pub fn disk_end(&self) -> Offset {
+        self.c.nodes[self.n]
+            .disk
+            .logs
+            .get(&self.c.log)
+            .map_or(Offset::ZERO, |l| l.end())
+    }
+
+    /// Durable end of the default log on its disk.
+    pub fn disk_synced_end(&self) -> Offset {
+        self.c.nodes[self.n]
+            .disk
+            .logs
+            .get(&self.c.log)
+            .map_or(Offset::ZERO, |l| l.synced_end())
+    }
+
+    pub fn is_damaged(&self) -> bool {
+        self.c.nodes[self.n].damaged
+    }
+}
+
+impl SimClient {
+    fn new(kind: Kind) -> SimClient {
+        SimClient {
+            kind,
+            next_seq: 0,
+            next_batch_no: 0,
+            pending: vec![],
+            read: None,
+            sub: None,
+            sub_next: Offset::ZERO,
+            last_send: BTreeMap::new(),
+        }
+    }
+}
+
+/// Runs one seed: safety phase with faults, then the liveness phase.
+pub fn run_seed(seed: u64, opts: &SimOptions) -> Result<Report, Failure> {
+    let mut c = Cluster::new(seed, opts.clone());
+    c.run_steps(opts.steps)?;
+    c.run_liveness()?;
+    Ok(c.report())
+}
