@@ -935,3 +935,32 @@ fn read_respects_max_bytes_but_returns_at_least_one_batch() {
     );
     n.shutdown();
 }
+
+#[test]
+fn batch_larger_than_a_segment_gets_its_own() {
+    for mode in modes() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = small_cfg(dir.path(), mode);
+        let n = Node::open(&cfg);
+        let log = LogId::from_name("big");
+        n.create(log, "big");
+        let small = batch(log, Offset(0), 1, 10, (0, 0));
+        let e1 = n.append(log, Offset(0), vec![small.clone()]);
+        // Two records of 700 KiB: 1.4 MiB, more than a 1 MiB segment holds.
+        let big = batch(log, e1, 2, 700 << 10, (0, 0));
+        let e2 = n.append(log, e1, vec![big.clone()]);
+        let after = batch(log, e2, 1, 10, (0, 0));
+        let e3 = n.append(log, e2, vec![after.clone()]);
+        let want = vec![small, big, after];
+        assert_eq!(n.read_all(log, Offset(0), e3), want, "{mode:?}");
+        n.shutdown();
+        let n = Node::open(&cfg);
+        assert_eq!(n.recovered(log).end, e3);
+        assert_eq!(
+            n.read_all(log, Offset(0), e3),
+            want,
+            "{mode:?} after reopen"
+        );
+        n.shutdown();
+    }
+}
