@@ -281,6 +281,50 @@ pub(crate) fn read_meta(dir: &Path) -> Result<(LogId, String), StorageError> {
     })
 }
 
+/// Empties a segment whose header is unusable: zero data, fresh header, synced.
+fn reset_segment(
+    dir: &Path,
+    log: LogId,
+    base: Offset,
+    align: u32,
+) -> Result<SegState, StorageError> {
+    let path = dir.join(format::segment_name(base));
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| StorageError::io("open segment", &path, e))?;
+    let cap = f
+        .metadata()
+        .map_err(|e| StorageError::io("stat segment", &path, e))?
+        .len();
+    if cap < SEGMENT_HEADER_BYTES {
+        return Err(StorageError::Corruption {
+            path,
+            what: "first segment shorter than its header".into(),
+        });
+    }
+    tracing::error!(%log, segment = %path.display(), "emptying the first segment: its header is unusable");
+    zero_tail(&path, SEGMENT_HEADER_BYTES, cap)?;
+    f.write_all_at(&SegmentHeader { base, log, align }.encode(), 0)
+        .map_err(|e| StorageError::io("write segment header", &path, e))?;
+    disk::fdatasync(&f)?;
+    Ok(SegState {
+        base,
+        path: path.clone(),
+        cap,
+        align,
+        end: base,
+        end_pos: SEGMENT_HEADER_BYTES,
+        index: Vec::new(),
+        last_index_pos: None,
+        read_file: Arc::new(
+            File::open(&path).map_err(|e| StorageError::io("open segment", &path, e))?,
+        ),
+        modified: SystemTime::now(),
+    })
+}
+
 /// Recovers one log directory. `align` is the alignment new segments get (4096 in O_DIRECT
 /// mode, 1 in buffered mode); `interval` the index spacing.
 pub(crate) fn recover_log(
@@ -476,12 +520,21 @@ pub(crate) fn recover_log(
     }
 
     if let Some(i) = cut_at {
+        // The oldest segment's name is the only record of where the log starts: rather than
+        // delete it, it is emptied and kept, so offsets never restart from zero.
+        let keep_first = i == 0;
         // Drop newest first, so a crash in between never leaves a hole in the log.
         for &b in bases[i..].iter().rev() {
             remove_file_opt(&dir.join(format::index_name(b)))?;
-            remove_file_opt(&dir.join(format::segment_name(b)))?;
+            if !(keep_first && b == bases[0]) {
+                remove_file_opt(&dir.join(format::segment_name(b)))?;
+            }
         }
         disk::fsync_dir(dir)?;
+        if keep_first {
+            segs.push(reset_segment(dir, log, bases[0], align)?);
+            tail_done = true;
+        }
     }
     if !tail_done {
         if let Some(seg) = segs.last_mut() {

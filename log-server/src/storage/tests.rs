@@ -964,3 +964,35 @@ fn batch_larger_than_a_segment_gets_its_own() {
         n.shutdown();
     }
 }
+
+#[test]
+fn unusable_first_segment_header_keeps_the_log_position() {
+    use std::os::unix::fs::FileExt;
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_cfg(dir.path(), IoMode::Buffered);
+    let n = Node::open(&cfg);
+    let log = LogId::from_name("h0");
+    n.create(log, "h0");
+    let end = fill_segments(&n, log, 3);
+    n.st().trim(log, end);
+    let start = match n.next() {
+        DiskEvent::Trimmed { start, .. } => start,
+        e => panic!("unexpected {e:?}"),
+    };
+    assert!(start > Offset(0));
+    n.shutdown();
+    let files = seg_files(dir.path(), log);
+    assert_eq!(files.len(), 1);
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&files[0])
+        .unwrap();
+    f.write_all_at(&[0xAB; 16], 0).unwrap();
+    let n = Node::open(&cfg);
+    let r = n.recovered(log);
+    // The data is gone (the replica repairs it from peers) but offsets do not restart at 0.
+    assert_eq!((r.start, r.end), (start, start));
+    let e = n.append(log, start, vec![batch(log, start, 1, 10, (0, 0))]);
+    assert_eq!(e, start.plus(1));
+    n.shutdown();
+}
