@@ -14,25 +14,53 @@ const CALIBRATION_ROUNDS: usize = 8;
 const ROUNDS_MIN: usize = 20;
 const ROUNDS_MAX: usize = 200_000;
 
-/// One floor measurement, in the units the append benchmark reports.
+/// How a floor round lays out its `inflight` single-record batches before the fdatasync.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Layout {
+    /// One write per batch (with O_DIRECT each padded to a page, as a server that keeps
+    /// batches page-aligned writes them).
+    PerBatch,
+    /// All batches back to back in one write (the fewest bytes a group commit can write).
+    Packed,
+}
+
+/// One layout's measurement.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct FloorRun {
+    pub layout: Layout,
+    pub writes_per_sync: usize,
+    /// Bytes of each write (before O_DIRECT page rounding).
+    pub write_bytes: usize,
+    pub rounds: usize,
+    pub direct: bool,
+    /// Records (single-record batches) made durable per second.
+    pub records_per_s: f64,
+    /// Latency of one round: its writes and the fdatasync.
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub max_us: f64,
+}
+
+/// The floor for `inflight` appends: the better layout's figures, with every run kept.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct DiskFloor {
-    /// Appends in flight this floor stands for (= batches per fdatasync).
+    /// Appends in flight this floor stands for (= single-record batches per fdatasync).
     pub inflight: usize,
     pub record_bytes: usize,
     /// Bytes of one single-record batch (header + length prefix + payload).
     pub batch_bytes: usize,
-    pub writes_per_sync: usize,
-    pub rounds: usize,
     pub direct: bool,
-    /// Records (= batches) made durable per second.
+    /// The layout with the higher records/s; the fields below are its.
+    pub layout: Layout,
+    pub rounds: usize,
     pub records_per_s: f64,
     /// Payload megabytes (10^6) per second, comparable with the append benchmark's MB/s.
     pub mb_per_s: f64,
-    /// Latency of one round: `writes_per_sync` writes and one fdatasync.
     pub p50_us: f64,
     pub p99_us: f64,
     pub max_us: f64,
+    pub runs: Vec<FloorRun>,
 }
 
 /// Bytes the server stores for a batch holding one record of `record_bytes`.
@@ -40,17 +68,19 @@ pub fn single_record_batch_bytes(record_bytes: usize) -> usize {
     HEADER_LEN + RECORD_OVERHEAD + record_bytes
 }
 
-/// Measures the floor for `inflight` appends of `record_bytes` for about `budget` (blocking:
-/// call from a blocking thread).
-pub fn disk_floor(
+/// Runs hw's floor with `writes_per_sync` writes of `write_bytes` for about `budget`; each
+/// write stands for `records_per_write` records.
+fn measure(
     dir: &Path,
-    record_bytes: usize,
-    inflight: usize,
+    layout: Layout,
+    write_bytes: usize,
+    writes_per_sync: usize,
+    records_per_write: usize,
     budget: Duration,
-) -> anyhow::Result<DiskFloor> {
-    let batch_bytes = single_record_batch_bytes(record_bytes);
+) -> anyhow::Result<FloorRun> {
+    let floor = chainlog_hw::floor::durable_write_floor;
     let cal_start = Instant::now();
-    chainlog_hw::floor::durable_write_floor(dir, batch_bytes, inflight, CALIBRATION_ROUNDS)
+    floor(dir, write_bytes, writes_per_sync, CALIBRATION_ROUNDS)
         .with_context(|| format!("disk floor calibration in {}", dir.display()))?;
     // The calibration also pre-zeroes a file, so this over-estimates a round: the real run
     // ends up a little shorter than the budget, never much longer.
@@ -61,20 +91,72 @@ pub fn disk_floor(
         (budget.as_secs_f64() / per_round.as_secs_f64()) as usize
     }
     .clamp(ROUNDS_MIN, ROUNDS_MAX);
-    let r = chainlog_hw::floor::durable_write_floor(dir, batch_bytes, inflight, rounds)
+    let r = floor(dir, write_bytes, writes_per_sync, rounds)
         .with_context(|| format!("disk floor in {}", dir.display()))?;
+    Ok(FloorRun {
+        layout,
+        writes_per_sync,
+        write_bytes,
+        rounds: r.rounds,
+        direct: r.direct,
+        records_per_s: r.ops_per_s * records_per_write as f64,
+        p50_us: r.p50_us as f64,
+        p99_us: r.p99_us as f64,
+        max_us: r.max_us as f64,
+    })
+}
+
+/// Measures the floor for `inflight` appends of `record_bytes`: `inflight` single-record
+/// batches per fdatasync, written one per write and (for more than one) packed into one write;
+/// the better layout is the floor. About `budget` per layout. Blocking: call from a blocking
+/// thread.
+pub fn disk_floor(
+    dir: &Path,
+    record_bytes: usize,
+    inflight: usize,
+    budget: Duration,
+) -> anyhow::Result<DiskFloor> {
+    anyhow::ensure!(inflight >= 1, "floor needs at least one batch per sync");
+    let batch_bytes = single_record_batch_bytes(record_bytes);
+    let mut runs = vec![measure(
+        dir,
+        Layout::PerBatch,
+        batch_bytes,
+        inflight,
+        1,
+        budget,
+    )?];
+    let packed_bytes = batch_bytes.saturating_mul(inflight);
+    // One batch per sync is the same write either way; a packed group past the largest batch
+    // is not something the server could write in one go either.
+    if inflight > 1 && packed_bytes <= chainlog_core::limits::BATCH_BYTES_MAX {
+        runs.push(measure(
+            dir,
+            Layout::Packed,
+            packed_bytes,
+            1,
+            inflight,
+            budget,
+        )?);
+    }
+    let best = runs
+        .iter()
+        .max_by(|a, b| a.records_per_s.total_cmp(&b.records_per_s))
+        .cloned()
+        .context("at least one floor run")?;
     Ok(DiskFloor {
         inflight,
         record_bytes,
         batch_bytes,
-        writes_per_sync: r.writes_per_sync,
-        rounds: r.rounds,
-        direct: r.direct,
-        records_per_s: r.ops_per_s,
-        mb_per_s: r.ops_per_s * record_bytes as f64 / 1e6,
-        p50_us: r.p50_us as f64,
-        p99_us: r.p99_us as f64,
-        max_us: r.max_us as f64,
+        direct: runs.iter().all(|r| r.direct),
+        layout: best.layout,
+        rounds: best.rounds,
+        records_per_s: best.records_per_s,
+        mb_per_s: best.records_per_s * record_bytes as f64 / 1e6,
+        p50_us: best.p50_us,
+        p99_us: best.p99_us,
+        max_us: best.max_us,
+        runs,
     })
 }
 
@@ -117,10 +199,25 @@ mod tests {
         }
         let f = disk_floor(dir.path(), 1024, 4, Duration::from_millis(1)).unwrap();
         assert_eq!(f.rounds, ROUNDS_MIN);
-        assert_eq!(f.writes_per_sync, 4);
         assert_eq!(f.batch_bytes, 1108);
+        assert_eq!(f.runs.len(), 2);
+        let (per, packed) = (&f.runs[0], &f.runs[1]);
+        assert_eq!(
+            (per.layout, per.writes_per_sync, per.write_bytes),
+            (Layout::PerBatch, 4, 1108)
+        );
+        assert_eq!(
+            (packed.layout, packed.writes_per_sync, packed.write_bytes),
+            (Layout::Packed, 1, 4432)
+        );
+        // The floor is the better layout, in records (not writes) per second.
+        assert_eq!(f.records_per_s, per.records_per_s.max(packed.records_per_s));
         assert!(f.records_per_s > 0.0);
         assert!((f.mb_per_s - f.records_per_s * 1024.0 / 1e6).abs() < 1e-6);
         assert!(f.p50_us <= f.p99_us && f.p99_us <= f.max_us);
+        // One batch per sync has one layout only.
+        let one = disk_floor(dir.path(), 1024, 1, Duration::from_millis(1)).unwrap();
+        assert_eq!(one.runs.len(), 1);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }

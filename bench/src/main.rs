@@ -129,21 +129,27 @@ async fn main() -> anyhow::Result<()> {
             std::fs::create_dir_all(&dir)?;
             let budget = secs(seconds, "seconds")?;
             let levels = batch.map_or_else(|| vec![1, 16, 128], |b| vec![b]);
-            println!("| batches per fdatasync | records/s | MB/s | p50 µs | p99 µs | max µs | rounds | O_DIRECT |");
-            println!("|---:|---:|---:|---:|---:|---:|---:|---|");
+            println!("| batches per fdatasync | layout | writes × bytes | records/s | MB/s | p50 µs | p99 µs | max µs | rounds | O_DIRECT |");
+            println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---|");
             for l in levels {
                 let f = disk_floor_async(dir.clone(), record_bytes, l, budget).await?;
-                println!(
-                    "| {} | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} | {} | {} |",
-                    l,
-                    f.records_per_s,
-                    f.mb_per_s,
-                    f.p50_us,
-                    f.p99_us,
-                    f.max_us,
-                    f.rounds,
-                    f.direct
-                );
+                for r in &f.runs {
+                    println!(
+                        "| {} | {:?}{} | {} × {} | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} | {} | {} |",
+                        l,
+                        r.layout,
+                        if r.layout == f.layout { " (floor)" } else { "" },
+                        r.writes_per_sync,
+                        r.write_bytes,
+                        r.records_per_s,
+                        r.records_per_s * record_bytes as f64 / 1e6,
+                        r.p50_us,
+                        r.p99_us,
+                        r.max_us,
+                        r.rounds,
+                        r.direct
+                    );
+                }
             }
             let lb = loopback_rtt(64, budget).await?;
             println!(

@@ -167,10 +167,18 @@ async fn one_round(round: usize, cfg: &SuiteConfig) -> anyhow::Result<RoundResul
             cfg.floor_budget,
         )
         .await?;
-        eprintln!(
-            "  floor  @{inflight:<4} {:>9.0} rec/s {:>7.1} MB/s  p50 {:>8.0} p99 {:>8.0} µs per sync ({} rounds)",
-            f.records_per_s, f.mb_per_s, f.p50_us, f.p99_us, f.rounds
-        );
+        for r in &f.runs {
+            eprintln!(
+                "  floor  @{inflight:<4} {:>9.0} rec/s {:>7.1} MB/s  p50 {:>8.0} p99 {:>8.0} µs per sync ({} rounds, {:?}{})",
+                r.records_per_s,
+                r.records_per_s * cfg.record_bytes as f64 / 1e6,
+                r.p50_us,
+                r.p99_us,
+                r.rounds,
+                r.layout,
+                if r.layout == f.layout { ", floor" } else { "" }
+            );
+        }
         floors.push(f);
     }
     let loopback = loopback_rtt(cfg.loopback_frame_bytes, cfg.loopback_duration).await?;
