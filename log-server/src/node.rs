@@ -17,7 +17,7 @@ use chainlog_core::wire::{
 };
 use chainlog_core::ErrorCode;
 use chainlog_core::{ChainConfig, Replica, ReplicaConfig};
-use chainlog_hw::net::tcp::{split, StreamReader, StreamWriter};
+use chainlog_hw::net::tcp::{split, split_with, BodyPolicy, StreamReader, StreamWriter};
 use chainlog_hw::net::{Frame, FrameRecv, FrameSend, NetError};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -103,6 +103,8 @@ struct Shared {
     next_client: AtomicU64,
     next_link_gen: AtomicU64,
     connections: Arc<Semaphore>,
+    /// Client appends are read into page-aligned, padded buffers when storage uses O_DIRECT.
+    direct_io: bool,
 }
 
 fn now_us(start: std::time::Instant) -> Instant {
@@ -170,6 +172,7 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         next_client: AtomicU64::new(1),
         next_link_gen: AtomicU64::new(1),
         connections: Arc::new(Semaphore::new(cfg.connections_max)),
+        direct_io: storage.is_direct(),
         cfg,
     });
     let (stop, stop_rx) = watch::channel(false);
@@ -568,7 +571,15 @@ async fn serve_connection(
     ev_tx: mpsc::UnboundedSender<Event>,
     stop: watch::Receiver<bool>,
 ) -> Result<(), NetError> {
-    let (mut r, mut w) = split(stream);
+    // Until the Hello says otherwise this may be a client: read appends into buffers of their
+    // own (unique, so the head restamps in place; aligned for O_DIRECT), never read ahead.
+    let client_policy = BodyPolicy {
+        dedicated_kind: Some(Kind::Append as u16),
+        align: shared
+            .direct_io
+            .then_some(chainlog_core::limits::DISK_ALIGN_BYTES),
+    };
+    let (mut r, mut w) = split_with(stream, client_policy);
     let first = match tokio::time::timeout(HELLO_TIMEOUT, r.recv()).await {
         Ok(f) => f?,
         Err(_) => {
@@ -659,6 +670,8 @@ async fn serve_connection(
                 return Ok(());
             }
             w.send(&[ok.encode(first.header.request_id)]).await?;
+            // Peer frames are never mutated: slice them from the shared buffer.
+            r.set_policy(BodyPolicy::default());
             peer_session(node, r, w, shared, ev_tx, stop).await;
             Ok(())
         }

@@ -1,7 +1,7 @@
 //! TCP transport: length-prefixed frames read into shared buffers, written with vectored writes.
 
 use super::{count_copy, Frame, FrameRecv, FrameSend, NetError};
-use bytes::{Buf, BytesMut};
+use bytes::{Buf, BufMut, BytesMut};
 use chainlog_core::wire::{Encoded, FrameHeader, FRAME_HEADER_LEN};
 use std::io::IoSlice;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -12,18 +12,70 @@ pub const READ_BUFFER_BYTES: usize = 256 * 1024;
 /// Most iovecs handed to one `writev` (Linux IOV_MAX is 1024).
 const IOVECS_MAX: usize = 1024;
 
+/// Which frames get a buffer of their own, and how it is laid out.
+///
+/// A batch the head will restamp must be the only handle on its memory (so the core can mutate
+/// the header in place instead of copying the batch), and an O_DIRECT write needs it page
+/// aligned and zero-padded to a page. Such frames are read straight from the socket into their
+/// own buffer; everything else is sliced out of the shared read buffer.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BodyPolicy {
+    /// Frame kind whose bodies get their own buffer (`None`: every frame shares).
+    pub dedicated_kind: Option<u16>,
+    /// Align dedicated bodies to this many bytes and zero-pad their length to a multiple of it
+    /// (the padding is part of the returned `Bytes`; the frame header keeps the real length).
+    pub align: Option<usize>,
+}
+
 /// Reads frames from any byte stream (a TCP half, a Unix socket, a test pipe).
 pub struct StreamReader<R> {
     r: R,
     buf: BytesMut,
+    policy: BodyPolicy,
+    /// Payload bytes this reader copied (also added to the process-wide count).
+    copied_bytes: u64,
+}
+
+/// A fresh, uniquely owned buffer whose first byte sits at an `align` boundary, with room for
+/// `cap` bytes. Made from a plain allocation with the unaligned prefix skipped, so it stays an
+/// ordinary `BytesMut` (and the `Bytes` frozen from it can be turned back into one).
+fn aligned_buffer(cap: usize, align: usize) -> BytesMut {
+    let mut b = BytesMut::with_capacity(cap + align);
+    let skip = b.as_ptr().align_offset(align).min(align);
+    b.resize(skip, 0);
+    b.advance(skip);
+    debug_assert!(b.capacity() >= cap);
+    b
 }
 
 impl<R: AsyncRead + Unpin + Send> StreamReader<R> {
     pub fn new(r: R) -> Self {
+        Self::with_policy(r, BodyPolicy::default())
+    }
+
+    pub fn with_policy(r: R, policy: BodyPolicy) -> Self {
         StreamReader {
             r,
             buf: BytesMut::with_capacity(READ_BUFFER_BYTES),
+            policy,
+            copied_bytes: 0,
         }
+    }
+
+    /// Changes which frames get their own buffer. Going from a dedicated policy to a shared one
+    /// is always safe (a dedicated reader never reads ahead of the current frame).
+    pub fn set_policy(&mut self, policy: BodyPolicy) {
+        self.policy = policy;
+    }
+
+    /// Payload bytes this reader had to copy in user space.
+    pub fn copied_bytes(&self) -> u64 {
+        self.copied_bytes
+    }
+
+    fn copied(&mut self, n: usize) {
+        self.copied_bytes += n as u64;
+        count_copy(n);
     }
 
     /// Makes room for `need` contiguous bytes and at least a useful read's worth of spare space.
@@ -36,7 +88,7 @@ impl<R: AsyncRead + Unpin + Send> StreamReader<R> {
             let have = self.buf.len();
             let mut fresh = BytesMut::with_capacity(want.max(READ_BUFFER_BYTES));
             fresh.extend_from_slice(&self.buf);
-            count_copy(have);
+            self.copied(have);
             self.buf = fresh;
         }
     }
@@ -55,23 +107,115 @@ impl<R: AsyncRead + Unpin + Send> StreamReader<R> {
         }
         Ok(true)
     }
+
+    /// Reads a header exactly (no read-ahead into the shared buffer), so the body that follows
+    /// can go straight into its own buffer.
+    async fn fill_header_exact(&mut self) -> Result<bool, NetError> {
+        while self.buf.len() < FRAME_HEADER_LEN {
+            let want = FRAME_HEADER_LEN - self.buf.len();
+            if self.buf.capacity() - self.buf.len() < want {
+                self.make_room(FRAME_HEADER_LEN);
+            }
+            let n = self.r.read_buf(&mut (&mut self.buf).limit(want)).await?;
+            if n == 0 {
+                return if self.buf.is_empty() {
+                    Ok(false)
+                } else {
+                    Err(NetError::Truncated)
+                };
+            }
+        }
+        Ok(true)
+    }
+
+    /// Reads a dedicated body of `len` bytes. Whatever the shared buffer already holds of it is
+    /// moved (counted as a copy; with `fill_header_exact` that is nothing). The read also asks
+    /// for the next frame's header, so a busy connection costs one read per frame; those few
+    /// header bytes are handed back to the shared buffer.
+    async fn read_dedicated(&mut self, len: usize) -> Result<BytesMut, NetError> {
+        let align = self.policy.align.unwrap_or(1).max(1);
+        let padded = len.div_ceil(align) * align;
+        let cap = padded.max(len + FRAME_HEADER_LEN);
+        let mut body = if align > 1 {
+            aligned_buffer(cap, align)
+        } else {
+            BytesMut::with_capacity(cap)
+        };
+        let already = self.buf.len().min(len);
+        if already > 0 {
+            body.extend_from_slice(&self.buf[..already]);
+            self.buf.advance(already);
+            self.copied(already);
+        }
+        while body.len() < len {
+            let want = len + FRAME_HEADER_LEN - body.len();
+            let n = self.r.read_buf(&mut (&mut body).limit(want)).await?;
+            if n == 0 {
+                return Err(NetError::Truncated);
+            }
+        }
+        if body.len() > len {
+            // Bytes of the next frame's header: back to the (now empty) shared buffer.
+            debug_assert!(self.buf.is_empty());
+            self.buf.extend_from_slice(&body[len..]);
+            body.truncate(len);
+        }
+        if padded > len {
+            body.resize(padded, 0);
+        }
+        Ok(body)
+    }
 }
 
 impl<R: AsyncRead + Unpin + Send> FrameRecv for StreamReader<R> {
     async fn recv(&mut self) -> Result<Option<Frame>, NetError> {
-        if !self.fill(FRAME_HEADER_LEN).await? {
+        let dedicated = self.policy.dedicated_kind;
+        let have_header = if dedicated.is_some() {
+            self.fill_header_exact().await?
+        } else {
+            self.fill(FRAME_HEADER_LEN).await?
+        };
+        if !have_header {
             return Ok(None);
         }
         let mut hb = [0u8; FRAME_HEADER_LEN];
         hb.copy_from_slice(&self.buf[..FRAME_HEADER_LEN]);
         let header = FrameHeader::decode(&hb)?;
-        let total = FRAME_HEADER_LEN + header.body_len as usize;
+        let len = header.body_len as usize;
+        if dedicated.is_some() {
+            self.buf.advance(FRAME_HEADER_LEN);
+            if dedicated == Some(header.kind) {
+                let body = self.read_dedicated(len).await?.freeze();
+                return Ok(Some(Frame { header, body }));
+            }
+            // Small control frames: read exactly, still without read-ahead.
+            let body = self.read_dedicated_shared(len).await?;
+            return Ok(Some(Frame { header, body }));
+        }
+        let total = FRAME_HEADER_LEN + len;
         if !self.fill(total).await? {
             return Err(NetError::Truncated);
         }
         self.buf.advance(FRAME_HEADER_LEN);
-        let body = self.buf.split_to(header.body_len as usize).freeze();
+        let body = self.buf.split_to(len).freeze();
         Ok(Some(Frame { header, body }))
+    }
+}
+
+impl<R: AsyncRead + Unpin + Send> StreamReader<R> {
+    /// A body read exactly (no read-ahead) into the shared buffer.
+    async fn read_dedicated_shared(&mut self, len: usize) -> Result<bytes::Bytes, NetError> {
+        if self.buf.capacity() - self.buf.len() < len {
+            self.make_room(self.buf.len() + len);
+        }
+        while self.buf.len() < len {
+            let want = len - self.buf.len();
+            let n = self.r.read_buf(&mut (&mut self.buf).limit(want)).await?;
+            if n == 0 {
+                return Err(NetError::Truncated);
+            }
+        }
+        Ok(self.buf.split_to(len).freeze())
     }
 }
 
@@ -132,6 +276,19 @@ impl<W: AsyncWrite + Unpin + Send> FrameSend for StreamWriter<W> {
     }
 }
 
+/// A TCP connection split into a frame reader (with `policy`) and a frame writer.
+pub fn split_with(
+    stream: tokio::net::TcpStream,
+    policy: BodyPolicy,
+) -> (
+    StreamReader<tokio::net::tcp::OwnedReadHalf>,
+    StreamWriter<tokio::net::tcp::OwnedWriteHalf>,
+) {
+    let _ = stream.set_nodelay(true);
+    let (r, w) = stream.into_split();
+    (StreamReader::with_policy(r, policy), StreamWriter::new(w))
+}
+
 /// A TCP connection split into a frame reader and a frame writer.
 pub fn split(
     stream: tokio::net::TcpStream,
@@ -159,8 +316,14 @@ mod tests {
         let big = Bytes::from(vec![7u8; 700_000]);
         let frames: Vec<Encoded> = (0..50u64)
             .map(|i| {
-                let chunk = if i == 25 { big.clone() } else { Bytes::from(vec![i as u8; i as usize]) };
-                encode_frame(Kind::Status, i, vec![chunk], |b| bytes::BufMut::put_u32_le(b, i as u32))
+                let chunk = if i == 25 {
+                    big.clone()
+                } else {
+                    Bytes::from(vec![i as u8; i as usize])
+                };
+                encode_frame(Kind::Status, i, vec![chunk], |b| {
+                    bytes::BufMut::put_u32_le(b, i as u32)
+                })
             })
             .collect();
         let expect = frames.clone();
@@ -174,6 +337,57 @@ mod tests {
         }
         writer.await.expect("join");
         assert!(r.recv().await.expect("eof").is_none());
+    }
+
+    #[tokio::test]
+    async fn dedicated_bodies_are_aligned_unique_and_padded() {
+        let (a, b) = tokio::io::duplex(3000);
+        let mut w = StreamWriter::new(a);
+        let policy = BodyPolicy {
+            dedicated_kind: Some(Kind::Append as u16),
+            align: Some(4096),
+        };
+        let mut r = StreamReader::with_policy(b, policy);
+        let frames: Vec<Encoded> = (0..40u64)
+            .map(|i| {
+                let kind = if i % 3 == 0 {
+                    Kind::Status
+                } else {
+                    Kind::Append
+                };
+                let chunk = Bytes::from(vec![i as u8 + 1; 100 + (i as usize * 997) % 9000]);
+                encode_frame(kind, i, vec![chunk], |_| {})
+            })
+            .collect();
+        let expect = frames.clone();
+        let writer = tokio::spawn(async move {
+            for f in frames.chunks(7) {
+                w.send(f).await.expect("send");
+            }
+        });
+        for (i, f) in expect.iter().enumerate() {
+            let got = r.recv().await.expect("recv").expect("frame");
+            let want = &f.to_vec()[FRAME_HEADER_LEN..];
+            assert_eq!(got.header.request_id, i as u64);
+            if got.header.kind == Kind::Append as u16 {
+                assert_eq!(got.body.as_ptr() as usize % 4096, 0, "aligned");
+                assert_eq!(got.body.len() % 4096, 0, "padded");
+                assert_eq!(&got.body[..want.len()], want);
+                assert!(got.body[want.len()..].iter().all(|&b| b == 0));
+                // Unique: the core can restamp the header in place.
+                let m = got.body.try_into_mut().expect("unique buffer");
+                assert_eq!(
+                    m.as_ptr() as usize % 4096,
+                    0,
+                    "still aligned after try_into_mut"
+                );
+            } else {
+                assert_eq!(&got.body[..], want);
+            }
+        }
+        writer.await.expect("join");
+        assert!(r.recv().await.expect("eof").is_none());
+        assert_eq!(r.copied_bytes(), 0, "no payload copies");
     }
 
     #[tokio::test]

@@ -105,6 +105,9 @@ pub struct ReplicaStatus {
     pub role: Role,
     pub chain: Vec<NodeId>,
     pub logs: Vec<LogStatus>,
+    /// Payload bytes the head copied because a batch's buffer was shared (0 when the runtime
+    /// hands over unique buffers, as it should).
+    pub restamp_copy_bytes: u64,
 }
 
 /// One log's view on one node.
@@ -156,11 +159,15 @@ struct SuccLog {
     sent_end: Offset,
     last_ack_seq: u64,
     written_end: Offset,
-    /// Largest ack ever received: it was durable on every node downstream when sent.
+    /// Largest ack of the current session. Not kept across sessions: a successor that lost
+    /// acknowledged-but-uncommitted data (bit rot) may since hold other bytes at those
+    /// offsets, and an old ack would vouch for them (protocol notes, "stale acks").
     ack_end: Offset,
     /// Longest log downstream, as last reported (kept across sessions: only we feed it).
     chain_end: Option<Offset>,
     commit_sent: Offset,
+    /// Committed end the successor reported knowing (this session).
+    commit_known: Offset,
     commit_due: Option<Instant>,
     last_heard: Instant,
     last_probe: Option<Instant>,
@@ -308,6 +315,7 @@ pub struct Replica {
     reads_pending: usize,
     subs: BTreeMap<u64, Subscription>,
     dirty: BTreeSet<LogId>,
+    restamp_copy_bytes: u64,
 }
 
 fn err(code: ErrorCode, message: impl Into<String>) -> ClientReply {
@@ -328,16 +336,23 @@ fn cut(b: &Bytes) -> Option<(Bytes, BatchHeader)> {
 
 /// Stamps a producer batch with its place in the log. Mutates in place when the buffer is
 /// ours alone (the runtime hands over unique buffers); otherwise copies just this batch.
-fn restamp(batch: Bytes, len: usize, cluster: ClusterId, epoch: Epoch, base: Offset) -> Bytes {
+/// Returns the stamped batch and how many bytes had to be copied (0 on the zero-copy path).
+fn restamp(
+    batch: Bytes,
+    len: usize,
+    cluster: ClusterId,
+    epoch: Epoch,
+    base: Offset,
+) -> (Bytes, usize) {
     match batch.try_into_mut() {
         Ok(mut m) => {
             record::restamp(&mut m, cluster, epoch, base);
-            m.freeze()
+            (m.freeze(), 0)
         }
         Err(shared) => {
             let mut m = BytesMut::from(&shared[..len]);
             record::restamp(&mut m, cluster, epoch, base);
-            m.freeze()
+            (m.freeze(), len)
         }
     }
 }
@@ -385,6 +400,7 @@ impl Replica {
             reads_pending: 0,
             subs: BTreeMap::new(),
             dirty: BTreeSet::new(),
+            restamp_copy_bytes: 0,
         }
     }
 
@@ -1145,10 +1161,12 @@ impl Replica {
                 written_end,
                 ack_end,
                 chain_end,
+                committed_end,
                 resend,
                 ..
             } => {
                 let s = &mut l.succ;
+                s.commit_known = s.commit_known.max(committed_end);
                 if s.known && seq <= s.last_ack_seq {
                     return; // reordered: an older view
                 }
@@ -1319,7 +1337,9 @@ impl Replica {
                 s.known = false;
                 s.sent_end = Offset::ZERO;
                 s.last_ack_seq = 0;
+                s.ack_end = Offset::ZERO;
                 s.commit_sent = Offset::ZERO;
+                s.commit_known = Offset::ZERO;
                 s.commit_due = None;
                 s.last_probe = None;
                 s.last_heard = now;
@@ -1849,7 +1869,9 @@ impl Replica {
                 }
                 Dedup::New => {}
             }
-            let stamped = restamp(q.batch, len, self.cfg.cluster_id, self.chain.epoch, next);
+            let (stamped, copied) =
+                restamp(q.batch, len, self.cfg.cluster_id, self.chain.epoch, next);
+            self.restamp_copy_bytes += copied as u64;
             l.producers
                 .record(h.producer_id, h.producer_seq, h.record_count, next);
             let end = next.plus(u64::from(h.record_count));
@@ -1926,7 +1948,10 @@ impl Replica {
             }
         }
         // No ack progress for a while although the successor lacks data: ask where it is.
-        let expecting = l.succ.ack_end < l.written_end || l.succ.sent_end < l.written_end;
+        // (Also when a `Commit` went missing: the probe carries the committed end.)
+        let expecting = l.succ.ack_end < l.written_end
+            || l.succ.sent_end < l.written_end
+            || l.succ.commit_known < l.committed_end;
         if expecting && now.saturating_since(l.succ.last_heard) >= timeout && probe_due(&l.succ) {
             l.succ.last_probe = Some(now);
             self.probe(l, succ, l.succ.sent_end, out);
@@ -2053,6 +2078,7 @@ impl Replica {
                     written_end: l.written_end,
                     ack_end,
                     chain_end,
+                    committed_end: l.committed_end,
                     resend: p.resend,
                 },
             });
@@ -2070,6 +2096,7 @@ impl Replica {
             node: self.cfg.node,
             epoch: self.chain.epoch,
             role: self.place.role,
+            restamp_copy_bytes: self.restamp_copy_bytes,
             chain: self.chain.nodes.clone(),
             logs: self
                 .logs

@@ -402,7 +402,10 @@ impl ClientRequest {
             }
             Kind::Append => {
                 let h = record::verify(&body)?;
-                if h.batch_len() != body.len() {
+                // The runtime may read the batch into a page-aligned buffer zero-padded to a
+                // page (for O_DIRECT); anything else after the batch is a malformed request.
+                let tail = &body[h.batch_len()..];
+                if tail.len() >= crate::limits::DISK_ALIGN_BYTES || tail.iter().any(|&b| b != 0) {
                     return Err(Error::Malformed(
                         "append body holds more than one batch".into(),
                     ));
@@ -693,7 +696,9 @@ pub enum PeerMessage {
     /// Successor → predecessor. `ack_end`: durable here and on every node after this one;
     /// `written_end`: what this node has received in order; `chain_end`: the longest log from
     /// here to the tail (a restarted head adopts up to it before sequencing). `resend`: this
-    /// node saw a gap and wants everything from `written_end`. `seq` orders acks of one sender.
+    /// node saw a gap and wants everything from `written_end`. `committed_end`: what this node
+    /// knows committed (a predecessor re-sends a lost `Commit`). `seq` orders acks of one
+    /// sender.
     Ack {
         epoch: Epoch,
         session: u64,
@@ -702,6 +707,7 @@ pub enum PeerMessage {
         written_end: Offset,
         ack_end: Offset,
         chain_end: Offset,
+        committed_end: Offset,
         resend: bool,
     },
     /// Predecessor → successor: create this log (idempotent).
@@ -876,6 +882,7 @@ impl PeerMessage {
                 written_end,
                 ack_end,
                 chain_end,
+                committed_end,
                 resend,
                 ..
             } => encode_frame(Kind::Peer, 0, vec![], |b| {
@@ -884,6 +891,7 @@ impl PeerMessage {
                 b.put_u64_le(written_end.0);
                 b.put_u64_le(ack_end.0);
                 b.put_u64_le(chain_end.0);
+                b.put_u64_le(committed_end.0);
                 b.put_u8(u8::from(*resend));
             }),
             PeerMessage::CreateLog { name, .. } => encode_frame(Kind::Peer, 0, vec![], |b| {
@@ -949,11 +957,12 @@ impl PeerMessage {
                 }
             }
             PEER_ACK => {
-                need(&body, 33, "peer ack")?;
+                need(&body, 41, "peer ack")?;
                 let seq = body.get_u64_le();
                 let written_end = Offset(body.get_u64_le());
                 let ack_end = Offset(body.get_u64_le());
                 let chain_end = Offset(body.get_u64_le());
+                let committed_end = Offset(body.get_u64_le());
                 let resend = match body.get_u8() {
                     0 => false,
                     1 => true,
@@ -967,6 +976,7 @@ impl PeerMessage {
                     written_end,
                     ack_end,
                     chain_end,
+                    committed_end,
                     resend,
                 }
             }
@@ -1092,6 +1102,7 @@ mod peer_tests {
                 written_end: Offset(13),
                 ack_end: Offset(12),
                 chain_end: Offset(13),
+                committed_end: Offset(9),
                 resend: true,
             },
             PeerMessage::CreateLog {
