@@ -216,6 +216,8 @@ pub struct SimNode {
     pub disk: SimDisk,
     /// Holds committed data no longer (bit rot cut it at recovery) until repaired.
     pub damaged: bool,
+    /// Durable ends it had when it was damaged: repaired once it holds them again.
+    repair_to: BTreeMap<LogId, Offset>,
     cfg: ReplicaConfig,
     sync_delay_us: Option<(u64, u64)>,
     restart_scheduled: bool,
@@ -233,9 +235,16 @@ struct Link {
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Kind {
-    Producer { producer: u64, window: usize },
+    /// Appends to `Cluster::logs[log_index]` once that log exists.
+    Producer {
+        producer: u64,
+        window: usize,
+        log_index: usize,
+    },
     Reader,
     Subscriber,
+    /// Creates the second log through the head.
+    Admin,
 }
 
 struct PendingAppend {
@@ -263,6 +272,7 @@ enum ReqKind {
     Append { batch: Bytes, seq: u64 },
     Read { log: LogId, from: Offset },
     Subscribe { log: LogId },
+    Create { log: LogId },
 }
 
 struct ReqInfo {
@@ -308,6 +318,8 @@ pub struct Cluster {
     pub bit_flips: u64,
     pub partitions: u64,
     log: LogId,
+    /// Logs clients may use: "default", then "orders" once its creation was acknowledged.
+    pub logs: Vec<LogId>,
     /// Print every event and effect (set `CHAINLOG_SIM_VERBOSE=1`).
     verbose: bool,
 }
@@ -456,9 +468,9 @@ impl Cluster {
             long_delay_p: profile.range(0, 30) as f64 / 1000.0,
             sync_delay_us: (30, profile.range(100, 3000)),
             io_delay_us: (5, profile.range(10, 300)),
-            crash_p: profile.range(0, 8) as f64 / 1000.0,
+            crash_p: profile.range(0, 20) as f64 / 1000.0,
             restart_delay_us: (500, profile.range(1000, 40_000)),
-            partition_p: profile.range(0, 4) as f64 / 1000.0,
+            partition_p: profile.range(0, 10) as f64 / 1000.0,
             partition_us: (500, profile.range(1000, 60_000)),
             flip_p: if profile.chance(0.5) { 0.5 } else { 0.0 },
             pad_reads: profile.chance(0.5),
@@ -488,6 +500,7 @@ impl Cluster {
                 inc: 0,
                 disk,
                 damaged: false,
+                repair_to: BTreeMap::new(),
                 cfg,
                 sync_delay_us: None,
                 restart_scheduled: false,
@@ -514,9 +527,11 @@ impl Cluster {
             clients.push(SimClient::new(Kind::Producer {
                 producer,
                 window: profile.range(1, 3) as usize,
+                log_index: (p % 2) as usize,
             }));
         }
         clients.push(SimClient::new(Kind::Reader));
+        clients.push(SimClient::new(Kind::Admin));
         if profile.chance(0.7) {
             clients.push(SimClient::new(Kind::Subscriber));
         }
@@ -550,6 +565,7 @@ impl Cluster {
             bit_flips: 0,
             partitions: 0,
             log: LogId::from_name("default"),
+            logs: vec![LogId::from_name("default")],
             verbose: std::env::var_os("CHAINLOG_SIM_VERBOSE").is_some(),
         };
         for n in 0..nodes_n {
@@ -644,9 +660,18 @@ impl Cluster {
         let removed = node.disk.crash(&mut self.disk_rng);
         self.checker.on_removed(&removed);
         if flip {
+            // Everything it held durably may have been vouched for (an ack still in flight
+            // commits it later): it counts as damaged until it holds all of it again.
+            let held: BTreeMap<LogId, Offset> = self.nodes[n]
+                .disk
+                .logs
+                .iter()
+                .map(|(id, l)| (*id, l.synced_end()))
+                .collect();
             if let Some((_, _)) = self.nodes[n].disk.flip_bit(&mut self.disk_rng) {
                 self.bit_flips += 1;
                 self.nodes[n].damaged = true;
+                self.nodes[n].repair_to = held;
             }
         }
         // Requests in flight to it and its subscriptions are gone with its connections; a
@@ -769,9 +794,16 @@ impl Cluster {
         }
         for i in 0..self.nodes.len() {
             // A crashed node's rot is only found (and cut) when it recovers.
-            if self.nodes[i].damaged
-                && self.nodes[i].replica.is_some()
-                && self.checker.repaired(&self.nodes[i].disk)
+            let node = &self.nodes[i];
+            if node.damaged
+                && node.replica.is_some()
+                && self.checker.repaired(&node.disk)
+                && node.repair_to.iter().all(|(log, end)| {
+                    node.disk
+                        .logs
+                        .get(log)
+                        .is_some_and(|l| l.synced_end() >= *end)
+                })
             {
                 self.nodes[i].damaged = false;
             }
@@ -1130,6 +1162,23 @@ impl Cluster {
                     Err(v) => Err(v),
                 }
             }
+            (ReqKind::Create { log }, ClientReply::CreateLogOk { log: got }) => {
+                if log != got {
+                    Err(format!("CreateLogOk for {got} answers a create of {log}"))
+                } else {
+                    match self
+                        .nodes
+                        .iter()
+                        .position(|x| !x.disk.logs.contains_key(log))
+                    {
+                        Some(i) => Err(format!(
+                            "CreateLogOk for {log} while node {} has not created it",
+                            i + 1
+                        )),
+                        None => Ok(()),
+                    }
+                }
+            }
             (_, ClientReply::Error { .. }) => Ok(()),
             _ => Err(format!("reply {reply:?} does not fit request {rid}")),
         };
@@ -1193,7 +1242,14 @@ impl Cluster {
         let kind = self.clients[ci].kind;
         let now = self.now;
         match kind {
-            Kind::Producer { producer, window } => {
+            Kind::Producer {
+                producer,
+                window,
+                log_index,
+            } => {
+                let Some(&log) = self.logs.get(log_index) else {
+                    return; // its log is not created yet
+                };
                 let timeout = 40_000;
                 if producer == 0 {
                     // No dedup: a timed-out append may have been appended, so the client gives
@@ -1223,6 +1279,14 @@ impl Cluster {
                             self.resend(ci, i);
                         }
                     }
+                    // Reconnecting: nothing new goes out before the outstanding batches.
+                    if self.clients[ci]
+                        .pending
+                        .iter()
+                        .any(|p| p.retry_at.is_some())
+                    {
+                        return;
+                    }
                 }
                 // Like Kafka's in-flight bound: never run further ahead of the oldest
                 // unanswered batch than the head remembers for deduplication.
@@ -1245,29 +1309,20 @@ impl Cluster {
                         }
                     }
                     let seq = self.clients[ci].next_seq;
-                    let batch = b.finish(CLUSTER, self.log, ProducerId(producer), seq, now);
+                    let batch = b.finish(CLUSTER, log, ProducerId(producer), seq, now);
                     self.clients[ci].next_seq += records;
-                    let rid = self.send_request(
-                        ci,
-                        0,
-                        ReqKind::Append {
-                            batch: batch.clone(),
-                            seq,
-                        },
-                        ClientRequest::Append {
-                            batch: batch.clone(),
-                        },
-                    );
                     let batch_no = self.clients[ci].next_batch_no;
                     self.clients[ci].next_batch_no += 1;
                     self.clients[ci].pending.push(PendingAppend {
                         batch_no,
                         seq,
                         batch,
-                        rid,
+                        rid: 0,
                         sent_at: now,
                         retry_at: None,
                     });
+                    let last = self.clients[ci].pending.len() - 1;
+                    self.resend(ci, last);
                 }
             }
             Kind::Reader => {
@@ -1278,10 +1333,10 @@ impl Cluster {
                     return;
                 }
                 let node = self.work.index(self.nodes.len());
-                let hi = self.checker.acked_end(self.log).0 + 2;
+                let log = self.logs[self.work.index(self.logs.len())];
+                let hi = self.checker.acked_end(log).0 + 2;
                 let from = Offset(self.work.range(0, hi));
                 let wait_ms = [0u32, 1, 10][self.work.index(3)];
-                let log = self.log;
                 let max_records = self.work.range(1, 50) as u32;
                 let max_bytes = self.work.range(1, 4096) as u32;
                 let rid = self.send_request(
@@ -1295,6 +1350,24 @@ impl Cluster {
                         max_bytes,
                         wait_ms,
                     },
+                );
+                self.clients[ci].read = Some((rid, now));
+            }
+            Kind::Admin => {
+                let done = self.logs.len() > 1;
+                let busy = self.clients[ci]
+                    .read
+                    .is_some_and(|(_, at)| now < at + 50_000);
+                if done || busy {
+                    return;
+                }
+                let name = "orders".to_string();
+                let log = LogId::from_name(&name);
+                let rid = self.send_request(
+                    ci,
+                    0,
+                    ReqKind::Create { log },
+                    ClientRequest::CreateLog { name },
                 );
                 self.clients[ci].read = Some((rid, now));
             }
@@ -1331,10 +1404,13 @@ impl Cluster {
             },
             ClientRequest::Append { batch },
         );
+        // A dead head refuses the connection: try again shortly.
+        let refused = self.nodes[0].replica.is_none();
+        let retry = self.now + 2000;
         let p = &mut self.clients[ci].pending[i];
         p.rid = rid;
         p.sent_at = self.now;
-        p.retry_at = None;
+        p.retry_at = refused.then_some(retry);
     }
 
     fn client_reply(&mut self, rid: u64, reply: ClientReply) {
@@ -1375,6 +1451,18 @@ impl Cluster {
                     if !retriable(code) {
                         self.fail(format!("read got unexpected {code:?}: {message}"));
                     }
+                }
+            }
+            (Kind::Admin, ClientReply::CreateLogOk { log }) => {
+                self.clients[ci].read = None;
+                if !self.logs.contains(&log) {
+                    self.logs.push(log);
+                }
+            }
+            (Kind::Admin, ClientReply::Error { code, message }) => {
+                self.clients[ci].read = None;
+                if !retriable(code) {
+                    self.fail(format!("create-log got unexpected {code:?}: {message}"));
                 }
             }
             (Kind::Subscriber, ClientReply::Records { batches, .. }) => {
@@ -1481,6 +1569,19 @@ impl Cluster {
         while !done(self) {
             self.failure()?;
             if *budget == 0 || !self.step() {
+                if self.verbose {
+                    for n in &self.nodes {
+                        println!("{:?}", n.replica.as_ref().map(Replica::status));
+                        for (id, l) in &n.disk.logs {
+                            println!(
+                                "  disk {id}: end {} synced {} hint {}",
+                                l.end(),
+                                l.synced_end(),
+                                l.hint_saved
+                            );
+                        }
+                    }
+                }
                 self.fail(format!(
                     "liveness: {what} did not happen in time (t={} us)",
                     self.now
@@ -1533,43 +1634,67 @@ impl Cluster {
         self.run_until("every producer's appends to resolve", &mut budget, |c| {
             c.clients.iter().all(|x| x.pending.is_empty())
         })?;
-        // Every acknowledged append, read back through every replica's own read path.
-        let end = self.checker.acked_end(self.log);
-        for n in 0..self.nodes.len() {
-            let mut from = Offset::ZERO;
-            while from < end {
-                let log = self.log;
-                let rid = self.send_request(
-                    VERIFIER,
-                    n,
-                    ReqKind::Read { log, from },
-                    ClientRequest::Read {
-                        log,
-                        from,
-                        max_records: 10_000,
-                        max_bytes: 64 * 1024,
-                        wait_ms: 20,
-                    },
-                );
-                self.run_until("a verifier read", &mut budget, |c| {
-                    c.verifier_replies.contains_key(&rid)
-                })?;
-                match self.verifier_replies.remove(&rid) {
-                    Some(ClientReply::ReadOk { batches, .. }) => {
-                        if let Some(h) = batches
-                            .last()
-                            .and_then(|b| chainlog_core::record::BatchHeader::decode(b).ok())
-                        {
-                            from = h.end_offset();
+        // Every acknowledged append, read back through every replica's own read path. The
+        // first read of each node waits long for the commit: a replica that lags must wait,
+        // not answer "nothing".
+        for log in self.logs.clone() {
+            let end = self.checker.acked_end(log);
+            for n in 0..self.nodes.len() {
+                let mut from = Offset::ZERO;
+                let mut first = true;
+                while from < end {
+                    let rid = self.send_request(
+                        VERIFIER,
+                        n,
+                        ReqKind::Read { log, from },
+                        ClientRequest::Read {
+                            log,
+                            from,
+                            max_records: 10_000,
+                            max_bytes: 64 * 1024,
+                            wait_ms: if first { 1000 } else { 20 },
+                        },
+                    );
+                    self.run_until("a verifier read", &mut budget, |c| {
+                        c.verifier_replies.contains_key(&rid)
+                    })?;
+                    match self.verifier_replies.remove(&rid) {
+                        Some(ClientReply::ReadOk { batches, .. }) => {
+                            match batches
+                                .last()
+                                .and_then(|b| chainlog_core::record::BatchHeader::decode(b).ok())
+                            {
+                                Some(h) => from = h.end_offset(),
+                                None if first => {
+                                    self.fail(format!(
+                                        "node {} answered a read of acknowledged {log}@{from} \
+                                         with nothing after waiting",
+                                        n + 1
+                                    ));
+                                    return self.failure();
+                                }
+                                None => {}
+                            }
                         }
+                        Some(ClientReply::Error { code, message }) if !retriable(code) => {
+                            self.fail(format!("node {} read: {code:?} {message}", n + 1));
+                            return self.failure();
+                        }
+                        _ => {}
                     }
-                    Some(ClientReply::Error { code, message }) if !retriable(code) => {
-                        self.fail(format!("node {} read: {code:?} {message}", n + 1));
-                        return self.failure();
-                    }
-                    _ => {}
+                    first = false;
                 }
             }
+        }
+        // A subscriber, once healed, receives everything acknowledged.
+        let sub_end = self.checker.acked_end(self.log);
+        if self.clients.iter().any(|c| c.kind == Kind::Subscriber) {
+            self.run_until("the subscriber to catch up", &mut budget, |c| {
+                c.clients
+                    .iter()
+                    .filter(|x| x.kind == Kind::Subscriber)
+                    .all(|x| x.sub_next >= sub_end)
+            })?;
         }
         let disks: Vec<&SimDisk> = self.nodes.iter().map(|x| &x.disk).collect();
         if let Err(v) = self.checker.check_final_disks(&disks) {
