@@ -66,7 +66,10 @@ pub enum Effect {
 pub enum DiskEvent {
     /// Every record below `end` is on stable storage. Monotonic per log (except after a
     /// `Truncate`, after which it restarts from the truncated end).
-    Durable { log: LogId, end: Offset },
+    Durable {
+        log: LogId,
+        end: Offset,
+    },
     /// A write or sync failed; nothing at or past `at` is durable. `code` is
     /// `StorageFull` for ENOSPC, `StorageError` otherwise.
     WriteFailed {
@@ -74,7 +77,10 @@ pub enum DiskEvent {
         at: Offset,
         code: ErrorCode,
     },
-    Truncated { log: LogId, end: Offset },
+    Truncated {
+        log: LogId,
+        end: Offset,
+    },
     Created {
         log: LogId,
         result: Result<(), ErrorCode>,
@@ -83,7 +89,10 @@ pub enum DiskEvent {
         token: ReadToken,
         result: Result<Vec<Bytes>, ErrorCode>,
     },
-    Trimmed { log: LogId, start: Offset },
+    Trimmed {
+        log: LogId,
+        start: Offset,
+    },
 }
 
 /// One producer's recent batches, rebuilt from the log at recovery (dedup survives restarts).
