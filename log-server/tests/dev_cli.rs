@@ -1,0 +1,152 @@
+//! The README's first command and the CLI, end to end: `log-server dev` starts a 3-node chain,
+//! `chainlog` appends, reads from the head and the tail, tails and reports status, and Ctrl-C
+//! stops every node cleanly.
+
+mod common;
+
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// The `chainlog` CLI is built by another package; it sits next to `log-server`.
+fn chainlog_bin() -> Option<PathBuf> {
+    let server = PathBuf::from(env!("CARGO_BIN_EXE_log-server"));
+    let p = server.with_file_name("chainlog");
+    p.exists().then_some(p)
+}
+
+/// Three consecutive free loopback ports.
+fn free_port_run() -> u16 {
+    for _ in 0..100 {
+        let base = common::free_port();
+        if base > 65000 {
+            continue;
+        }
+        if (1..3).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
+            return base;
+        }
+    }
+    panic!("no three consecutive free ports");
+}
+
+fn cli(bin: &PathBuf, args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
+    let mut c = Command::new(bin)
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn chainlog");
+    {
+        let mut i = c.stdin.take().expect("stdin");
+        if let Some(s) = stdin {
+            i.write_all(s.as_bytes()).expect("write stdin");
+        }
+    }
+    let out = c.wait_with_output().expect("wait");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+#[test]
+fn dev_chain_and_cli() {
+    let Some(bin) = chainlog_bin() else {
+        eprintln!("skipping: the chainlog binary is not built (scripts/test.sh builds it)");
+        return;
+    };
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let port = free_port_run();
+    let mut dev = Command::new(env!("CARGO_BIN_EXE_log-server"))
+        .args(["dev", "--port", &port.to_string(), "--dir"])
+        .arg(tmp.path().join("data"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn log-server dev");
+    for i in 0..3u16 {
+        let a: SocketAddr = format!("127.0.0.1:{}", port + i).parse().expect("addr");
+        common::wait_listening(a, Duration::from_secs(30), Some(&mut dev));
+    }
+    let head = format!("127.0.0.1:{port}");
+    let tail = format!("127.0.0.1:{}", port + 2);
+
+    let (rc, out, err) = cli(
+        &bin,
+        &["--addr", &head, "append"],
+        Some("alpha\nbeta\ngamma\n"),
+    );
+    assert_eq!(rc, 0, "append failed: {out} {err}");
+    assert!(
+        out.contains("3 records") && out.contains("0..=2"),
+        "append said: {out}"
+    );
+
+    let (rc, out, err) = cli(&bin, &["--addr", &head, "read", "--from", "0"], None);
+    assert_eq!(rc, 0, "{err}");
+    assert_eq!(out, "alpha\nbeta\ngamma\n");
+
+    // The tail replica serves the same committed records.
+    let (rc, out, err) = cli(
+        &bin,
+        &["--addr", &tail, "read", "--from", "1", "--count", "2"],
+        None,
+    );
+    assert_eq!(rc, 0, "{err}");
+    assert_eq!(out, "beta\ngamma\n");
+
+    // Appending through the tail follows the redirect to the head.
+    let (rc, out, err) = cli(&bin, &["--addr", &tail, "append"], Some("delta\n"));
+    assert_eq!(rc, 0, "append via tail: {out} {err}");
+
+    let (rc, out, err) = cli(&bin, &["--addr", &head, "tail", "-n", "2"], None);
+    assert_eq!(rc, 0, "{err}");
+    assert_eq!(out, "gamma\ndelta\n");
+
+    let (rc, out, err) = cli(&bin, &["--addr", &head, "create-log", "orders"], None);
+    assert_eq!(rc, 0, "create-log: {out} {err}");
+    let (rc, _, err) = cli(
+        &bin,
+        &["--addr", &head, "append", "--log", "orders"],
+        Some("o1\n"),
+    );
+    assert_eq!(rc, 0, "{err}");
+    let (rc, out, _) = cli(
+        &bin,
+        &["--addr", &tail, "read", "--log", "orders", "--from", "0"],
+        None,
+    );
+    assert_eq!((rc, out.as_str()), (0, "o1\n"));
+
+    let (rc, out, err) = cli(&bin, &["--addr", &head, "status", "--json"], None);
+    assert_eq!(rc, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("status is JSON");
+    let doc = if v.is_array() { v[0].clone() } else { v };
+    assert_eq!(doc["chain"].as_array().map(|a| a.len()), Some(3));
+    let logs = doc["replica"]["logs"].as_array().expect("logs");
+    let default = logs
+        .iter()
+        .find(|l| l["name"] == "default")
+        .expect("default log");
+    assert_eq!(default["committed_end"], 4);
+
+    // Ctrl-C: every node stops cleanly.
+    let pid = dev.id().to_string();
+    let _ = Command::new("kill").args(["-INT", &pid]).status();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = dev.try_wait().expect("try_wait") {
+            break s;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "log-server dev did not stop on SIGINT"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "dev exited with {status}");
+}
