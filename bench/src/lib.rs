@@ -3,6 +3,7 @@
 #![forbid(unsafe_code)]
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
+pub mod cpu;
 pub mod floor;
 pub mod hist;
 pub mod loopback;

@@ -24,6 +24,9 @@ pub struct RoundResult {
     /// The head's storage counters over each run (None if its status had none).
     pub single_storage: Vec<Option<StorageCounters>>,
     pub chain_storage: Vec<Option<StorageCounters>>,
+    /// CPU seconds of the server process(es) and of the load generator over each run.
+    pub single_cpu: Vec<Option<crate::cpu::CpuUse>>,
+    pub chain_cpu: Vec<Option<crate::cpu::CpuUse>>,
     /// The head's status document after each run (None if the server did not answer).
     pub single_status: Option<serde_json::Value>,
     pub chain_status: Option<serde_json::Value>,
@@ -83,6 +86,11 @@ pub struct LevelSummary {
     pub single_batches_per_fsync: f64,
     pub chain_records_per_batch: f64,
     pub chain_batches_per_fsync: f64,
+    /// CPU microseconds per acknowledged record (server process; load generator).
+    pub single_server_cpu_us_per_record: f64,
+    pub single_client_cpu_us_per_record: f64,
+    pub chain_server_cpu_us_per_record: f64,
+    pub chain_client_cpu_us_per_record: f64,
     /// Per-round values of the two ratios, for the spread.
     pub single_vs_floor_rounds: Vec<f64>,
     pub chain_vs_floor_rounds: Vec<f64>,
@@ -143,6 +151,21 @@ fn at<T>(v: &[T], i: usize) -> Option<&T> {
 
 fn layout_run(r: &RoundResult, i: usize, layout: Layout) -> Option<&crate::floor::FloorRun> {
     at(&r.floors, i)?.runs.iter().find(|f| f.layout == layout)
+}
+
+/// `(server, client)` CPU µs per record of run `i`.
+fn cpu_per_record(
+    runs: &[AppendResult],
+    cpu: &[Option<crate::cpu::CpuUse>],
+    i: usize,
+) -> Option<(f64, f64)> {
+    let c = at(cpu, i)?.as_ref()?;
+    let n = at(runs, i)?.records_total;
+    if n == 0 {
+        return None;
+    }
+    let per = 1e6 / n as f64;
+    Some((c.server_s * per, c.client_s * per))
 }
 
 /// `(records per batch, batches per fsync)` of run `i` from the head's counters.
@@ -222,6 +245,18 @@ pub fn summarize(
             })),
             chain_batches_per_fsync: median(&col(&|r| {
                 batching(&r.chain, &r.chain_storage, i).map(|b| b.1)
+            })),
+            single_server_cpu_us_per_record: median(&col(&|r| {
+                cpu_per_record(&r.single, &r.single_cpu, i).map(|c| c.0)
+            })),
+            single_client_cpu_us_per_record: median(&col(&|r| {
+                cpu_per_record(&r.single, &r.single_cpu, i).map(|c| c.1)
+            })),
+            chain_server_cpu_us_per_record: median(&col(&|r| {
+                cpu_per_record(&r.chain, &r.chain_cpu, i).map(|c| c.0)
+            })),
+            chain_client_cpu_us_per_record: median(&col(&|r| {
+                cpu_per_record(&r.chain, &r.chain_cpu, i).map(|c| c.1)
             })),
             single_vs_floor: median(&sv),
             chain_vs_floor: median(&cv),
@@ -362,22 +397,26 @@ impl SuiteReport {
         }
         let _ = writeln!(
             s,
-            "\n## Batching at the head (server storage counters over each run)\n"
+            "\n## Batching at the head, and CPU per record (server process; load generator)\n"
         );
         let _ = writeln!(
             s,
-            "| in flight | single records/batch | single batches/fsync | chain records/batch | chain batches/fsync |"
+            "| in flight | single records/batch | batches/fsync | CPU µs/rec server | client | chain records/batch | batches/fsync | CPU µs/rec server (all nodes) | client |"
         );
-        let _ = writeln!(s, "|---:|---:|---:|---:|---:|");
+        let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for l in &self.levels {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 l.inflight,
                 n(l.single_records_per_batch),
                 n(l.single_batches_per_fsync),
+                n(l.single_server_cpu_us_per_record),
+                n(l.single_client_cpu_us_per_record),
                 n(l.chain_records_per_batch),
-                n(l.chain_batches_per_fsync)
+                n(l.chain_batches_per_fsync),
+                n(l.chain_server_cpu_us_per_record),
+                n(l.chain_client_cpu_us_per_record)
             );
         }
         let _ = writeln!(s, "\n## Targets (≤ {TARGET_RATIO_MAX}×)\n");
@@ -528,6 +567,14 @@ mod tests {
                 }),
             ],
             chain_storage: vec![],
+            single_cpu: vec![
+                None,
+                Some(crate::cpu::CpuUse {
+                    server_s: 3.6,
+                    client_s: 1.8,
+                }),
+            ],
+            chain_cpu: vec![],
             single_status: None,
             chain_status: None,
         }
@@ -571,6 +618,9 @@ mod tests {
         assert_eq!(top.single_batches_per_fsync, 6.0);
         assert!(top.chain_batches_per_fsync.is_nan());
         assert!(levels[0].single_records_per_batch.is_nan());
+        // 3.6 s of server CPU over 360k records.
+        assert_eq!(top.single_server_cpu_us_per_record, 10.0);
+        assert_eq!(top.single_client_cpu_us_per_record, 5.0);
         let t = target.unwrap();
         assert_eq!(t.fsync_p50_us, 200.0);
         assert_eq!(t.loopback_p50_us, 20.0);

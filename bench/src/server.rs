@@ -140,6 +140,11 @@ impl ServerProc {
         Ok(())
     }
 
+    /// The server process id (for its CPU time).
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// Fails (with the log) if the process has exited.
     pub fn check_alive(&mut self) -> anyhow::Result<()> {
         if let Some(st) = self.child.try_wait()? {

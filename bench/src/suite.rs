@@ -2,6 +2,7 @@
 //! local chain (real `log-server` processes on temp dirs) at each in-flight level, so slow
 //! periods of this shared disk hit floor and server alike; then medians and ratios.
 
+use crate::cpu::{process_cpu_s, CpuUse};
 use crate::floor::{disk_floor_async, DiskFloor};
 use crate::loopback::loopback_rtt;
 use crate::report::{summarize, Meta, RoundResult, SuiteReport};
@@ -82,6 +83,7 @@ fn host_meta(m: &mut Meta) {
 type LevelRuns = (
     Vec<AppendResult>,
     Vec<Option<StorageCounters>>,
+    Vec<Option<CpuUse>>,
     Option<serde_json::Value>,
 );
 
@@ -113,8 +115,11 @@ async fn run_levels(
     }
     let mut out = Vec::new();
     let mut storage = Vec::new();
+    let mut cpu = Vec::new();
+    let cpu_now = |pid| (process_cpu_s(Some(pid)), process_cpu_s(None));
     for &inflight in &cfg.levels {
         let before = storage_counters(&client).await;
+        let cpu_before = cpu_now(server.pid());
         let load = AppendLoad {
             log: LOG_NAME.into(),
             inflight,
@@ -124,6 +129,7 @@ async fn run_levels(
             rate_per_s: None,
         };
         let r = run_append(&client, &load).await?;
+        let cpu_use = CpuUse::between(cpu_before, cpu_now(server.pid()));
         server.check_alive()?;
         let delta = match (before, storage_counters(&client).await) {
             (Some(b), Some(a)) => Some(a.since(&b)),
@@ -145,11 +151,20 @@ async fn run_levels(
                 d.batches_per_fsync()
             );
         }
+        if let Some(c) = cpu_use {
+            let per = 1e6 / r.records_total.max(1) as f64;
+            eprintln!(
+                "         cpu µs/record: server {:.0}, client {:.0}",
+                c.server_s * per,
+                c.client_s * per
+            );
+        }
         out.push(r);
         storage.push(delta);
+        cpu.push(cpu_use);
     }
     let status = client.status().await.ok();
-    Ok((out, storage, status))
+    Ok((out, storage, cpu, status))
 }
 
 async fn one_round(round: usize, cfg: &SuiteConfig) -> anyhow::Result<RoundResult> {
@@ -187,11 +202,11 @@ async fn one_round(round: usize, cfg: &SuiteConfig) -> anyhow::Result<RoundResul
         loopback.frame_bytes, loopback.rtt.p50_us
     );
 
-    let (single, single_storage, single_status) = {
+    let (single, single_storage, single_cpu, single_status) = {
         let mut s = ServerProc::single(&cfg.server_bin, &tmp.path().join("single"), &cfg.io_mode)?;
         run_levels(&mut s, cfg, "single").await?
     };
-    let (chain, chain_storage, chain_status) = {
+    let (chain, chain_storage, chain_cpu, chain_status) = {
         let mut s = ServerProc::chain(
             &cfg.server_bin,
             &tmp.path().join("chain"),
@@ -208,6 +223,8 @@ async fn one_round(round: usize, cfg: &SuiteConfig) -> anyhow::Result<RoundResul
         chain,
         single_storage,
         chain_storage,
+        single_cpu,
+        chain_cpu,
         single_status,
         chain_status,
     })
