@@ -117,6 +117,7 @@ pub fn disk_floor(
     budget: Duration,
 ) -> anyhow::Result<DiskFloor> {
     anyhow::ensure!(inflight >= 1, "floor needs at least one batch per sync");
+    std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
     let batch_bytes = single_record_batch_bytes(record_bytes);
     let mut runs = vec![measure(
         dir,

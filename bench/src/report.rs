@@ -28,8 +28,8 @@ pub struct RoundResult {
     pub single_cpu: Vec<Option<crate::cpu::CpuUse>>,
     pub chain_cpu: Vec<Option<crate::cpu::CpuUse>>,
     /// The head's status document after each run (None if the server did not answer).
-    pub single_status: Option<serde_json::Value>,
-    pub chain_status: Option<serde_json::Value>,
+    pub single_status: Vec<Option<serde_json::Value>>,
+    pub chain_status: Vec<Option<serde_json::Value>>,
 }
 
 /// Revision, host and configuration of a run.
@@ -350,7 +350,7 @@ impl SuiteReport {
         }
         let _ = writeln!(
             s,
-            "\nDisk floor at N in flight: N single-record batches ({} B each) made durable by one fdatasync; the floor is the better of N page-aligned writes and one packed write (both below). The chain's floor is it ÷ {nodes} (all replicas share the disk). Ratios are medians of per-round ratios.",
+            "\nDisk floor at N in flight: N single-record batches ({} B each) made durable by one fdatasync; the floor is the better of N page-aligned writes and one packed write (both below). The chain's floor is it ÷ {nodes} (all replicas share the disk). Each round runs, per level, the floor, a fresh single node and a fresh chain back to back (order rotated per round); ratios are medians of per-round ratios.",
             m.record_bytes + HEADER_LEN + RECORD_OVERHEAD
         );
         let _ = writeln!(
@@ -575,8 +575,8 @@ mod tests {
                 }),
             ],
             chain_cpu: vec![],
-            single_status: None,
-            chain_status: None,
+            single_status: vec![],
+            chain_status: vec![],
         }
     }
 

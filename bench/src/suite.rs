@@ -78,24 +78,26 @@ fn host_meta(m: &mut Meta) {
         .unwrap_or_default();
 }
 
-/// What one server did over the levels: the load's results, the head's storage counters
-/// over each level, and its final status document.
-type LevelRuns = (
-    Vec<AppendResult>,
-    Vec<Option<StorageCounters>>,
-    Vec<Option<CpuUse>>,
-    Option<serde_json::Value>,
-);
+/// One closed-loop run on a fresh server: the load's result, the head's storage counters and
+/// the CPU both processes used over it, and the head's status document afterwards.
+struct ServerRun {
+    result: AppendResult,
+    storage: Option<StorageCounters>,
+    cpu: Option<CpuUse>,
+    status: Option<serde_json::Value>,
+}
 
 async fn storage_counters(client: &chainlog_client::Client) -> Option<StorageCounters> {
     StorageCounters::from_status(&client.status().await.ok()?)
 }
 
-async fn run_levels(
-    server: &mut ServerProc,
+/// Waits for `server`, creates the log, runs `inflight` appends closed loop.
+async fn run_on(
+    mut server: ServerProc,
     cfg: &SuiteConfig,
     what: &str,
-) -> anyhow::Result<LevelRuns> {
+    inflight: usize,
+) -> anyhow::Result<ServerRun> {
     server.wait_listening(START_TIMEOUT).await?;
     let client = connect(&server.addrs, cfg.client).await?;
     let deadline = Instant::now() + CREATE_LOG_TIMEOUT;
@@ -113,108 +115,131 @@ async fn run_levels(
             }
         }
     }
-    let mut out = Vec::new();
-    let mut storage = Vec::new();
-    let mut cpu = Vec::new();
     let cpu_now = |pid| (process_cpu_s(Some(pid)), process_cpu_s(None));
-    for &inflight in &cfg.levels {
-        let before = storage_counters(&client).await;
-        let cpu_before = cpu_now(server.pid());
-        let load = AppendLoad {
-            log: LOG_NAME.into(),
-            inflight,
-            record_bytes: cfg.record_bytes,
-            warmup: cfg.warmup,
-            duration: cfg.duration,
-            rate_per_s: None,
-        };
-        let r = run_append(&client, &load).await?;
-        let cpu_use = CpuUse::between(cpu_before, cpu_now(server.pid()));
-        server.check_alive()?;
-        let delta = match (before, storage_counters(&client).await) {
-            (Some(b), Some(a)) => Some(a.since(&b)),
-            _ => None,
-        };
-        eprintln!(
-            "  {what:<6} @{inflight:<4} {:>9.0} rec/s {:>7.1} MB/s  p50 {:>8.0} p99 {:>8.0} p99.9 {:>8.0} µs{}",
-            r.records_per_s,
-            r.mb_per_s,
-            r.latency.p50_us,
-            r.latency.p99_us,
-            r.latency.p999_us,
-            if r.errors > 0 { format!("  ({} errors)", r.errors) } else { String::new() }
-        );
-        if let Some(d) = delta {
-            eprintln!(
-                "         head storage: {:.1} records/batch, {:.1} batches/fsync",
-                r.records_total as f64 / d.batches.max(1) as f64,
-                d.batches_per_fsync()
-            );
-        }
-        if let Some(c) = cpu_use {
-            let per = 1e6 / r.records_total.max(1) as f64;
-            eprintln!(
-                "         cpu µs/record: server {:.0}, client {:.0}",
-                c.server_s * per,
-                c.client_s * per
-            );
-        }
-        out.push(r);
-        storage.push(delta);
-        cpu.push(cpu_use);
-    }
+    let before = storage_counters(&client).await;
+    let cpu_before = cpu_now(server.pid());
+    let load = AppendLoad {
+        log: LOG_NAME.into(),
+        inflight,
+        record_bytes: cfg.record_bytes,
+        warmup: cfg.warmup,
+        duration: cfg.duration,
+        rate_per_s: None,
+    };
+    let r = run_append(&client, &load).await?;
+    let cpu = CpuUse::between(cpu_before, cpu_now(server.pid()));
+    server.check_alive()?;
     let status = client.status().await.ok();
-    Ok((out, storage, cpu, status))
+    let storage = match (
+        before,
+        status.as_ref().and_then(StorageCounters::from_status),
+    ) {
+        (Some(b), Some(a)) => Some(a.since(&b)),
+        _ => None,
+    };
+    eprintln!(
+        "  {what:<6} @{inflight:<4} {:>9.0} rec/s {:>7.1} MB/s  p50 {:>8.0} p99 {:>8.0} p99.9 {:>8.0} µs{}",
+        r.records_per_s,
+        r.mb_per_s,
+        r.latency.p50_us,
+        r.latency.p99_us,
+        r.latency.p999_us,
+        if r.errors > 0 { format!("  ({} errors)", r.errors) } else { String::new() }
+    );
+    if let (Some(d), Some(c)) = (storage, cpu) {
+        let per = 1e6 / r.records_total.max(1) as f64;
+        eprintln!(
+            "         head: {:.1} records/batch, {:.1} batches/fsync; cpu µs/record: server {:.0}, client {:.0}",
+            r.records_total as f64 / d.batches.max(1) as f64,
+            d.batches_per_fsync(),
+            c.server_s * per,
+            c.client_s * per
+        );
+    }
+    Ok(ServerRun {
+        result: r,
+        storage,
+        cpu,
+        status,
+    })
 }
 
+/// The three measurements a round interleaves at each level.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    Floor,
+    Single,
+    Chain,
+}
+
+/// Order of the steps in round `round`: rotated each round, so no measurement always runs
+/// first (after the previous level's heaviest load) or last.
+fn step_order(round: usize) -> [Step; 3] {
+    let mut o = [Step::Floor, Step::Single, Step::Chain];
+    o.rotate_left(round % 3);
+    o
+}
+
+/// One round: at each level, the floor, a fresh single node and a fresh chain back to back (in
+/// a per-round order), so the floor and the runs it is compared with are seconds apart.
 async fn one_round(round: usize, cfg: &SuiteConfig) -> anyhow::Result<RoundResult> {
     eprintln!("round {}/{}", round + 1, cfg.rounds);
     let tmp = tempfile::Builder::new()
         .prefix("chainlog-bench-")
         .tempdir_in(&cfg.data_dir)
         .with_context(|| format!("temp dir in {}", cfg.data_dir.display()))?;
-    let mut floors: Vec<DiskFloor> = Vec::new();
-    for &inflight in &cfg.levels {
-        let f = disk_floor_async(
-            tmp.path().to_path_buf(),
-            cfg.record_bytes,
-            inflight,
-            cfg.floor_budget,
-        )
-        .await?;
-        for r in &f.runs {
-            eprintln!(
-                "  floor  @{inflight:<4} {:>9.0} rec/s {:>7.1} MB/s  p50 {:>8.0} p99 {:>8.0} µs per sync ({} rounds, {:?}{})",
-                r.records_per_s,
-                r.records_per_s * cfg.record_bytes as f64 / 1e6,
-                r.p50_us,
-                r.p99_us,
-                r.rounds,
-                r.layout,
-                if r.layout == f.layout { ", floor" } else { "" }
-            );
-        }
-        floors.push(f);
-    }
     let loopback = loopback_rtt(cfg.loopback_frame_bytes, cfg.loopback_duration).await?;
     eprintln!(
         "  loopback {} B ping-pong p50 {:.1} µs",
         loopback.frame_bytes, loopback.rtt.p50_us
     );
-
-    let (single, single_storage, single_cpu, single_status) = {
-        let mut s = ServerProc::single(&cfg.server_bin, &tmp.path().join("single"), &cfg.io_mode)?;
-        run_levels(&mut s, cfg, "single").await?
-    };
-    let (chain, chain_storage, chain_cpu, chain_status) = {
-        let mut s = ServerProc::chain(
-            &cfg.server_bin,
-            &tmp.path().join("chain"),
-            cfg.chain_nodes,
-            &cfg.io_mode,
-        )?;
-        run_levels(&mut s, cfg, "chain").await?
-    };
+    let mut floors: Vec<DiskFloor> = Vec::new();
+    let mut single = Vec::new();
+    let mut chain = Vec::new();
+    for &inflight in &cfg.levels {
+        for step in step_order(round) {
+            match step {
+                Step::Floor => {
+                    let f = disk_floor_async(
+                        tmp.path().join("floor"),
+                        cfg.record_bytes,
+                        inflight,
+                        cfg.floor_budget,
+                    )
+                    .await?;
+                    for r in &f.runs {
+                        eprintln!(
+                            "  floor  @{inflight:<4} {:>9.0} rec/s {:>7.1} MB/s  p50 {:>8.0} p99 {:>8.0} µs per sync ({} rounds, {:?}{})",
+                            r.records_per_s,
+                            r.records_per_s * cfg.record_bytes as f64 / 1e6,
+                            r.p50_us,
+                            r.p99_us,
+                            r.rounds,
+                            r.layout,
+                            if r.layout == f.layout { ", floor" } else { "" }
+                        );
+                    }
+                    floors.push(f);
+                }
+                Step::Single => {
+                    let dir = tmp.path().join(format!("single-{inflight}"));
+                    let s = ServerProc::single(&cfg.server_bin, &dir, &cfg.io_mode)?;
+                    single.push(run_on(s, cfg, "single", inflight).await?);
+                    // The data of a finished run only costs disk space from here on.
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+                Step::Chain => {
+                    let dir = tmp.path().join(format!("chain-{inflight}"));
+                    let s =
+                        ServerProc::chain(&cfg.server_bin, &dir, cfg.chain_nodes, &cfg.io_mode)?;
+                    chain.push(run_on(s, cfg, "chain", inflight).await?);
+                    let _ = std::fs::remove_dir_all(&dir);
+                }
+            }
+        }
+    }
+    let (single, single_storage, single_cpu, single_status) = unzip_runs(single);
+    let (chain, chain_storage, chain_cpu, chain_status) = unzip_runs(chain);
     Ok(RoundResult {
         round,
         floors,
@@ -228,6 +253,24 @@ async fn one_round(round: usize, cfg: &SuiteConfig) -> anyhow::Result<RoundResul
         single_status,
         chain_status,
     })
+}
+
+type Unzipped = (
+    Vec<AppendResult>,
+    Vec<Option<StorageCounters>>,
+    Vec<Option<CpuUse>>,
+    Vec<Option<serde_json::Value>>,
+);
+
+fn unzip_runs(runs: Vec<ServerRun>) -> Unzipped {
+    let mut out: Unzipped = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    for r in runs {
+        out.0.push(r.result);
+        out.1.push(r.storage);
+        out.2.push(r.cpu);
+        out.3.push(r.status);
+    }
+    out
 }
 
 /// Runs the suite, writes `report.json` and `report.md` (and a timestamped copy of each) to
@@ -286,4 +329,27 @@ fn write_report(report: &SuiteReport, out: &Path) -> anyhow::Result<()> {
         std::fs::write(out.join(&name), body).with_context(|| format!("writing {name}"))?;
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_step_leads_once_every_three_rounds() {
+        let firsts: Vec<Step> = (0..3).map(|r| step_order(r)[0]).collect();
+        assert_eq!(firsts, vec![Step::Floor, Step::Single, Step::Chain]);
+        assert_eq!(step_order(4), step_order(1));
+        for r in 0..3 {
+            let o = step_order(r);
+            assert!([Step::Floor, Step::Single, Step::Chain]
+                .iter()
+                .all(|s| o.contains(s)));
+        }
+    }
+
+    #[test]
+    fn git_rev_is_never_empty() {
+        assert!(!git_rev().is_empty());
+    }
 }
