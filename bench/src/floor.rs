@@ -40,6 +40,9 @@ pub struct FloorRun {
     pub p50_us: f64,
     pub p99_us: f64,
     pub max_us: f64,
+    /// CPU (user + system, this process, io_uring workers included) per record: the kernel's
+    /// own cost of making a record durable, to compare with the server's CPU per record.
+    pub cpu_us_per_record: Option<f64>,
 }
 
 /// The floor for `inflight` appends: the better layout's figures, with every run kept.
@@ -91,8 +94,13 @@ fn measure(
         (budget.as_secs_f64() / per_round.as_secs_f64()) as usize
     }
     .clamp(ROUNDS_MIN, ROUNDS_MAX);
+    let cpu_before = crate::cpu::process_cpu_s(None);
     let r = floor(dir, write_bytes, writes_per_sync, rounds)
         .with_context(|| format!("disk floor in {}", dir.display()))?;
+    let records = (r.rounds * writes_per_sync * records_per_write).max(1) as f64;
+    let cpu_us_per_record = crate::cpu::process_cpu_s(None)
+        .zip(cpu_before)
+        .map(|(after, before)| (after - before) * 1e6 / records);
     Ok(FloorRun {
         layout,
         writes_per_sync,
@@ -103,6 +111,7 @@ fn measure(
         p50_us: r.p50_us as f64,
         p99_us: r.p99_us as f64,
         max_us: r.max_us as f64,
+        cpu_us_per_record,
     })
 }
 

@@ -84,8 +84,8 @@ enum Cmd {
         duration_s: f64,
         #[arg(long, default_value_t = 1.0)]
         warmup_s: f64,
-        /// Seconds per floor measurement.
-        #[arg(long, default_value_t = 1.0)]
+        /// Seconds per floor measurement (each layout, each level, each round).
+        #[arg(long, default_value_t = 2.0)]
         floor_s: f64,
         #[arg(long, value_delimiter = ',', default_value = "1,16,128")]
         levels: Vec<usize>,
@@ -129,13 +129,13 @@ async fn main() -> anyhow::Result<()> {
             std::fs::create_dir_all(&dir)?;
             let budget = secs(seconds, "seconds")?;
             let levels = batch.map_or_else(|| vec![1, 16, 128], |b| vec![b]);
-            println!("| batches per fdatasync | layout | writes × bytes | records/s | MB/s | p50 µs | p99 µs | max µs | rounds | O_DIRECT |");
-            println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---|");
+            println!("| batches per fdatasync | layout | writes × bytes | records/s | MB/s | p50 µs | p99 µs | max µs | CPU µs/record | rounds | O_DIRECT |");
+            println!("|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---|");
             for l in levels {
                 let f = disk_floor_async(dir.clone(), record_bytes, l, budget).await?;
                 for r in &f.runs {
                     println!(
-                        "| {} | {:?}{} | {} × {} | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} | {} | {} |",
+                        "| {} | {:?}{} | {} × {} | {:.0} | {:.1} | {:.0} | {:.0} | {:.0} | {:.1} | {} | {} |",
                         l,
                         r.layout,
                         if r.layout == f.layout { " (floor)" } else { "" },
@@ -146,6 +146,7 @@ async fn main() -> anyhow::Result<()> {
                         r.p50_us,
                         r.p99_us,
                         r.max_us,
+                        r.cpu_us_per_record.unwrap_or(f64::NAN),
                         r.rounds,
                         r.direct
                     );

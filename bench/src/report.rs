@@ -65,6 +65,8 @@ pub struct LevelSummary {
     pub floor_per_batch_p50_us: f64,
     pub floor_packed_records_per_s: f64,
     pub floor_packed_p50_us: f64,
+    pub floor_per_batch_cpu_us_per_record: f64,
+    pub floor_packed_cpu_us_per_record: f64,
     pub single_records_per_s: f64,
     pub single_mb_per_s: f64,
     pub single_p50_us: f64,
@@ -222,6 +224,12 @@ pub fn summarize(
             floor_packed_p50_us: median(&col(&|r| {
                 layout_run(r, i, Layout::Packed).map(|f| f.p50_us)
             })),
+            floor_per_batch_cpu_us_per_record: median(&col(&|r| {
+                layout_run(r, i, Layout::PerBatch).and_then(|f| f.cpu_us_per_record)
+            })),
+            floor_packed_cpu_us_per_record: median(&col(&|r| {
+                layout_run(r, i, Layout::Packed).and_then(|f| f.cpu_us_per_record)
+            })),
             single_records_per_s: median(&col(&single)),
             single_mb_per_s: median(&col(&|r| at(&r.single, i).map(|a| a.mb_per_s))),
             single_p50_us: median(&col(&|r| at(&r.single, i).map(|a| a.latency.p50_us))),
@@ -355,19 +363,24 @@ impl SuiteReport {
         );
         let _ = writeln!(
             s,
-            "\n## Disk floor by layout (records/s; p50 µs per fdatasync round)\n"
+            "\n## Disk floor by layout (records/s; p50 µs per fdatasync round; CPU µs per record of the floor process)\n"
         );
-        let _ = writeln!(s, "| in flight | N writes | p50 | 1 packed write | p50 |");
-        let _ = writeln!(s, "|---:|---:|---:|---:|---:|");
+        let _ = writeln!(
+            s,
+            "| in flight | N writes | p50 | CPU µs/rec | 1 packed write | p50 | CPU µs/rec |"
+        );
+        let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|");
         for l in &self.levels {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} |",
                 l.inflight,
                 n(l.floor_per_batch_records_per_s),
                 n(l.floor_per_batch_p50_us),
+                n(l.floor_per_batch_cpu_us_per_record),
                 n(l.floor_packed_records_per_s),
-                n(l.floor_packed_p50_us)
+                n(l.floor_packed_p50_us),
+                n(l.floor_packed_cpu_us_per_record)
             );
         }
         let _ = writeln!(
@@ -503,6 +516,7 @@ mod tests {
                     p50_us: p50,
                     p99_us: p50,
                     max_us: p50,
+                    cpu_us_per_record: None,
                 })
                 .collect(),
             rounds: 10,
