@@ -21,7 +21,7 @@ use chainlog_hw::net::tcp::{split, split_with, BodyPolicy, StreamReader, StreamW
 use chainlog_hw::net::{Frame, FrameRecv, FrameSend, NetError};
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
@@ -47,10 +47,22 @@ struct Out {
 
 type OutTx = mpsc::UnboundedSender<Out>;
 
+/// Bytes of replies and pushes that may wait for one client's socket. A consumer slower than
+/// that is disconnected (with a `LimitExceeded` error) rather than allowed to grow memory.
+const CLIENT_QUEUE_BYTES_MAX: usize = 64 << 20;
+
+/// A client connection as the core loop sees it: its outbound queue and that queue's size.
+struct ClientOut {
+    tx: OutTx,
+    queued_bytes: Arc<AtomicUsize>,
+    /// Told when the core drops the client (slow consumer): the reader stops too.
+    kicked: Arc<tokio::sync::Notify>,
+}
+
 enum Event {
     ClientUp {
         id: ClientId,
-        tx: OutTx,
+        out: ClientOut,
     },
     Client {
         id: ClientId,
@@ -202,6 +214,7 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         listen,
         metrics: Metrics::default(),
         append_started: BTreeMap::new(),
+        gone: Vec::new(),
     };
     let done = tokio::spawn(core.run(ev_rx, stop_rx));
     tracing::info!(node = node.0, %listen, cluster = %format!("{:016x}", cluster_id.0), "node started");
@@ -250,13 +263,15 @@ struct CoreLoop {
     shared: Arc<Shared>,
     replica: Replica,
     storage: Option<Storage>,
-    clients: BTreeMap<ClientId, OutTx>,
+    clients: BTreeMap<ClientId, ClientOut>,
     links: BTreeMap<NodeId, (u64, OutTx)>,
     start: std::time::Instant,
     listen: SocketAddr,
     metrics: Metrics,
     /// Start times of appends in flight, for the head's append-latency histogram.
     append_started: BTreeMap<(ClientId, u64), std::time::Instant>,
+    /// Clients dropped while carrying out effects (slow consumers), told to the core next.
+    gone: Vec<ClientId>,
 }
 
 impl CoreLoop {
@@ -289,6 +304,11 @@ impl CoreLoop {
                 }
             }
             self.carry_out(&mut effects);
+            while let Some(id) = self.gone.pop() {
+                let now = now_us(self.start);
+                self.replica.on_client_gone(now, id, &mut effects);
+                self.carry_out(&mut effects);
+            }
         }
         if let Some(s) = self.storage.take() {
             tokio::task::block_in_place(|| s.shutdown());
@@ -299,8 +319,8 @@ impl CoreLoop {
     fn handle(&mut self, ev: Event, out: &mut Vec<Effect>) {
         let now = now_us(self.start);
         match ev {
-            Event::ClientUp { id, tx } => {
-                self.clients.insert(id, tx);
+            Event::ClientUp { id, out } => {
+                self.clients.insert(id, out);
             }
             Event::Client {
                 id,
@@ -354,13 +374,32 @@ impl CoreLoop {
     }
 
     fn reply(&mut self, client: ClientId, request_id: u64, reply: &ClientReply) {
-        if let Some(tx) = self.clients.get(&client) {
-            let completes = !matches!(reply, ClientReply::Records { .. });
-            let _ = tx.send(Out {
-                frame: reply.encode(request_id),
-                completes,
+        let Some(c) = self.clients.get(&client) else {
+            return;
+        };
+        let completes = !matches!(reply, ClientReply::Records { .. });
+        let frame = reply.encode(request_id);
+        let len = frame.len();
+        if c.queued_bytes.load(Ordering::Relaxed) + len > CLIENT_QUEUE_BYTES_MAX {
+            tracing::warn!(client = client.0, "slow consumer: disconnecting");
+            let _ = c.tx.send(Out {
+                frame: ClientReply::Error {
+                    code: ErrorCode::LimitExceeded,
+                    message: format!(
+                        "slow consumer: over {CLIENT_QUEUE_BYTES_MAX} bytes wait for this connection"
+                    ),
+                }
+                .encode(request_id),
+                completes: true,
             });
+            c.kicked.notify_one();
+            self.clients.remove(&client);
+            // The core forgets the client's subscriptions and reads on the next turn.
+            self.gone.push(client);
+            return;
         }
+        c.queued_bytes.fetch_add(len, Ordering::Relaxed);
+        let _ = c.tx.send(Out { frame, completes });
     }
 
     fn carry_out(&mut self, effects: &mut Vec<Effect>) {
@@ -690,16 +729,32 @@ async fn client_session(
     let inflight = Arc::new(Semaphore::new(
         chainlog_core::limits::CONNECTION_REQUESTS_MAX,
     ));
-    let _ = ev_tx.send(Event::ClientUp { id, tx: tx.clone() });
-    let writer = tokio::spawn(writer_loop(w, rx, Some(inflight.clone())));
+    let queued_bytes = Arc::new(AtomicUsize::new(0));
+    let kicked = Arc::new(tokio::sync::Notify::new());
+    let _ = ev_tx.send(Event::ClientUp {
+        id,
+        out: ClientOut {
+            tx: tx.clone(),
+            queued_bytes: queued_bytes.clone(),
+            kicked: kicked.clone(),
+        },
+    });
+    let writer = tokio::spawn(writer_loop(
+        w,
+        rx,
+        Some(inflight.clone()),
+        Some(queued_bytes),
+    ));
     let result = loop {
         // Backpressure: stop reading when this connection has too many requests in flight.
         let permit = tokio::select! {
             _ = stop.changed() => break Ok(()),
+            _ = kicked.notified() => break Ok(()),
             p = inflight.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break Ok(()) },
         };
         let frame = tokio::select! {
             _ = stop.changed() => break Ok(()),
+            _ = kicked.notified() => break Ok(()),
             f = r.recv() => f,
         };
         let frame: Frame = match frame {
@@ -752,6 +807,7 @@ async fn writer_loop<W: tokio::io::AsyncWrite + Unpin + Send>(
     mut w: StreamWriter<W>,
     mut rx: mpsc::UnboundedReceiver<Out>,
     inflight: Option<Arc<Semaphore>>,
+    queued_bytes: Option<Arc<AtomicUsize>>,
 ) {
     let mut frames: Vec<Encoded> = Vec::with_capacity(FRAMES_PER_WRITE_MAX);
     while let Some(first) = rx.recv().await {
@@ -767,6 +823,10 @@ async fn writer_loop<W: tokio::io::AsyncWrite + Unpin + Send>(
             }
         }
         let res = w.send(&frames).await;
+        if let Some(q) = &queued_bytes {
+            let sent: usize = frames.iter().map(Encoded::len).sum();
+            q.fetch_sub(sent.min(q.load(Ordering::Relaxed)), Ordering::Relaxed);
+        }
         frames.clear();
         if let Some(s) = &inflight {
             s.add_permits(completed);
@@ -789,7 +849,7 @@ async fn peer_session(
     let gen = shared.next_link_gen.fetch_add(1, Ordering::Relaxed);
     let (tx, rx) = mpsc::unbounded_channel::<Out>();
     let _ = ev_tx.send(Event::LinkUp { peer, gen, tx });
-    let writer = tokio::spawn(writer_loop(w, rx, None));
+    let writer = tokio::spawn(writer_loop(w, rx, None, None));
     loop {
         let f = tokio::select! {
             _ = stop.changed() => break,

@@ -258,3 +258,54 @@ fn bad_input_gets_typed_errors_and_the_server_keeps_serving() {
         ]
     );
 }
+
+#[test]
+fn a_subscriber_that_never_reads_is_disconnected_not_buffered() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::single(&dir.path().join("n1"), "buffered");
+    let (mut slow, hello) = Raw::client(server.addr, 0);
+    hello.expect("hello");
+    slow.send_bytes(
+        &ClientRequest::Subscribe {
+            log: LogId::from_name("default"),
+            from: Offset(0),
+        }
+        .encode(1)
+        .to_vec(),
+    );
+    let (mut fast, hello) = Raw::client(server.addr, 0);
+    hello.expect("hello");
+    let record = vec![0x42u8; 1_000_000];
+    for i in 0..100u64 {
+        match append(&mut fast, 100 + i, "default", &[&record]) {
+            ClientReply::AppendOk { .. } => {}
+            other => panic!("append {i}: {other:?}"),
+        }
+    }
+    // Drain the slow connection: pushes, then a LimitExceeded error, then the close.
+    let mut saw_limit = false;
+    let mut pushed = 0usize;
+    while let Some((h, body)) = slow.recv() {
+        match ClientReply::decode(h.kind, body).expect("decode") {
+            ClientReply::Records { batches, .. } => pushed += batches.len(),
+            ClientReply::Error { code, .. } => {
+                assert_eq!(code, ErrorCode::LimitExceeded);
+                saw_limit = true;
+            }
+            other => panic!("unexpected {other:?}"),
+        }
+    }
+    assert!(
+        saw_limit,
+        "the slow consumer was not told why it was dropped ({pushed} pushed)"
+    );
+    assert!(
+        pushed < 100,
+        "everything was buffered for a reader that never read"
+    );
+    // The server is fine and still serves.
+    assert!(matches!(
+        append(&mut fast, 999, "default", &[b"after"]),
+        ClientReply::AppendOk { .. }
+    ));
+}
