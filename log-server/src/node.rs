@@ -617,6 +617,7 @@ async fn serve_connection(
         align: shared
             .direct_io
             .then_some(chainlog_core::limits::DISK_ALIGN_BYTES),
+        split_peer_batches: false,
     };
     let (mut r, mut w) = split_with(stream, client_policy);
     let first = match tokio::time::timeout(HELLO_TIMEOUT, r.recv()).await {
@@ -709,8 +710,7 @@ async fn serve_connection(
                 return Ok(());
             }
             w.send(&[ok.encode(first.header.request_id)]).await?;
-            // Peer frames are never mutated: slice them from the shared buffer.
-            r.set_policy(BodyPolicy::default());
+            r.set_policy(peer_policy(&shared));
             peer_session(node, r, w, shared, ev_tx, stop).await;
             Ok(())
         }
@@ -857,7 +857,12 @@ async fn peer_session(
         };
         match f {
             Ok(Some(f)) if f.header.kind == Kind::Peer as u16 => {
-                match PeerMessage::decode(f.body) {
+                let decoded = if f.batches.is_empty() {
+                    PeerMessage::decode(f.body)
+                } else {
+                    PeerMessage::decode_split(f.body, f.batches)
+                };
+                match decoded {
                     Ok(msg) => {
                         let _ = ev_tx.send(Event::Peer {
                             from: peer,
@@ -888,6 +893,20 @@ async fn peer_session(
     }
     let _ = ev_tx.send(Event::LinkDown { peer, gen });
     writer.abort();
+}
+
+/// How a peer link reads frames: each batch into a buffer of its own (page-aligned and padded
+/// when storage uses O_DIRECT), so the replica writes and forwards it as received. Slicing from
+/// a shared receive buffer would need fewer reads but copies every frame that straddles the
+/// buffer's end.
+fn peer_policy(shared: &Shared) -> BodyPolicy {
+    BodyPolicy {
+        dedicated_kind: None,
+        align: shared
+            .direct_io
+            .then_some(chainlog_core::limits::DISK_ALIGN_BYTES),
+        split_peer_batches: true,
+    }
 }
 
 /// Keeps a link to the successor up: connect, handshake, serve, reconnect with back-off.
@@ -935,7 +954,7 @@ async fn connect_peer(
     StreamWriter<tokio::net::tcp::OwnedWriteHalf>,
 )> {
     let stream = tokio::time::timeout(HELLO_TIMEOUT, TcpStream::connect(addr)).await??;
-    let (mut r, mut w) = split(stream);
+    let (mut r, mut w) = split_with(stream, peer_policy(shared));
     let hello = Hello {
         version: PROTOCOL_VERSION,
         cluster_id: shared.cluster_id,

@@ -51,3 +51,88 @@ async fn no_payload_copies_on_the_append_path() {
         assert!(s["storage"]["batches"].as_u64().unwrap_or(0) > 0);
     }
 }
+
+/// Three consecutive free loopback ports.
+fn free_port_run() -> u16 {
+    for _ in 0..100 {
+        let base = common::free_port();
+        if base < 65000
+            && (1..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok())
+        {
+            return base;
+        }
+    }
+    panic!("no three consecutive free ports");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_payload_copies_on_any_replica_of_a_chain() {
+    for mode in ["buffered", "direct"] {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let port = free_port_run();
+        let addrs: Vec<String> = (0..3).map(|i| format!("127.0.0.1:{}", port + i)).collect();
+        let mut dev = std::process::Command::new(env!("CARGO_BIN_EXE_log-server"))
+            .args([
+                "dev",
+                "--io-mode",
+                mode,
+                "--port",
+                &port.to_string(),
+                "--dir",
+            ])
+            .arg(tmp.path().join("data"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn dev chain");
+        for a in &addrs {
+            common::wait_listening(
+                a.parse().expect("addr"),
+                std::time::Duration::from_secs(30),
+                Some(&mut dev),
+            );
+        }
+        let client = Client::connect(ClientConfig::new(addrs.clone()))
+            .await
+            .expect("connect");
+        let mut tasks = vec![];
+        for w in 0..8usize {
+            let client = client.clone();
+            tasks.push(tokio::spawn(async move {
+                for i in 0..150usize {
+                    let p = vec![b'a' + (w as u8); 1 + (i * 37 + w * 101) % 5000];
+                    client.append("default", p).await.expect("append");
+                }
+            }));
+        }
+        for t in tasks {
+            t.await.expect("join");
+        }
+        for node in 0..3 {
+            let s = client.status_of(node).await.expect("status");
+            let io = s["storage"]["io_mode"].as_str().unwrap_or("?").to_string();
+            if mode == "direct" && io != "direct" {
+                eprintln!("skipping direct: the probe chose {io} on this filesystem");
+                break;
+            }
+            assert_eq!(
+                s["net_copy_bytes"], 0,
+                "{mode} node {node}: transport copied"
+            );
+            assert_eq!(
+                s["storage"]["copy_bytes"], 0,
+                "{mode} node {node}: storage copied"
+            );
+            assert_eq!(
+                s["replica"]["restamp_copy_bytes"], 0,
+                "{mode} node {node}: restamp copied"
+            );
+            assert!(
+                s["storage"]["batches"].as_u64().unwrap_or(0) > 0,
+                "node {node} stored nothing"
+            );
+        }
+        let _ = dev.kill();
+        let _ = dev.wait();
+    }
+}

@@ -17,7 +17,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 #[derive(Debug, Clone)]
 pub struct Frame {
     pub header: FrameHeader,
+    /// The body; for a split peer frame (see `tcp::BodyPolicy::split_peer_batches`) only the
+    /// fixed part before the batches.
     pub body: Bytes,
+    /// The batches of a split peer frame, each in a buffer of its own; empty otherwise.
+    pub batches: Vec<Bytes>,
 }
 
 /// Errors of a transport.

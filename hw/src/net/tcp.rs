@@ -2,7 +2,10 @@
 
 use super::{count_copy, Frame, FrameRecv, FrameSend, NetError};
 use bytes::{Buf, BufMut, BytesMut};
-use chainlog_core::wire::{Encoded, FrameHeader, FRAME_HEADER_LEN};
+use chainlog_core::record::{BatchHeader, HEADER_LEN};
+use chainlog_core::wire::{
+    peer_fixed_len, Encoded, FrameHeader, Kind, FRAME_HEADER_LEN, PEER_FIXED_LEN_MIN,
+};
 use std::io::IoSlice;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -25,6 +28,9 @@ pub struct BodyPolicy {
     /// Align dedicated bodies to this many bytes and zero-pad their length to a multiple of it
     /// (the padding is part of the returned `Bytes`; the frame header keeps the real length).
     pub align: Option<usize>,
+    /// Read each batch of a batch-carrying peer frame into a buffer of its own (aligned and
+    /// padded per `align`), so a replica writes it with O_DIRECT as received, without a copy.
+    pub split_peer_batches: bool,
 }
 
 /// Reads frames from any byte stream (a TCP half, a Unix socket, a test pipe).
@@ -170,7 +176,8 @@ impl<R: AsyncRead + Unpin + Send> StreamReader<R> {
 impl<R: AsyncRead + Unpin + Send> FrameRecv for StreamReader<R> {
     async fn recv(&mut self) -> Result<Option<Frame>, NetError> {
         let dedicated = self.policy.dedicated_kind;
-        let have_header = if dedicated.is_some() {
+        let exact = dedicated.is_some() || self.policy.split_peer_batches;
+        let have_header = if exact {
             self.fill_header_exact().await?
         } else {
             self.fill(FRAME_HEADER_LEN).await?
@@ -182,15 +189,26 @@ impl<R: AsyncRead + Unpin + Send> FrameRecv for StreamReader<R> {
         hb.copy_from_slice(&self.buf[..FRAME_HEADER_LEN]);
         let header = FrameHeader::decode(&hb)?;
         let len = header.body_len as usize;
-        if dedicated.is_some() {
+        if exact {
             self.buf.advance(FRAME_HEADER_LEN);
             if dedicated == Some(header.kind) {
                 let body = self.read_dedicated(len).await?.freeze();
-                return Ok(Some(Frame { header, body }));
+                return Ok(Some(Frame {
+                    header,
+                    body,
+                    batches: Vec::new(),
+                }));
+            }
+            if self.policy.split_peer_batches && header.kind == Kind::Peer as u16 {
+                return self.read_split_peer(header).await.map(Some);
             }
             // Small control frames: read exactly, still without read-ahead.
             let body = self.read_dedicated_shared(len).await?;
-            return Ok(Some(Frame { header, body }));
+            return Ok(Some(Frame {
+                header,
+                body,
+                batches: Vec::new(),
+            }));
         }
         let total = FRAME_HEADER_LEN + len;
         if !self.fill(total).await? {
@@ -198,11 +216,90 @@ impl<R: AsyncRead + Unpin + Send> FrameRecv for StreamReader<R> {
         }
         self.buf.advance(FRAME_HEADER_LEN);
         let body = self.buf.split_to(len).freeze();
-        Ok(Some(Frame { header, body }))
+        Ok(Some(Frame {
+            header,
+            body,
+            batches: Vec::new(),
+        }))
     }
 }
 
 impl<R: AsyncRead + Unpin + Send> StreamReader<R> {
+    /// A peer frame whose batches each get a buffer of their own: the fixed part is read
+    /// exactly, then every batch header, then the rest of that batch straight into an aligned,
+    /// padded buffer. Only the 80-byte batch headers pass through the shared buffer.
+    async fn read_split_peer(&mut self, header: FrameHeader) -> Result<Frame, NetError> {
+        let len = header.body_len as usize;
+        let first = len.min(PEER_FIXED_LEN_MIN);
+        let mut fixed = self.read_dedicated_shared(first).await?;
+        let Some(fixed_len) = fixed.first().and_then(|&sub| peer_fixed_len(sub)) else {
+            // No batches in this message: the rest of the body, exactly.
+            let rest = self.read_dedicated_shared(len - first).await?;
+            let mut whole = BytesMut::with_capacity(len);
+            whole.extend_from_slice(&fixed);
+            whole.extend_from_slice(&rest);
+            return Ok(Frame {
+                header,
+                body: whole.freeze(),
+                batches: Vec::new(),
+            });
+        };
+        if fixed_len > len {
+            return Err(NetError::BadFrame(chainlog_core::Error::Malformed(
+                "peer frame shorter than its fixed part".into(),
+            )));
+        }
+        if fixed_len > first {
+            let more = self.read_dedicated_shared(fixed_len - first).await?;
+            let mut f = BytesMut::with_capacity(fixed_len);
+            f.extend_from_slice(&fixed);
+            f.extend_from_slice(&more);
+            fixed = f.freeze();
+        }
+        let align = self.policy.align.unwrap_or(1).max(1);
+        let mut left = len - fixed_len;
+        let mut batches = Vec::new();
+        while left > 0 {
+            if left < HEADER_LEN {
+                return Err(NetError::BadFrame(chainlog_core::Error::Malformed(
+                    "peer frame ends inside a batch header".into(),
+                )));
+            }
+            let head = self.read_dedicated_shared(HEADER_LEN).await?;
+            let h = BatchHeader::decode(&head)?;
+            let blen = h.batch_len();
+            if blen > left {
+                return Err(NetError::BadFrame(chainlog_core::Error::Malformed(
+                    "batch runs past its peer frame".into(),
+                )));
+            }
+            let padded = blen.div_ceil(align) * align;
+            let mut b = if align > 1 {
+                aligned_buffer(padded, align)
+            } else {
+                BytesMut::with_capacity(blen)
+            };
+            b.extend_from_slice(&head);
+            while b.len() < blen {
+                let want = blen - b.len();
+                let n = self.r.read_buf(&mut (&mut b).limit(want)).await?;
+                if n == 0 {
+                    return Err(NetError::Truncated);
+                }
+            }
+            if padded > blen {
+                b.resize(padded, 0);
+            }
+            batches.push(b.freeze());
+            left -= blen;
+        }
+        Ok(Frame {
+            header,
+            body: fixed,
+            batches,
+        })
+    }
+
     /// A body read exactly (no read-ahead) into the shared buffer.
     async fn read_dedicated_shared(&mut self, len: usize) -> Result<bytes::Bytes, NetError> {
         if self.buf.capacity() - self.buf.len() < len {
@@ -306,7 +403,7 @@ pub fn split(
 mod tests {
     use super::*;
     use bytes::Bytes;
-    use chainlog_core::wire::{encode_frame, Kind};
+    use chainlog_core::wire::encode_frame;
 
     #[tokio::test]
     async fn frames_cross_a_pipe_intact() {
@@ -346,6 +443,7 @@ mod tests {
         let policy = BodyPolicy {
             dedicated_kind: Some(Kind::Append as u16),
             align: Some(4096),
+            split_peer_batches: false,
         };
         let mut r = StreamReader::with_policy(b, policy);
         let frames: Vec<Encoded> = (0..40u64)
@@ -388,6 +486,67 @@ mod tests {
         writer.await.expect("join");
         assert!(r.recv().await.expect("eof").is_none());
         assert_eq!(r.copied_bytes(), 0, "no payload copies");
+    }
+
+    #[tokio::test]
+    async fn split_peer_batches_each_get_an_aligned_buffer() {
+        use chainlog_core::record::build;
+        use chainlog_core::wire::PeerMessage;
+        use chainlog_core::{Epoch, LogId, Offset};
+        let log = LogId(9);
+        let b1 = build(log, Offset(0), Epoch(1), &[b"one", b"two"]).expect("build");
+        let b2 = build(log, Offset(2), Epoch(1), &[&[7u8; 5000][..]]).expect("build");
+        let msgs = vec![
+            PeerMessage::Append {
+                epoch: Epoch(1),
+                session: 3,
+                log,
+                base: Offset(0),
+                committed_end: Offset(0),
+                batches: vec![b1, b2],
+            },
+            PeerMessage::Commit {
+                epoch: Epoch(1),
+                session: 3,
+                log,
+                committed_end: Offset(3),
+            },
+        ];
+        let (a, b) = tokio::io::duplex(2000);
+        let mut w = StreamWriter::new(a);
+        let policy = BodyPolicy {
+            dedicated_kind: None,
+            align: Some(4096),
+            split_peer_batches: true,
+        };
+        let mut r = StreamReader::with_policy(b, policy);
+        let frames: Vec<Encoded> = msgs.iter().map(PeerMessage::encode).collect();
+        let writer = tokio::spawn(async move { w.send(&frames).await.expect("send") });
+        for m in &msgs {
+            let f = r.recv().await.expect("recv").expect("frame");
+            for b in &f.batches {
+                assert_eq!(b.as_ptr() as usize % 4096, 0);
+                assert_eq!(b.len() % 4096, 0);
+            }
+            let got = if f.batches.is_empty() {
+                PeerMessage::decode(f.body).expect("decode")
+            } else {
+                PeerMessage::decode_split(f.body, f.batches).expect("decode_split")
+            };
+            match (&got, m) {
+                (
+                    PeerMessage::Append { batches: g, .. },
+                    PeerMessage::Append { batches: want, .. },
+                ) => {
+                    for (g, w) in g.iter().zip(want) {
+                        assert_eq!(&g[..w.len()], &w[..]);
+                    }
+                }
+                _ => assert_eq!(&got, m),
+            }
+        }
+        writer.await.expect("join");
+        assert_eq!(r.copied_bytes(), 0);
     }
 
     #[tokio::test]

@@ -763,8 +763,51 @@ const PEER_PREFIX_LEN: usize = 1 + 8 + 8 + 8;
 
 /// Splits `count` whole batches off `body`, verifying each and that they are the dense run of
 /// `log` starting at `base`.
+/// For a peer message that carries batches, the length of the fixed part before them, read off
+/// the body's first byte; `None` for messages without batches. Lets a transport read each batch
+/// into a buffer of its own (page-aligned for O_DIRECT) instead of slicing one body.
+pub fn peer_fixed_len(sub: u8) -> Option<usize> {
+    match sub {
+        PEER_APPEND => Some(PEER_PREFIX_LEN + 20),
+        PEER_FETCH_REPLY => Some(PEER_PREFIX_LEN + 12),
+        _ => None,
+    }
+}
+
+/// The smallest fixed part of a batch-carrying peer message.
+pub const PEER_FIXED_LEN_MIN: usize = PEER_PREFIX_LEN + 12;
+
 fn peer_batches(body: Bytes, count: u32, log: LogId, base: Offset) -> Result<Vec<Bytes>> {
     let batches = split_batches(body)?;
+    check_peer_batches(batches, count, log, base)
+}
+
+/// Checks batches read into their own buffers: each verifies, any bytes after it are zero
+/// padding shorter than a page, and together they are `count` dense batches of `log` at `base`.
+fn peer_split_batches(
+    batches: Vec<Bytes>,
+    count: u32,
+    log: LogId,
+    base: Offset,
+) -> Result<Vec<Bytes>> {
+    for b in &batches {
+        let h = record::verify(b)?;
+        let tail = &b[h.batch_len()..];
+        if tail.len() >= crate::limits::DISK_ALIGN_BYTES || tail.iter().any(|&x| x != 0) {
+            return Err(Error::Malformed(
+                "bytes after a batch that are not padding".into(),
+            ));
+        }
+    }
+    check_peer_batches(batches, count, log, base)
+}
+
+fn check_peer_batches(
+    batches: Vec<Bytes>,
+    count: u32,
+    log: LogId,
+    base: Offset,
+) -> Result<Vec<Bytes>> {
     if batches.len() != count as usize {
         return Err(Error::Malformed(format!(
             "peer message announces {count} batches, carries {}",
@@ -920,6 +963,50 @@ impl PeerMessage {
                 prefix(b, PEER_TRIM);
                 b.put_u64_le(before.0);
             }),
+        }
+    }
+
+    /// Decodes a batch-carrying peer message whose batches a transport read into buffers of
+    /// their own (`fixed` is the body up to the first batch; see [`peer_fixed_len`]). Each
+    /// batch may carry zero padding after it. Verifies exactly as [`PeerMessage::decode`].
+    pub fn decode_split(mut fixed: Bytes, batches: Vec<Bytes>) -> Result<PeerMessage> {
+        need(&fixed, PEER_PREFIX_LEN, "peer")?;
+        let sub = fixed.get_u8();
+        let epoch = Epoch(fixed.get_u64_le());
+        let session = fixed.get_u64_le();
+        let log = LogId(fixed.get_u64_le());
+        match sub {
+            PEER_APPEND => {
+                need(&fixed, 20, "peer append")?;
+                let base = Offset(fixed.get_u64_le());
+                let committed_end = Offset(fixed.get_u64_le());
+                let count = fixed.get_u32_le();
+                no_trailing(&fixed, "peer append")?;
+                Ok(PeerMessage::Append {
+                    epoch,
+                    session,
+                    log,
+                    base,
+                    committed_end,
+                    batches: peer_split_batches(batches, count, log, base)?,
+                })
+            }
+            PEER_FETCH_REPLY => {
+                need(&fixed, 12, "peer fetch reply")?;
+                let base = Offset(fixed.get_u64_le());
+                let count = fixed.get_u32_le();
+                no_trailing(&fixed, "peer fetch reply")?;
+                Ok(PeerMessage::FetchReply {
+                    epoch,
+                    session,
+                    log,
+                    base,
+                    batches: peer_split_batches(batches, count, log, base)?,
+                })
+            }
+            s => Err(Error::Malformed(format!(
+                "peer sub-kind {s} carries no batches"
+            ))),
         }
     }
 
