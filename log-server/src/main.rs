@@ -68,7 +68,10 @@ fn main() -> anyhow::Result<()> {
         .with_writer(std::io::stderr)
         .init();
     let cli = Cli::parse();
-    let rt = tokio::runtime::Builder::new_multi_thread()
+    // One thread runs every socket and the replica; the storage thread owns io_uring. On the
+    // small machines we target, a work-stealing pool mostly added cross-thread wake-ups (futex,
+    // epoll) to every append.
+    let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
         .context("starting the tokio runtime")?;

@@ -153,7 +153,8 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         retention_ms: cfg.storage.retention_ms,
         ..StorageConfig::default()
     };
-    let (storage, mut recovered) = tokio::task::block_in_place(|| {
+    // Recovery reads and verifies segments: off the runtime's thread(s).
+    let (storage, mut recovered) = tokio::task::spawn_blocking(move || {
         Storage::open(
             scfg,
             Box::new(move |ev| {
@@ -161,6 +162,8 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
             }),
         )
     })
+    .await
+    .context("storage recovery task")?
     .with_context(|| format!("opening storage in {}", cfg.dir.display()))?;
     let mut ev_rx = ev_rx;
     ensure_default_log(&storage, &mut recovered, &mut ev_rx).await?;
@@ -311,7 +314,7 @@ impl CoreLoop {
             }
         }
         if let Some(s) = self.storage.take() {
-            tokio::task::block_in_place(|| s.shutdown());
+            let _ = tokio::task::spawn_blocking(move || s.shutdown()).await;
         }
         tracing::info!(node = self.shared.node.0, "node stopped");
     }

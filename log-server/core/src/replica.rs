@@ -376,9 +376,15 @@ impl Replica {
             let producers = ProducerTable::from_recovered(&r.producers, PRODUCERS_PER_LOG_MAX);
             let mut l = LogState::new(r.log, r.name, r.start, r.end, producers);
             // The hint may exceed what recovery kept (a corrupt segment was cut): this node
-            // then knows it lacks committed data and repairs it from a neighbour.
-            l.committed_end = r.committed_hint;
-            l.committed_saved = r.committed_hint;
+            // then knows it lacks committed data and repairs it from a neighbour. A chain of one
+            // has no neighbour and no one else to agree with: what it holds durably is
+            // committed, from the first read on (the hint only lags behind that).
+            l.committed_end = if place.role == Role::Single {
+                r.end
+            } else {
+                r.committed_hint
+            };
+            l.committed_saved = l.committed_end;
             l.succ.last_heard = now;
             logs.insert(r.log, l);
         }

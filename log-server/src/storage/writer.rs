@@ -758,7 +758,6 @@ impl Writer {
             self.pending.insert(id);
         }
         emit(&self.events, DiskEvent::Durable { log: id, end });
-        self.save_hint(id, false);
     }
 
     /// Reports a failed write and resets the log to its durable end. `dirty_to` is how far the
@@ -1145,6 +1144,9 @@ impl Writer {
                     self.apply_retention(id);
                 }
             }
+            // The hint is a lower bound that may lag: write it once a tick, not once a group
+            // (an open + pwrite + close per fsync cost more CPU than the append itself).
+            self.save_hint(id, false);
             // Sync hints written since the last tick, asynchronously through the ring.
             let Some(l) = self.logs.get(&id) else {
                 continue;
