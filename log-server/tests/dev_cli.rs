@@ -5,7 +5,7 @@
 mod common;
 
 use std::io::Write;
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
@@ -15,20 +15,6 @@ fn chainlog_bin() -> Option<PathBuf> {
     let server = PathBuf::from(env!("CARGO_BIN_EXE_log-server"));
     let p = server.with_file_name("chainlog");
     p.exists().then_some(p)
-}
-
-/// Three consecutive free loopback ports.
-fn free_port_run() -> u16 {
-    for _ in 0..100 {
-        let base = common::free_port();
-        if base > 65000 {
-            continue;
-        }
-        if (1..3).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
-            return base;
-        }
-    }
-    panic!("no three consecutive free ports");
 }
 
 fn cli(bin: &PathBuf, args: &[&str], stdin: Option<&str>) -> (i32, String, String) {
@@ -60,7 +46,7 @@ fn dev_chain_and_cli() {
         return;
     };
     let tmp = tempfile::tempdir().expect("tempdir");
-    let port = free_port_run();
+    let port = common::free_port_run();
     let mut dev = Command::new(env!("CARGO_BIN_EXE_log-server"))
         .args(["dev", "--port", &port.to_string(), "--dir"])
         .arg(tmp.path().join("data"))

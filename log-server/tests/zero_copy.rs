@@ -6,17 +6,14 @@ mod common;
 use chainlog_client::{Client, ClientConfig};
 use common::Server;
 
-async fn copies_after_load(io_mode: &str) -> serde_json::Value {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let server = Server::single(&dir.path().join("n1"), io_mode);
-    let client = Client::connect(ClientConfig::new([server.addr.to_string()]))
-        .await
-        .expect("connect");
+/// Eight writers appending records of many sizes (1 B .. 5 KB), so batches and frames end at
+/// every kind of boundary.
+async fn load(client: &Client, per_writer: usize) {
     let mut tasks = vec![];
     for w in 0..8usize {
         let client = client.clone();
         tasks.push(tokio::spawn(async move {
-            for i in 0..200usize {
+            for i in 0..per_writer {
                 let p = vec![b'a' + (w as u8); 1 + (i * 37 + w * 101) % 5000];
                 client.append("default", p).await.expect("append");
             }
@@ -25,6 +22,15 @@ async fn copies_after_load(io_mode: &str) -> serde_json::Value {
     for t in tasks {
         t.await.expect("join");
     }
+}
+
+async fn copies_after_load(io_mode: &str) -> serde_json::Value {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let server = Server::single(&dir.path().join("n1"), io_mode);
+    let client = Client::connect(ClientConfig::new([server.addr.to_string()]))
+        .await
+        .expect("connect");
+    load(&client, 200).await;
     let s = client.status().await.expect("status");
     drop(server);
     s
@@ -52,24 +58,11 @@ async fn no_payload_copies_on_the_append_path() {
     }
 }
 
-/// Three consecutive free loopback ports.
-fn free_port_run() -> u16 {
-    for _ in 0..100 {
-        let base = common::free_port();
-        if base < 65000
-            && (1..3).all(|i| std::net::TcpListener::bind(("127.0.0.1", base + i)).is_ok())
-        {
-            return base;
-        }
-    }
-    panic!("no three consecutive free ports");
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_payload_copies_on_any_replica_of_a_chain() {
     for mode in ["buffered", "direct"] {
         let tmp = tempfile::tempdir().expect("tempdir");
-        let port = free_port_run();
+        let port = common::free_port_run();
         let addrs: Vec<String> = (0..3).map(|i| format!("127.0.0.1:{}", port + i)).collect();
         let mut dev = std::process::Command::new(env!("CARGO_BIN_EXE_log-server"))
             .args([
@@ -95,19 +88,7 @@ async fn no_payload_copies_on_any_replica_of_a_chain() {
         let client = Client::connect(ClientConfig::new(addrs.clone()))
             .await
             .expect("connect");
-        let mut tasks = vec![];
-        for w in 0..8usize {
-            let client = client.clone();
-            tasks.push(tokio::spawn(async move {
-                for i in 0..150usize {
-                    let p = vec![b'a' + (w as u8); 1 + (i * 37 + w * 101) % 5000];
-                    client.append("default", p).await.expect("append");
-                }
-            }));
-        }
-        for t in tasks {
-            t.await.expect("join");
-        }
+        load(&client, 150).await;
         for node in 0..3 {
             let s = client.status_of(node).await.expect("status");
             let io = s["storage"]["io_mode"].as_str().unwrap_or("?").to_string();

@@ -19,6 +19,17 @@ pub fn free_port() -> u16 {
     l.local_addr().expect("addr").port()
 }
 
+/// Three consecutive free loopback ports (for `log-server dev --port P`).
+pub fn free_port_run() -> u16 {
+    for _ in 0..100 {
+        let base = free_port();
+        if base < 65000 && (1..3).all(|i| TcpListener::bind(("127.0.0.1", base + i)).is_ok()) {
+            return base;
+        }
+    }
+    panic!("no three consecutive free ports");
+}
+
 /// A `log-server` child process; killed on drop.
 pub struct Server {
     pub child: Option<Child>,
