@@ -99,30 +99,20 @@ impl<R: AsyncRead + Unpin + Send> StreamReader<R> {
         }
     }
 
-    async fn fill(&mut self, need: usize) -> Result<bool, NetError> {
+    /// Reads until the shared buffer holds `need` bytes. `exact` reads no further than that (no
+    /// read-ahead, so the body that follows can go straight into a buffer of its own); otherwise
+    /// each read takes whatever the socket has, up to the buffer's free space.
+    async fn fill(&mut self, need: usize, exact: bool) -> Result<bool, NetError> {
         while self.buf.len() < need {
-            self.make_room(need);
-            let n = self.r.read_buf(&mut self.buf).await?;
-            if n == 0 {
-                return if self.buf.is_empty() {
-                    Ok(false)
-                } else {
-                    Err(NetError::Truncated)
-                };
+            let want = need - self.buf.len();
+            if !exact || self.buf.capacity() - self.buf.len() < want {
+                self.make_room(need);
             }
-        }
-        Ok(true)
-    }
-
-    /// Reads a header exactly (no read-ahead into the shared buffer), so the body that follows
-    /// can go straight into its own buffer.
-    async fn fill_header_exact(&mut self) -> Result<bool, NetError> {
-        while self.buf.len() < FRAME_HEADER_LEN {
-            let want = FRAME_HEADER_LEN - self.buf.len();
-            if self.buf.capacity() - self.buf.len() < want {
-                self.make_room(FRAME_HEADER_LEN);
-            }
-            let n = self.r.read_buf(&mut (&mut self.buf).limit(want)).await?;
+            let n = if exact {
+                self.r.read_buf(&mut (&mut self.buf).limit(want)).await?
+            } else {
+                self.r.read_buf(&mut self.buf).await?
+            };
             if n == 0 {
                 return if self.buf.is_empty() {
                     Ok(false)
@@ -135,7 +125,7 @@ impl<R: AsyncRead + Unpin + Send> StreamReader<R> {
     }
 
     /// Reads a dedicated body of `len` bytes. Whatever the shared buffer already holds of it is
-    /// moved (counted as a copy; with `fill_header_exact` that is nothing). The read also asks
+    /// moved (counted as a copy; with an exact header read that is nothing). The read also asks
     /// for the next frame's header, so a busy connection costs one read per frame; those few
     /// header bytes are handed back to the shared buffer.
     async fn read_dedicated(&mut self, len: usize) -> Result<BytesMut, NetError> {
@@ -177,11 +167,7 @@ impl<R: AsyncRead + Unpin + Send> FrameRecv for StreamReader<R> {
     async fn recv(&mut self) -> Result<Option<Frame>, NetError> {
         let dedicated = self.policy.dedicated_kind;
         let exact = dedicated.is_some() || self.policy.split_peer_batches;
-        let have_header = if exact {
-            self.fill_header_exact().await?
-        } else {
-            self.fill(FRAME_HEADER_LEN).await?
-        };
+        let have_header = self.fill(FRAME_HEADER_LEN, exact).await?;
         if !have_header {
             return Ok(None);
         }
@@ -211,7 +197,7 @@ impl<R: AsyncRead + Unpin + Send> FrameRecv for StreamReader<R> {
             }));
         }
         let total = FRAME_HEADER_LEN + len;
-        if !self.fill(total).await? {
+        if !self.fill(total, false).await? {
             return Err(NetError::Truncated);
         }
         self.buf.advance(FRAME_HEADER_LEN);
