@@ -93,6 +93,33 @@ fn dev_chain_and_cli() {
     assert_eq!(rc, 0, "{err}");
     assert_eq!(out, "gamma\ndelta\n");
 
+    // `tail -f` follows: a record appended after it started shows up on its output.
+    {
+        use std::io::{BufRead, BufReader};
+        let mut follow = Command::new(&bin)
+            .args(["--addr", &tail, "tail", "-n", "1", "-f"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn tail -f");
+        // Watchdog: a follower that never prints must fail the test, not hang it.
+        let pid = follow.id().to_string();
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_secs(30));
+            let _ = Command::new("kill").args(["-9", &pid]).status();
+        });
+        let mut lines = BufReader::new(follow.stdout.take().expect("stdout")).lines();
+        assert_eq!(lines.next().expect("a line").expect("utf-8"), "delta");
+        let (rc, _, err) = cli(&bin, &["--addr", &head, "append"], Some("epsilon\n"));
+        assert_eq!(rc, 0, "{err}");
+        assert_eq!(
+            lines.next().expect("a followed line").expect("utf-8"),
+            "epsilon"
+        );
+        let _ = follow.kill();
+        let _ = follow.wait();
+    }
+
     let (rc, out, err) = cli(&bin, &["--addr", &head, "create-log", "orders"], None);
     assert_eq!(rc, 0, "create-log: {out} {err}");
     let (rc, _, err) = cli(
@@ -118,7 +145,7 @@ fn dev_chain_and_cli() {
         .iter()
         .find(|l| l["name"] == "default")
         .expect("default log");
-    assert_eq!(default["committed_end"], 4);
+    assert_eq!(default["committed_end"], 5);
 
     // Ctrl-C: every node stops cleanly.
     let pid = dev.id().to_string();
