@@ -368,8 +368,15 @@ impl CoreLoop {
                 }
             }
             Event::Disk(ev) => {
-                if let DiskEvent::WriteFailed { log, at, code } = &ev {
-                    tracing::error!(log = log.0, at = at.0, ?code, "storage write failed");
+                match &ev {
+                    DiskEvent::WriteFailed { log, at, code } => {
+                        tracing::error!(log = log.0, at = at.0, ?code, "storage write failed");
+                        self.metrics.write_failed(*log);
+                    }
+                    DiskEvent::Durable { log, end } => {
+                        self.metrics.durable(*log, *end, std::time::Instant::now());
+                    }
+                    _ => {}
                 }
                 self.replica.on_disk(now, ev, out);
             }
@@ -430,6 +437,14 @@ impl CoreLoop {
                     self.reply(client, request_id, &reply);
                 }
                 Effect::Append { log, base, batches } => {
+                    if let Some(end) = batches
+                        .last()
+                        .and_then(|b| chainlog_core::record::BatchHeader::decode(b).ok())
+                        .map(|h| h.end_offset())
+                    {
+                        self.metrics
+                            .write_issued(log, end, std::time::Instant::now());
+                    }
                     if let Some(s) = &self.storage {
                         s.append(log, base, batches);
                     }
@@ -535,7 +550,7 @@ impl CoreLoop {
             "replica": self.replica.status(),
             "storage": self.storage.as_ref().map(|s| s.stats()),
             "net_copy_bytes": chainlog_hw::net::copy_bytes_total(),
-            "append_latency_us": self.metrics.append_summary(),
+            "latency_us": self.metrics.summaries(),
             "clients": self.clients.len(),
         });
         Bytes::from(serde_json::to_vec_pretty(&doc).unwrap_or_default())
