@@ -142,6 +142,11 @@ impl BatchHeader {
                 limit: BATCH_BYTES_MAX,
             });
         }
+        if h.base_offset.0.checked_add(u64::from(h.record_count)).is_none() {
+            // Only a hostile or corrupt header gets here; `end_offset` may then be computed
+            // without a check.
+            return Err(Error::Malformed("batch offsets overflow".into()));
+        }
         if (h.body_len as usize) < h.record_count as usize * RECORD_OVERHEAD {
             return Err(Error::Malformed(
                 "body shorter than its length prefixes".into(),
@@ -416,6 +421,12 @@ mod tests {
             (ClusterId(9), Epoch(4), Offset(5))
         );
         assert_eq!(&m[HEADER_LEN..], &b[HEADER_LEN..]);
+    }
+
+    #[test]
+    fn overflowing_offsets_are_malformed_not_a_panic() {
+        let b = build(LogId(7), Offset(u64::MAX - 1), Epoch(1), &[b"a", b"b"]).expect("build");
+        assert!(matches!(verify(&b), Err(Error::Malformed(_))));
     }
 
     #[test]
