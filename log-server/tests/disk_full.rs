@@ -1,0 +1,265 @@
+//! A real server on a small tmpfs fills it: appends then fail with the typed `StorageFull`
+//! code, everything acknowledged still reads back (also after SIGKILL and restart, dense from 0),
+//! and the server keeps answering reads and status while full.
+
+mod common;
+
+use chainlog_client::{Client, ClientConfig, Error, ErrorCode, Offset, ReadOptions};
+use common::Server;
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+/// Concurrent appenders, so the client also merges appends into multi-record batches.
+const WRITERS: usize = 4;
+/// Upper bound on append attempts per writer: 24 MiB of tmpfs holds far fewer 64 KiB records.
+const ATTEMPTS_MAX: u64 = 2000;
+const PAYLOAD_BYTES: usize = 64 << 10;
+
+/// A tmpfs mounted on a fresh temp dir; unmounted (then the dir removed) on drop.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// `Err(reason)` when mounting is not possible here (not root, no mount permission).
+    fn mount(size: &str) -> Result<Tmpfs, String> {
+        let dir = tempfile::tempdir().map_err(|e| format!("tempdir: {e}"))?;
+        let out = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(dir.path())
+            .output()
+            .map_err(|e| format!("cannot run mount: {e}"))?;
+        if !out.status.success() {
+            return Err(format!(
+                "mount -t tmpfs failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            ));
+        }
+        Ok(Tmpfs { dir })
+    }
+
+    fn path(&self) -> &Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let ok = Command::new("umount")
+            .arg(self.dir.path())
+            .status()
+            .is_ok_and(|s| s.success());
+        if !ok {
+            // Something still holds a file open; detach so the mount never outlives the test.
+            let _ = Command::new("umount")
+                .arg("-l")
+                .arg(self.dir.path())
+                .status();
+        }
+    }
+}
+
+fn payload(writer: usize, i: u64) -> Vec<u8> {
+    let mut p = format!("w{writer}-{i:06}-").into_bytes();
+    let fill = b'a' + ((writer as u64 * 7 + i) % 26) as u8;
+    p.resize(PAYLOAD_BYTES, fill);
+    p
+}
+
+fn client_config(addr: SocketAddr) -> ClientConfig {
+    let mut c = ClientConfig::new([addr.to_string()]);
+    c.request_timeout_ms = 5000;
+    c.retries_max = 0;
+    c
+}
+
+/// Appends from `WRITERS` tasks until each sees an error; returns acked (offset → payload) and
+/// every error seen.
+async fn fill(addr: SocketAddr) -> (BTreeMap<u64, Vec<u8>>, Vec<Error>) {
+    let client = Client::connect(client_config(addr)).await.expect("connect");
+    let acked = Arc::new(Mutex::new(BTreeMap::new()));
+    let errors = Arc::new(Mutex::new(Vec::new()));
+    let mut tasks = vec![];
+    for w in 0..WRITERS {
+        let client = client.clone();
+        let acked = acked.clone();
+        let errors = errors.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in 0..ATTEMPTS_MAX {
+                let p = payload(w, i);
+                match client.append("default", p.clone()).await {
+                    Ok(off) => {
+                        let prev = acked.lock().expect("lock").insert(off.0, p);
+                        assert!(prev.is_none(), "offset {off} acknowledged twice");
+                    }
+                    Err(e) => {
+                        errors.lock().expect("lock").push(e);
+                        return;
+                    }
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        tokio::time::timeout(Duration::from_secs(60), t)
+            .await
+            .expect("writers stop")
+            .expect("join");
+    }
+    let a = acked.lock().expect("lock").clone();
+    let e = errors.lock().expect("lock").clone();
+    (a, e)
+}
+
+async fn read_everything(client: &Client) -> Vec<(u64, Vec<u8>)> {
+    let mut out = vec![];
+    let mut from = Offset(0);
+    loop {
+        let r = client
+            .read_with(
+                "default",
+                from,
+                &ReadOptions {
+                    max_records: 10_000,
+                    ..ReadOptions::default()
+                },
+            )
+            .await
+            .expect("read");
+        if r.records.is_empty() {
+            assert_eq!(
+                from, r.committed_end,
+                "read stopped before the committed end"
+            );
+            return out;
+        }
+        for rec in r.records {
+            out.push((rec.offset.0, rec.payload.to_vec()));
+            from = rec.offset.plus(1);
+        }
+    }
+}
+
+/// Every acknowledged record is stored identical, and the stored log is dense from 0.
+fn check_log(log: &[(u64, Vec<u8>)], acked: &BTreeMap<u64, Vec<u8>>, when: &str) {
+    for (i, (o, _)) in log.iter().enumerate() {
+        assert_eq!(*o, i as u64, "{when}: offsets are dense from 0");
+    }
+    let stored: BTreeMap<u64, &Vec<u8>> = log.iter().map(|(o, p)| (*o, p)).collect();
+    for (o, p) in acked {
+        assert!(
+            stored.get(o) == Some(&p),
+            "{when}: acknowledged offset {o} lost or changed"
+        );
+    }
+}
+
+fn write_config(path: &Path, data: &Path, addr: SocketAddr) {
+    let toml = format!(
+        "listen = \"{addr}\"\ndir = \"{}\"\n[storage]\nsegment_bytes = 1048576\nio_mode = \"buffered\"\n",
+        data.display()
+    );
+    std::fs::write(path, toml).expect("write config");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn full_disk_gives_storage_full_and_loses_nothing_acknowledged() {
+    // Config and server log live outside the tmpfs: only the data directory fills up.
+    let outside = tempfile::tempdir().expect("tempdir");
+    let fs = match Tmpfs::mount("24m") {
+        Ok(fs) => fs,
+        Err(why) => {
+            eprintln!("SKIPPED full_disk test: {why}");
+            return;
+        }
+    };
+    let data: PathBuf = fs.path().join("n1");
+    let addr: SocketAddr = format!("127.0.0.1:{}", common::free_port())
+        .parse()
+        .expect("addr");
+    let cfg = outside.path().join("node.toml");
+    write_config(&cfg, &data, addr);
+    let started = Instant::now();
+    let mut server = Server::start(
+        addr,
+        vec!["run".into(), "--config".into(), cfg.display().to_string()],
+        outside.path().join("n1.log"),
+    );
+
+    let (acked, errors) = fill(addr).await;
+    eprintln!(
+        "full after {} acknowledged records ({} KiB); errors seen: {errors:?}",
+        acked.len(),
+        acked.len() * PAYLOAD_BYTES / 1024
+    );
+    assert!(!acked.is_empty(), "nothing was acknowledged");
+    assert!(
+        !errors.is_empty(),
+        "the disk never filled within {ATTEMPTS_MAX} appends per writer"
+    );
+    let log = server.server_log();
+    for e in &errors {
+        assert_eq!(
+            e.code(),
+            Some(ErrorCode::StorageFull),
+            "a full disk must give the typed StorageFull error, got {e:?}\nserver log:\n{log}"
+        );
+    }
+
+    // While full: the server still answers reads of everything acknowledged, status, and a
+    // fresh append gets the same typed error instead of hanging.
+    let client = Client::connect(client_config(addr))
+        .await
+        .expect("connect while full");
+    check_log(&read_everything(&client).await, &acked, "while full");
+    let status = client.status().await.expect("status while full");
+    assert!(status.is_object(), "status: {status}");
+    let again = client
+        .append("default", payload(99, 0))
+        .await
+        .expect_err("append on a full disk");
+    eprintln!("append while full: {again:?}");
+    assert_eq!(again.code(), Some(ErrorCode::StorageFull), "{again:?}");
+    drop(client);
+
+    // SIGKILL and restart on the same (still full) directory: nothing acknowledged is lost.
+    // (Blocking is fine here: the test body is not on a runtime worker thread.)
+    server.restart();
+    let client = Client::connect(client_config(addr))
+        .await
+        .expect("connect after restart");
+    let mut acked = acked;
+    let after = read_everything(&client).await;
+    check_log(&after, &acked, "after SIGKILL + restart");
+
+    // The restarted server still refuses with the typed error when out of room; should the
+    // recovered tail segment have room left, the append must then be durable like any other.
+    let p = payload(98, 0);
+    match client.append("default", p.clone()).await {
+        Ok(off) => {
+            eprintln!("append after restart acknowledged at {off}");
+            acked.insert(off.0, p);
+            check_log(&read_everything(&client).await, &acked, "after restart");
+        }
+        Err(e) => {
+            eprintln!("append after restart: {e:?}");
+            assert_eq!(e.code(), Some(ErrorCode::StorageFull), "{e:?}");
+        }
+    }
+    eprintln!(
+        "after restart: {} stored, {} acknowledged; test took {:?}",
+        after.len(),
+        acked.len(),
+        started.elapsed()
+    );
+    drop(client);
+    // The server must be gone before the tmpfs is unmounted.
+    server.kill9();
+    drop(server);
+    drop(fs);
+}
