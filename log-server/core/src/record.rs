@@ -142,7 +142,11 @@ impl BatchHeader {
                 limit: BATCH_BYTES_MAX,
             });
         }
-        if h.base_offset.0.checked_add(u64::from(h.record_count)).is_none() {
+        if h.base_offset
+            .0
+            .checked_add(u64::from(h.record_count))
+            .is_none()
+        {
             // Only a hostile or corrupt header gets here; `end_offset` may then be computed
             // without a check.
             return Err(Error::Malformed("batch offsets overflow".into()));

@@ -325,6 +325,20 @@ fn err(code: ErrorCode, message: impl Into<String>) -> ClientReply {
     }
 }
 
+/// What an operator needs to read when a log's storage has failed on this node.
+fn storage_failure(code: ErrorCode, log: &str) -> String {
+    match code {
+        ErrorCode::StorageFull => format!(
+            "disk full: log '{log}' cannot store more on this node; appends are refused until \
+             space is freed and the node restarted (nothing acknowledged is affected)"
+        ),
+        _ => format!(
+            "storage failed for log '{log}' on this node ({code:?}); appends are refused until \
+             the node is restarted (nothing acknowledged is affected)"
+        ),
+    }
+}
+
 /// `b` cut to its batch length (drops receive-buffer padding), with its header.
 fn cut(b: &Bytes) -> Option<(Bytes, BatchHeader)> {
     let h = BatchHeader::decode(b).ok()?;
@@ -525,7 +539,12 @@ impl Replica {
             return Self::reply(out, client, request_id, r);
         };
         if let Some(code) = l.failed {
-            return Self::reply(out, client, request_id, err(code, "log storage failed"));
+            return Self::reply(
+                out,
+                client,
+                request_id,
+                err(code, storage_failure(code, &l.name)),
+            );
         }
         // Once a producer's batch is refused, its later batches are refused too until it
         // resends from the refused one: otherwise a later batch could be appended before the
@@ -1377,12 +1396,22 @@ impl Replica {
                 if let Some(l) = self.logs.get_mut(&log) {
                     l.failed = Some(code);
                     for q in l.queue.drain(..) {
-                        Self::reply(out, q.client, q.request_id, err(code, "log storage failed"));
+                        Self::reply(
+                            out,
+                            q.client,
+                            q.request_id,
+                            err(code, storage_failure(code, &l.name)),
+                        );
                     }
                     l.queue_bytes = 0;
                     let lost = l.commit_waiters.split_off(&at.plus(1));
                     for w in lost.into_values().flatten() {
-                        Self::reply(out, w.client, w.request_id, err(code, "log storage failed"));
+                        Self::reply(
+                            out,
+                            w.client,
+                            w.request_id,
+                            err(code, storage_failure(code, &l.name)),
+                        );
                     }
                     self.dirty.insert(log);
                 }
