@@ -3,7 +3,7 @@
 
 mod common;
 
-use chainlog_client::{Client, ClientConfig, Offset, ReadOptions};
+use chainlog_client::{Client, ClientConfig};
 use common::Server;
 use std::collections::{BTreeMap, BTreeSet};
 use std::sync::{Arc, Mutex};
@@ -84,36 +84,6 @@ async fn stream(
     (a, b)
 }
 
-async fn read_everything(addr: std::net::SocketAddr) -> Vec<(u64, Vec<u8>)> {
-    let client = Client::connect(config(addr)).await.expect("connect");
-    let mut out = vec![];
-    let mut from = Offset(0);
-    loop {
-        let r = client
-            .read_with(
-                "default",
-                from,
-                &ReadOptions {
-                    max_records: 10_000,
-                    ..ReadOptions::default()
-                },
-            )
-            .await
-            .expect("read");
-        if r.records.is_empty() {
-            assert_eq!(
-                from, r.committed_end,
-                "read stopped before the committed end"
-            );
-            return out;
-        }
-        for rec in r.records {
-            out.push((rec.offset.0, rec.payload.to_vec()));
-            from = rec.offset.plus(1);
-        }
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigkill_mid_stream_loses_nothing_acknowledged() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -141,7 +111,8 @@ async fn sigkill_mid_stream_loses_nothing_acknowledged() {
         .await
         .expect("restart");
 
-        let log = read_everything(addr).await;
+        let reader = Client::connect(config(addr)).await.expect("connect");
+        let log = common::read_everything(&reader).await;
         for (i, (o, p)) in log.iter().enumerate() {
             assert_eq!(*o, i as u64, "offsets are dense from 0");
             assert!(

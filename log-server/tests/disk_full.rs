@@ -4,7 +4,7 @@
 
 mod common;
 
-use chainlog_client::{Client, ClientConfig, Error, ErrorCode, Offset, ReadOptions};
+use chainlog_client::{Client, ClientConfig, Error, ErrorCode};
 use common::Server;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -116,35 +116,6 @@ async fn fill(addr: SocketAddr) -> (BTreeMap<u64, Vec<u8>>, Vec<Error>) {
     (a, e)
 }
 
-async fn read_everything(client: &Client) -> Vec<(u64, Vec<u8>)> {
-    let mut out = vec![];
-    let mut from = Offset(0);
-    loop {
-        let r = client
-            .read_with(
-                "default",
-                from,
-                &ReadOptions {
-                    max_records: 10_000,
-                    ..ReadOptions::default()
-                },
-            )
-            .await
-            .expect("read");
-        if r.records.is_empty() {
-            assert_eq!(
-                from, r.committed_end,
-                "read stopped before the committed end"
-            );
-            return out;
-        }
-        for rec in r.records {
-            out.push((rec.offset.0, rec.payload.to_vec()));
-            from = rec.offset.plus(1);
-        }
-    }
-}
-
 /// Every acknowledged record is stored identical, and the stored log is dense from 0.
 fn check_log(log: &[(u64, Vec<u8>)], acked: &BTreeMap<u64, Vec<u8>>, when: &str) {
     for (i, (o, _)) in log.iter().enumerate() {
@@ -216,7 +187,11 @@ async fn full_disk_gives_storage_full_and_loses_nothing_acknowledged() {
     let client = Client::connect(client_config(addr))
         .await
         .expect("connect while full");
-    check_log(&read_everything(&client).await, &acked, "while full");
+    check_log(
+        &common::read_everything(&client).await,
+        &acked,
+        "while full",
+    );
     let status = client.status().await.expect("status while full");
     assert!(status.is_object(), "status: {status}");
     let again = client
@@ -234,7 +209,7 @@ async fn full_disk_gives_storage_full_and_loses_nothing_acknowledged() {
         .await
         .expect("connect after restart");
     let mut acked = acked;
-    let after = read_everything(&client).await;
+    let after = common::read_everything(&client).await;
     check_log(&after, &acked, "after SIGKILL + restart");
 
     // The restarted server still refuses with the typed error when out of room; should the
@@ -244,7 +219,11 @@ async fn full_disk_gives_storage_full_and_loses_nothing_acknowledged() {
         Ok(off) => {
             eprintln!("append after restart acknowledged at {off}");
             acked.insert(off.0, p);
-            check_log(&read_everything(&client).await, &acked, "after restart");
+            check_log(
+                &common::read_everything(&client).await,
+                &acked,
+                "after restart",
+            );
         }
         Err(e) => {
             eprintln!("append after restart: {e:?}");

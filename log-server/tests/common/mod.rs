@@ -199,3 +199,35 @@ impl Raw {
         Some((h, Bytes::from(body)))
     }
 }
+
+/// Every committed record of the log "default", read from offset 0 through `client` until a read
+/// comes back empty exactly at the committed end.
+pub async fn read_everything(client: &chainlog_client::Client) -> Vec<(u64, Vec<u8>)> {
+    use chainlog_client::{Offset, ReadOptions};
+    let mut out = vec![];
+    let mut from = Offset(0);
+    loop {
+        let r = client
+            .read_with(
+                "default",
+                from,
+                &ReadOptions {
+                    max_records: 10_000,
+                    ..ReadOptions::default()
+                },
+            )
+            .await
+            .expect("read");
+        if r.records.is_empty() {
+            assert_eq!(
+                from, r.committed_end,
+                "read stopped before the committed end"
+            );
+            return out;
+        }
+        for rec in r.records {
+            out.push((rec.offset.0, rec.payload.to_vec()));
+            from = rec.offset.plus(1);
+        }
+    }
+}
