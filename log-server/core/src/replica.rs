@@ -729,25 +729,10 @@ impl Replica {
         wait_ms: u32,
         out: &mut Vec<Effect>,
     ) {
-        let Some(l) = self.logs.get_mut(&log) else {
-            return Self::reply(
-                out,
-                client,
-                request_id,
-                err(ErrorCode::UnknownLog, format!("no log {log}")),
-            );
+        let l = match Self::readable_log(&mut self.logs, log, from) {
+            Ok(l) => l,
+            Err(e) => return Self::reply(out, client, request_id, e),
         };
-        if from < l.start {
-            return Self::reply(
-                out,
-                client,
-                request_id,
-                err(
-                    ErrorCode::OffsetTrimmed,
-                    format!("log starts at {}", l.start),
-                ),
-            );
-        }
         if self.reads_pending >= READS_PENDING_MAX {
             return Self::reply(
                 out,
@@ -835,6 +820,24 @@ impl Replica {
         });
     }
 
+    /// The log a read or subscription from `from` is served from, or the error to answer.
+    fn readable_log(
+        logs: &mut BTreeMap<LogId, LogState>,
+        log: LogId,
+        from: Offset,
+    ) -> Result<&mut LogState, ClientReply> {
+        let Some(l) = logs.get_mut(&log) else {
+            return Err(err(ErrorCode::UnknownLog, format!("no log {log}")));
+        };
+        if from < l.start {
+            return Err(err(
+                ErrorCode::OffsetTrimmed,
+                format!("log starts at {}", l.start),
+            ));
+        }
+        Ok(l)
+    }
+
     fn client_subscribe(
         &mut self,
         client: ClientId,
@@ -843,25 +846,10 @@ impl Replica {
         from: Offset,
         out: &mut Vec<Effect>,
     ) {
-        let Some(l) = self.logs.get_mut(&log) else {
-            return Self::reply(
-                out,
-                client,
-                request_id,
-                err(ErrorCode::UnknownLog, format!("no log {log}")),
-            );
+        let l = match Self::readable_log(&mut self.logs, log, from) {
+            Ok(l) => l,
+            Err(e) => return Self::reply(out, client, request_id, e),
         };
-        if from < l.start {
-            return Self::reply(
-                out,
-                client,
-                request_id,
-                err(
-                    ErrorCode::OffsetTrimmed,
-                    format!("log starts at {}", l.start),
-                ),
-            );
-        }
         if self.subs.len() >= SUBSCRIPTIONS_MAX {
             return Self::reply(
                 out,

@@ -969,7 +969,17 @@ impl PeerMessage {
     /// Decodes a batch-carrying peer message whose batches a transport read into buffers of
     /// their own (`fixed` is the body up to the first batch; see [`peer_fixed_len`]). Each
     /// batch may carry zero padding after it. Verifies exactly as [`PeerMessage::decode`].
-    pub fn decode_split(mut fixed: Bytes, batches: Vec<Bytes>) -> Result<PeerMessage> {
+    pub fn decode_split(fixed: Bytes, batches: Vec<Bytes>) -> Result<PeerMessage> {
+        Self::decode_with(fixed, |count, log, base| {
+            peer_split_batches(batches, count, log, base)
+        })
+    }
+
+    /// The fixed part of a batch-carrying message; `batches` checks and returns its batches.
+    fn decode_with(
+        mut fixed: Bytes,
+        batches: impl FnOnce(u32, LogId, Offset) -> Result<Vec<Bytes>>,
+    ) -> Result<PeerMessage> {
         need(&fixed, PEER_PREFIX_LEN, "peer")?;
         let sub = fixed.get_u8();
         let epoch = Epoch(fixed.get_u64_le());
@@ -988,7 +998,7 @@ impl PeerMessage {
                     log,
                     base,
                     committed_end,
-                    batches: peer_split_batches(batches, count, log, base)?,
+                    batches: batches(count, log, base)?,
                 })
             }
             PEER_FETCH_REPLY => {
@@ -1001,7 +1011,7 @@ impl PeerMessage {
                     session,
                     log,
                     base,
-                    batches: peer_split_batches(batches, count, log, base)?,
+                    batches: batches(count, log, base)?,
                 })
             }
             s => Err(Error::Malformed(format!(
@@ -1013,27 +1023,19 @@ impl PeerMessage {
     /// Decodes the body of a `Kind::Peer` frame, verifying every batch fully (checksums,
     /// limits, log id, dense offsets). Any malformed input is a typed error, never a panic.
     pub fn decode(mut body: Bytes) -> Result<PeerMessage> {
+        if let Some(n) = body.first().and_then(|&sub| peer_fixed_len(sub)) {
+            need(&body, n, "peer")?;
+            let fixed = body.split_to(n);
+            return Self::decode_with(fixed, |count, log, base| {
+                peer_batches(body, count, log, base)
+            });
+        }
         need(&body, PEER_PREFIX_LEN, "peer")?;
         let sub = body.get_u8();
         let epoch = Epoch(body.get_u64_le());
         let session = body.get_u64_le();
         let log = LogId(body.get_u64_le());
         let msg = match sub {
-            PEER_APPEND => {
-                need(&body, 20, "peer append")?;
-                let base = Offset(body.get_u64_le());
-                let committed_end = Offset(body.get_u64_le());
-                let count = body.get_u32_le();
-                let batches = peer_batches(body, count, log, base)?;
-                return Ok(PeerMessage::Append {
-                    epoch,
-                    session,
-                    log,
-                    base,
-                    committed_end,
-                    batches,
-                });
-            }
             PEER_COMMIT => {
                 need(&body, 8, "peer commit")?;
                 PeerMessage::Commit {
@@ -1106,19 +1108,6 @@ impl PeerMessage {
                     from: Offset(body.get_u64_le()),
                     max_bytes: body.get_u32_le(),
                 }
-            }
-            PEER_FETCH_REPLY => {
-                need(&body, 12, "peer fetch-reply")?;
-                let base = Offset(body.get_u64_le());
-                let count = body.get_u32_le();
-                let batches = peer_batches(body, count, log, base)?;
-                return Ok(PeerMessage::FetchReply {
-                    epoch,
-                    session,
-                    log,
-                    base,
-                    batches,
-                });
             }
             PEER_TRIM => {
                 need(&body, 8, "peer trim")?;

@@ -407,13 +407,7 @@ pub(crate) fn recover_log(
                 // Created by a roll that crashed before its header was durable: nothing was
                 // ever acknowledged in it. Give it a header and use it empty.
                 let h = SegmentHeader { base, log, align };
-                let f = std::fs::OpenOptions::new()
-                    .write(true)
-                    .open(&path)
-                    .map_err(|e| StorageError::io("open segment", &path, e))?;
-                f.write_all_at(&h.encode(), 0)
-                    .map_err(|e| StorageError::io("write segment header", &path, e))?;
-                disk::fdatasync(&f)?;
+                write_segment_header(&path, &h)?;
                 h
             }
             Err(p) => {
@@ -558,6 +552,21 @@ pub(crate) fn recover_log(
         committed_hint,
         end,
     })
+}
+
+/// Writes a segment's header in place and makes it durable (before the segment is used).
+pub(crate) fn write_segment_header(
+    path: &std::path::Path,
+    h: &SegmentHeader,
+) -> Result<(), StorageError> {
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(path)
+        .map_err(|e| StorageError::io("open segment", path, e))?;
+    f.write_all_at(&h.encode(), 0)
+        .map_err(|e| StorageError::io("write segment header", path, e))?;
+    disk::fdatasync(&f)?;
+    Ok(())
 }
 
 #[cfg(test)]

@@ -839,15 +839,7 @@ impl Writer {
             log: id,
             align,
         };
-        {
-            let f = std::fs::OpenOptions::new()
-                .write(true)
-                .open(&src)
-                .map_err(|e| StorageError::io("open spare", &src, e))?;
-            f.write_all_at(&header.encode(), 0)
-                .map_err(|e| StorageError::io("write segment header", &src, e))?;
-            disk::fdatasync(&f)?;
-        }
+        super::recovery::write_segment_header(&src, &header)?;
         let path = l.dir.join(format::segment_name(base));
         std::fs::rename(&src, &path).map_err(|e| StorageError::io("rename spare", &path, e))?;
         disk::fsync_dir(&l.dir)?;
