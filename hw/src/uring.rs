@@ -7,7 +7,7 @@ use crate::error::{HwError, Result};
 use bytes::Bytes;
 use io_uring::{opcode, squeue, types, IoUring};
 use std::fs::File;
-use std::io::{self, Write};
+use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 use std::sync::Arc;
 use std::time::Duration;
@@ -168,6 +168,27 @@ impl Ring {
             unreachable!("waker created above")
         };
         Ok(RingWaker { efd: w.efd.clone() })
+    }
+
+    /// Makes the kernel signal a new eventfd each time it posts a completion, so an event loop
+    /// (epoll, tokio's `AsyncFd`) can wait for this ring alongside its sockets instead of a
+    /// thread sleeping in [`Ring::wait`]. The eventfd is non-blocking: read it (to reset it)
+    /// before reaping with [`Ring::complete`], so a completion posted after the reap signals
+    /// it again.
+    pub fn completion_eventfd(&mut self) -> Result<File> {
+        // SAFETY: eventfd has no memory arguments; the result is checked before use.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(HwError::io("eventfd", io::Error::last_os_error()));
+        }
+        // SAFETY: `fd` is a freshly created descriptor that nothing else owns.
+        let file = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+        // The kernel takes its own reference to the eventfd: the caller may close its copy.
+        self.ring
+            .submitter()
+            .register_eventfd(file.as_raw_fd())
+            .map_err(|e| HwError::io("io_uring_register(EVENTFD)", e))?;
+        Ok(file)
     }
 
     fn arm_wake(&mut self) -> Result<()> {
@@ -416,6 +437,41 @@ impl Ring {
             c.tag = tags[c.tag as usize];
         }
         Ok(out)
+    }
+}
+
+/// A ring's completion eventfd ([`Ring::completion_eventfd`]) registered with the tokio
+/// reactor, for a ring owned by an event loop rather than by a thread of its own.
+#[derive(Debug)]
+pub struct CompletionSignal {
+    fd: tokio::io::unix::AsyncFd<File>,
+}
+
+impl CompletionSignal {
+    /// Registers `efd` with the current tokio runtime (call from inside it).
+    pub fn new(efd: File) -> Result<CompletionSignal> {
+        // SAFETY: the `File` owns an open eventfd; the `AsyncFd` owns the `File`, so the
+        // descriptor stays open and unchanged until the registration is dropped.
+        let fd = unsafe {
+            tokio::io::unix::AsyncFd::register_with_interest(efd, tokio::io::Interest::READABLE)
+        }
+        .map_err(|e| HwError::io("register eventfd with the reactor", e.into()))?;
+        Ok(CompletionSignal { fd })
+    }
+
+    /// Waits until the ring has posted a completion since the last call, and resets the
+    /// eventfd, so that one posted after the caller's next reap fires it again.
+    pub async fn wait(&self) -> Result<()> {
+        let mut ready = self
+            .fd
+            .readable()
+            .await
+            .map_err(|e| HwError::io("wait for ring completions", e))?;
+        // Non-blocking read of the eventfd counter; WouldBlock only means another reset got
+        // there first.
+        let _ = (&mut ready.get_inner()).read(&mut [0u8; 8]);
+        ready.clear_ready();
+        Ok(())
     }
 }
 

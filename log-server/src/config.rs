@@ -55,6 +55,9 @@ pub struct StorageSection {
     pub retention_bytes: Option<u64>,
     /// Delete whole segments whose newest record is older than this (default: keep all).
     pub retention_ms: Option<u64>,
+    /// Write + fdatasync groups per log in flight at once (default 4, 1..=16): concurrent
+    /// flushes keep the disk busy while replies and new requests cross the network.
+    pub flushes_in_flight_max: usize,
 }
 
 impl Default for StorageSection {
@@ -64,6 +67,7 @@ impl Default for StorageSection {
             segment_bytes: 64 << 20,
             retention_bytes: None,
             retention_ms: None,
+            flushes_in_flight_max: 4,
         }
     }
 }
@@ -179,6 +183,11 @@ impl NodeConfig {
         }
         if self.storage.segment_bytes < (1 << 20) {
             return Err(ConfigError("storage.segment_bytes must be >= 1 MiB".into()));
+        }
+        if !(1..=16).contains(&self.storage.flushes_in_flight_max) {
+            return Err(ConfigError(
+                "storage.flushes_in_flight_max must be in 1..=16".into(),
+            ));
         }
         if self.replication.pipeline_bytes_max < chainlog_core::limits::BATCH_BYTES_MAX {
             return Err(ConfigError(format!(

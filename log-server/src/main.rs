@@ -31,6 +31,9 @@ enum Cmd {
         /// auto | direct | buffered
         #[arg(long)]
         io_mode: Option<String>,
+        /// Write + fdatasync groups per log in flight (1..=16; default from the config, 4).
+        #[arg(long)]
+        flushes_in_flight: Option<usize>,
     },
     /// Run a local chain of N nodes in this process (client ports PORT, PORT+1, ...), one data
     /// directory each under DIR. Ctrl-C stops every node cleanly.
@@ -46,6 +49,9 @@ enum Cmd {
         /// auto | direct | buffered
         #[arg(long)]
         io_mode: Option<String>,
+        /// Write + fdatasync groups per log in flight (1..=16; default from the config, 4).
+        #[arg(long)]
+        flushes_in_flight: Option<usize>,
     },
 }
 
@@ -82,6 +88,7 @@ fn main() -> anyhow::Result<()> {
                 dir,
                 listen,
                 io_mode,
+                flushes_in_flight,
             } => {
                 let mut cfg = match config {
                     Some(path) => {
@@ -93,6 +100,9 @@ fn main() -> anyhow::Result<()> {
                 };
                 if let Some(m) = parse_io_mode(&io_mode)? {
                     cfg.storage.io_mode = m;
+                }
+                if let Some(n) = flushes_in_flight {
+                    cfg.storage.flushes_in_flight_max = n;
                 }
                 let h = node::start(cfg).await?;
                 println!(
@@ -110,6 +120,7 @@ fn main() -> anyhow::Result<()> {
                 port,
                 host,
                 io_mode,
+                flushes_in_flight,
             } => {
                 anyhow::ensure!((1..=16).contains(&nodes), "--nodes must be 1..=16");
                 let cluster = load_or_create_cluster_id(&dir)
@@ -134,6 +145,9 @@ fn main() -> anyhow::Result<()> {
                     cfg.chain.nodes = chain.clone();
                     if let Some(m) = io {
                         cfg.storage.io_mode = m;
+                    }
+                    if let Some(n) = flushes_in_flight {
+                        cfg.storage.flushes_in_flight_max = n;
                     }
                     handles.push(node::start(cfg).await?);
                 }

@@ -19,6 +19,7 @@ use chainlog_core::ErrorCode;
 use chainlog_core::{ChainConfig, Replica, ReplicaConfig};
 use chainlog_hw::net::tcp::{split, split_with, BodyPolicy, StreamReader, StreamWriter};
 use chainlog_hw::net::{Frame, FrameRecv, FrameSend, NetError};
+use chainlog_hw::uring::CompletionSignal;
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -151,11 +152,13 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         },
         retention_bytes: cfg.storage.retention_bytes,
         retention_ms: cfg.storage.retention_ms,
+        groups_in_flight_max: cfg.storage.flushes_in_flight_max,
         ..StorageConfig::default()
     };
-    // Recovery reads and verifies segments: off the runtime's thread(s).
-    let (storage, mut recovered) = tokio::task::spawn_blocking(move || {
-        Storage::open(
+    // Recovery reads and verifies segments: off the runtime's thread(s). The writer itself is
+    // then driven by the core loop (see `CoreLoop::run`).
+    let (storage, mut recovered, ring_fd) = tokio::task::spawn_blocking(move || {
+        Storage::open_driven(
             scfg,
             Box::new(move |ev| {
                 let _ = disk_tx.send(Event::Disk(ev));
@@ -165,6 +168,8 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     .await
     .context("storage recovery task")?
     .with_context(|| format!("opening storage in {}", cfg.dir.display()))?;
+    let ring_fd =
+        CompletionSignal::new(ring_fd).context("registering the storage ring's eventfd")?;
     let mut ev_rx = ev_rx;
     ensure_default_log(&storage, &mut recovered, &mut ev_rx).await?;
 
@@ -173,6 +178,7 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     let mut rcfg = ReplicaConfig::new(node, cluster_id);
     rcfg.pipeline_bytes_max = cfg.replication.pipeline_bytes_max;
     rcfg.resend_timeout_us = cfg.replication.resend_timeout_ms * 1000;
+    rcfg.writes_in_flight_max = cfg.storage.flushes_in_flight_max;
     let chain = ChainConfig {
         epoch,
         nodes: cfg.chain_ids(),
@@ -211,6 +217,7 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         shared: shared.clone(),
         replica,
         storage: Some(storage),
+        ring_fd: Some(ring_fd),
         clients: BTreeMap::new(),
         links: BTreeMap::new(),
         start,
@@ -241,6 +248,7 @@ async fn ensure_default_log(
         return Ok(());
     }
     storage.create_log(id, "default");
+    storage.drive();
     loop {
         match ev_rx.recv().await {
             Some(Event::Disk(DiskEvent::Created { log, result })) if log == id => {
@@ -266,6 +274,8 @@ struct CoreLoop {
     shared: Arc<Shared>,
     replica: Replica,
     storage: Option<Storage>,
+    /// Readable when the storage ring has posted completions: the loop then drives storage.
+    ring_fd: Option<CompletionSignal>,
     clients: BTreeMap<ClientId, ClientOut>,
     links: BTreeMap<NodeId, (u64, OutTx)>,
     start: std::time::Instant,
@@ -286,10 +296,19 @@ impl CoreLoop {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut effects: Vec<Effect> = Vec::with_capacity(256);
+        let Some(ring_fd) = self.ring_fd.take() else {
+            tracing::error!("core loop started without its storage eventfd");
+            return;
+        };
         loop {
             tokio::select! {
                 biased;
                 _ = stop.changed() => break,
+                // Completions are reaped by `drive` below.
+                r = ring_fd.wait() => if let Err(e) = r {
+                    tracing::error!("storage ring signal failed: {e}");
+                    break;
+                },
                 ev = rx.recv() => {
                     let Some(ev) = ev else { break };
                     self.handle(ev, &mut effects);
@@ -311,6 +330,11 @@ impl CoreLoop {
                 let now = now_us(self.start);
                 self.replica.on_client_gone(now, id, &mut effects);
                 self.carry_out(&mut effects);
+            }
+            // Submit what this turn queued and reap what completed; the events it produces
+            // are taken on the next turn.
+            if let Some(s) = &self.storage {
+                s.drive();
             }
         }
         if let Some(s) = self.storage.take() {

@@ -105,7 +105,7 @@ fn config(cli: &Cli) -> ClientConfig {
     }
 }
 
-#[tokio::main]
+#[tokio::main(flavor = "current_thread")]
 async fn main() {
     let cli = Cli::parse();
     let code = match run(cli).await {

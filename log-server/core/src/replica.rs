@@ -56,6 +56,11 @@ pub struct ReplicaConfig {
     /// Appends queued at the head while the pipeline is full or the chain is not ready
     /// (default 4096); beyond it appends get `Unavailable`.
     pub admission_queue_max: usize,
+    /// Groups the head hands to its own storage before the oldest is durable (default 4,
+    /// 1..=64). With 1, what arrives during a flush waits for it and goes out as the next
+    /// group; with more, it goes out at once and its flush overlaps the running one, which
+    /// keeps the disk busy while replies and new requests cross the network.
+    pub writes_in_flight_max: usize,
     /// Fault switch for checker tests: acknowledge upstream (and commit at the head) on the
     /// node's own durability, without waiting for the successor. Never set in production.
     #[doc(hidden)]
@@ -72,6 +77,7 @@ impl ReplicaConfig {
             commit_idle_us: 200,
             resend_timeout_us: 200_000,
             admission_queue_max: 4096,
+            writes_in_flight_max: 4,
             bug_ack_before_successor: false,
         }
     }
@@ -92,6 +98,12 @@ impl ReplicaConfig {
         }
         if self.resend_timeout_us == 0 {
             return Err("resend_timeout_us must be at least 1".into());
+        }
+        if !(1..=64).contains(&self.writes_in_flight_max) {
+            return Err(format!(
+                "writes_in_flight_max {} must be in 1..=64",
+                self.writes_in_flight_max
+            ));
         }
         Ok(())
     }
@@ -210,6 +222,8 @@ struct LogState {
     trim_waiters: Vec<(ClientId, u64)>,
     window: VecDeque<WinBatch>,
     window_bytes: usize,
+    /// Ends of the head's groups handed to storage and not yet durable, oldest first.
+    head_writes: VecDeque<Offset>,
     succ: SuccLog,
     pred: PredLog,
     read_waits: BTreeSet<(Offset, u64)>,
@@ -238,6 +252,7 @@ impl LogState {
             trim_waiters: Vec::new(),
             window: VecDeque::new(),
             window_bytes: 0,
+            head_writes: VecDeque::new(),
             succ: SuccLog::default(),
             pred: PredLog::default(),
             read_waits: BTreeSet::new(),
@@ -1712,13 +1727,25 @@ impl Replica {
             }
         }
         self.committed_effects(l, out);
-        if self.is_head()
+        if l.durable_end == l.written_end {
+            // Also after a truncation or an adopted suffix: nothing of ours is in flight.
+            l.head_writes.clear();
+        }
+        while l.head_writes.front().is_some_and(|&e| e <= l.durable_end) {
+            l.head_writes.pop_front();
+        }
+        while self.is_head()
             && l.failed.is_none()
-            && l.durable_end == l.written_end
+            && l.head_writes.len() < self.cfg.writes_in_flight_max
             && !l.queue.is_empty()
             && self.ready(l)
         {
+            let before = l.written_end;
             self.flush(l, out);
+            if l.written_end == before {
+                break; // nothing admitted (backpressure, or only duplicates and gaps)
+            }
+            l.head_writes.push_back(l.written_end);
         }
         if self.place.succ.is_some() && self.succ_up {
             self.pump_succ(l, now, out);

@@ -154,7 +154,10 @@ fn append_is_written_then_answered_when_durable() {
 
 #[test]
 fn appends_arriving_during_a_sync_form_one_group() {
-    let mut h = H::single(|_| {}, vec![recovered(0, vec![], 0)]);
+    let mut h = H::single(
+        |c| c.writes_in_flight_max = 1,
+        vec![recovered(0, vec![], 0)],
+    );
     assert_eq!(appends(&h.append(1, batch(&[b"a"], 0, 0))).len(), 1);
     assert!(appends(&h.append(2, batch(&[b"b"], 0, 0))).is_empty());
     assert!(appends(&h.append(3, batch(&[b"c", b"d"], 0, 0))).is_empty());
@@ -166,6 +169,38 @@ fn appends_arriving_during_a_sync_form_one_group() {
     assert_eq!(a[0].1.len(), 2, "both queued appends in one group");
     let e = h.durable(4);
     assert_eq!(replies(&e), vec![(2, ok(1, 1)), (3, ok(2, 2))]);
+}
+
+#[test]
+fn groups_overlap_up_to_the_writes_in_flight_limit() {
+    let mut h = H::single(
+        |c| c.writes_in_flight_max = 2,
+        vec![recovered(0, vec![], 0)],
+    );
+    assert_eq!(appends(&h.append(1, batch(&[b"a"], 0, 0))).len(), 1);
+    // A second group goes out while the first one's sync is running.
+    let a = appends(&h.append(2, batch(&[b"b"], 0, 0)));
+    assert_eq!(a.len(), 1);
+    assert_eq!(a[0].0, Offset(1));
+    // At the limit: these wait, and then go out together.
+    assert!(appends(&h.append(3, batch(&[b"c", b"d"], 0, 0))).is_empty());
+    assert!(appends(&h.append(4, batch(&[b"e"], 0, 0))).is_empty());
+    let e = h.durable(1);
+    assert_eq!(replies(&e), vec![(1, ok(0, 1))]);
+    let a = appends(&e);
+    assert_eq!(a.len(), 1);
+    assert_eq!(
+        (a[0].0, a[0].1.len()),
+        (Offset(2), 2),
+        "queued appends in one group"
+    );
+    // One durable event past several groups answers all of them, in order.
+    let e = h.durable(5);
+    assert_eq!(
+        replies(&e),
+        vec![(2, ok(1, 1)), (3, ok(2, 2)), (4, ok(4, 1))]
+    );
+    assert!(appends(&e).is_empty());
 }
 
 #[test]
@@ -270,7 +305,10 @@ fn subscription_pushes_as_commits_advance() {
 
 #[test]
 fn producer_retries_are_deduplicated() {
-    let mut h = H::single(|_| {}, vec![recovered(0, vec![], 0)]);
+    let mut h = H::single(
+        |c| c.writes_in_flight_max = 1,
+        vec![recovered(0, vec![], 0)],
+    );
     h.append(1, batch(&[b"a", b"b"], 9, 0));
     assert_eq!(replies(&h.durable(2)), vec![(1, ok(0, 2))]);
     // Retry of a committed batch: original offsets, nothing written.
@@ -322,7 +360,13 @@ fn dedup_survives_restart() {
 
 #[test]
 fn admission_is_bounded() {
-    let mut h = H::single(|c| c.admission_queue_max = 2, vec![recovered(0, vec![], 0)]);
+    let mut h = H::single(
+        |c| {
+            c.admission_queue_max = 2;
+            c.writes_in_flight_max = 1;
+        },
+        vec![recovered(0, vec![], 0)],
+    );
     assert_eq!(appends(&h.append(1, batch(&[b"a"], 0, 0))).len(), 1);
     assert!(h.append(2, batch(&[b"b"], 0, 0)).is_empty());
     assert!(h.append(3, batch(&[b"c"], 0, 0)).is_empty());

@@ -1,10 +1,12 @@
 //! Durable single-node log storage: named logs of segment files written through io_uring with
 //! group commit, recovered (torn tail cut, index and producer table rebuilt) at open.
 //!
-//! Threads: one writer owns the io_uring ring and every log's write state; one reader serves
-//! reads with `pread` on its own file descriptors so reads never stall the write path; one
-//! preparer keeps a pre-zeroed spare segment ready. Results come back as
-//! [`chainlog_core::effects::DiskEvent`]s through the `events` callback given to [`Storage::open`].
+//! Threads: the writer owns the io_uring ring and every log's write state, either on a thread
+//! of its own ([`Storage::open`]) or driven by the caller's event loop
+//! ([`Storage::open_driven`], what the server uses); one reader serves reads with `pread` on its
+//! own file descriptors so reads never stall the write path; one preparer keeps a pre-zeroed
+//! spare segment ready. Results come back as [`chainlog_core::effects::DiskEvent`]s through the
+//! `events` callback.
 //!
 //! Zero copy: in buffered mode the caller's `Bytes` go to `writev` as they are. In O_DIRECT mode
 //! a batch already page-aligned and zero-padded to a page (received into a pool buffer) goes as
@@ -66,6 +68,12 @@ pub struct StorageConfig {
     /// Most bytes one write + fdatasync carries (a single larger batch still goes alone).
     /// Default 8 MiB, minimum 4096.
     pub group_commit_bytes_max: usize,
+    /// Write + fdatasync groups of one log in flight at once (1..=16, default 4). Concurrent
+    /// flushes keep the disk busy while the previous group's replies travel: on this VM's
+    /// virtio disk 2 and 4 concurrent write + fdatasync loops give 1.4x and 1.9x the syncs/s of
+    /// one. Groups complete in order: a log is durable up to the end of the oldest group not
+    /// yet synced.
+    pub groups_in_flight_max: usize,
     /// io_uring submission queue entries; bounds operations in flight. Default 64, 8..=4096.
     pub queue_depth: u32,
 }
@@ -80,6 +88,7 @@ impl Default for StorageConfig {
             retention_bytes: None,
             retention_ms: None,
             group_commit_bytes_max: 8 << 20,
+            groups_in_flight_max: 4,
             queue_depth: 64,
         }
     }
@@ -110,6 +119,12 @@ impl StorageConfig {
             return bad(format!(
                 "group_commit_bytes_max {} must be >= 4096",
                 self.group_commit_bytes_max
+            ));
+        }
+        if !(1..=16).contains(&self.groups_in_flight_max) {
+            return bad(format!(
+                "groups_in_flight_max {} must be in 1..=16",
+                self.groups_in_flight_max
             ));
         }
         if !(8..=4096).contains(&self.queue_depth) {
@@ -316,6 +331,9 @@ pub struct Storage {
     /// Set by the writer just before it sleeps in the ring: only then does a command need an
     /// eventfd write (a syscall) to wake it.
     sleeping: Arc<AtomicBool>,
+    /// The writer, when the caller's event loop drives it ([`Storage::open_driven`]) instead
+    /// of a thread.
+    driven: Option<Mutex<writer::Writer>>,
     /// Held (flock) while open; dropped after the threads stop.
     _lock: File,
 }
@@ -335,6 +353,40 @@ impl Storage {
         cfg: StorageConfig,
         events: Box<dyn FnMut(DiskEvent) + Send>,
     ) -> Result<(Storage, Vec<RecoveredLog>), StorageError> {
+        let (s, recovered, _) = Self::open_with(cfg, events, false)?;
+        Ok((s, recovered))
+    }
+
+    /// Like [`Storage::open`], but the writer runs on the caller's event loop: no writer
+    /// thread, so an append reaches io_uring and its completion reaches the caller without two
+    /// thread wake-ups per group (on this VM each costs more than the append's own work).
+    /// The caller calls [`Storage::drive`] after queuing commands and whenever the returned
+    /// eventfd is readable (read it first, to reset it); `events` then runs on the caller's
+    /// thread for writes (reads still complete on the reader thread). Segment rolls, creates,
+    /// truncates and trims run inside `drive`, so they briefly block that loop.
+    pub fn open_driven(
+        cfg: StorageConfig,
+        events: Box<dyn FnMut(DiskEvent) + Send>,
+    ) -> Result<(Storage, Vec<RecoveredLog>, File), StorageError> {
+        let (s, recovered, efd) = Self::open_with(cfg, events, true)?;
+        let Some(efd) = efd else {
+            unreachable!("a driven storage has a completion eventfd")
+        };
+        Ok((s, recovered, efd))
+    }
+
+    /// Reaps write completions and starts queued writes (a no-op for threaded storage).
+    pub fn drive(&self) {
+        if let Some(w) = &self.driven {
+            w.lock().unwrap_or_else(|e| e.into_inner()).step();
+        }
+    }
+
+    fn open_with(
+        cfg: StorageConfig,
+        events: Box<dyn FnMut(DiskEvent) + Send>,
+        driven: bool,
+    ) -> Result<(Storage, Vec<RecoveredLog>, Option<File>), StorageError> {
         cfg.validate()?;
         std::fs::create_dir_all(&cfg.dir)
             .map_err(|e| StorageError::io("create data dir", &cfg.dir, e))?;
@@ -373,7 +425,7 @@ impl Storage {
         let (read_tx, read_rx) = crossbeam_channel::bounded(READS_QUEUED_MAX);
 
         let sleeping = Arc::new(AtomicBool::new(false));
-        let (writer, recovered) = writer::Writer::open(
+        let (mut writer, recovered) = writer::Writer::open(
             cfg.clone(),
             direct,
             cmd_rx,
@@ -387,12 +439,18 @@ impl Storage {
         )?;
         let waker = writer.waker();
         let mut threads = Vec::new();
-        threads.push(
-            std::thread::Builder::new()
-                .name("chainlog-storage-w".into())
-                .spawn(move || writer.run())
-                .map_err(|e| StorageError::io("spawn writer", &cfg.dir, e))?,
-        );
+        let (driven, efd) = if driven {
+            let efd = writer.completion_eventfd()?;
+            (Some(Mutex::new(writer)), Some(efd))
+        } else {
+            threads.push(
+                std::thread::Builder::new()
+                    .name("chainlog-storage-w".into())
+                    .spawn(move || writer.run())
+                    .map_err(|e| StorageError::io("spawn writer", &cfg.dir, e))?,
+            );
+            (None, None)
+        };
         let (v2, e2, c2) = (views.clone(), events.clone(), counters.clone());
         threads.push(
             std::thread::Builder::new()
@@ -411,9 +469,11 @@ impl Storage {
                 threads,
                 failpoints,
                 sleeping,
+                driven,
                 _lock: lock,
             },
             recovered,
+            efd,
         ))
     }
 
@@ -534,6 +594,10 @@ impl Storage {
         if let Some(tx) = self.cmd_tx.take() {
             let _ = tx.send(Cmd::Shutdown);
             self.waker.wake();
+        }
+        if let Some(w) = self.driven.take() {
+            // Finish on this thread what the event loop left in flight.
+            w.into_inner().unwrap_or_else(|e| e.into_inner()).run();
         }
         self.read_tx.take();
         for t in self.threads.drain(..) {

@@ -1,7 +1,8 @@
 //! The writer thread: owns the io_uring ring and every log's write state. Appends queue per
-//! log; while a log's write + fdatasync is in flight its new batches wait and then go out
-//! together in the next one (group commit). Truncate, trim, create and segment rolls are rare
-//! and run synchronously on this thread between groups.
+//! log; while `groups_in_flight_max` of a log's write + fdatasync groups are in flight its new
+//! batches wait and then go out together in the next one (group commit). Groups complete in
+//! order. Truncate, trim, create and segment rolls are rare and run synchronously on this
+//! thread when the log has nothing in flight.
 
 use super::format::{self, SegmentHeader, SEGMENT_HEADER_BYTES};
 use super::producers::ProducerTable;
@@ -50,6 +51,8 @@ enum OpKind {
 }
 
 struct Group {
+    /// Tags of this group's operations carry it, so a completion finds its group.
+    seq: u64,
     start_pos: u64,
     end_pos: u64,
     end_off: Offset,
@@ -63,6 +66,8 @@ struct Group {
     sync_result: Option<io::Result<usize>>,
     bufs_back: Vec<Bytes>,
     retries: u32,
+    /// Written in full and synced: waits only for older groups to finish.
+    synced: bool,
 }
 
 struct LogW {
@@ -76,7 +81,12 @@ struct LogW {
     /// End after every accepted append (queued or in flight): the next append's base.
     accepted_end: Offset,
     queue: VecDeque<Item>,
-    inflight: Option<Group>,
+    /// Groups in flight, oldest first (positions contiguous).
+    inflight: VecDeque<Group>,
+    /// A group failed while others may still be in flight. The failure is handled once every
+    /// in-flight operation of the log has come back, so no stale write can land after the
+    /// failed range is zeroed.
+    failing: Option<ErrorCode>,
     /// After a failed write: appends that do not start at `accepted_end` were sent before the
     /// caller saw the failure and are dropped.
     failed: bool,
@@ -116,10 +126,14 @@ pub(crate) struct Writer {
     pool: BufPool,
     logs_dir: PathBuf,
     spare_dir: PathBuf,
-    tags: HashMap<u64, (LogId, OpKind)>,
+    /// Operation tag -> (log, kind, group seq; 0 for hint syncs).
+    tags: HashMap<u64, (LogId, OpKind, u64)>,
+    next_group: u64,
     next_tag: u64,
     shutting_down: bool,
     last_tick: Instant,
+    /// Reused for reaped completions.
+    done: Vec<Completion>,
 }
 
 /// ENOSPC and EDQUOT are "full"; everything else is a storage error.
@@ -183,9 +197,10 @@ impl Writer {
         let spares = SpareFiles::start(spare_dir.clone(), cfg.segment_bytes, direct, 1)?;
         let pool = BufPool::new(PoolConfig {
             free_max: [64, 64, 8, 2],
-            // Copies for O_DIRECT: one group in flight and one being built per busy log is
+            // Copies for O_DIRECT: the groups in flight and one being built per busy log are
             // bounded by the group size; beyond this the writer allocates outside the pool.
-            outstanding_bytes_max: 2 * cfg.group_commit_bytes_max.max(CLASS_BYTES[3]),
+            outstanding_bytes_max: (cfg.groups_in_flight_max + 1)
+                * cfg.group_commit_bytes_max.max(CLASS_BYTES[3]),
         });
         let mut w = Writer {
             cfg,
@@ -206,9 +221,11 @@ impl Writer {
             logs_dir: logs_dir.clone(),
             spare_dir,
             tags: HashMap::new(),
+            next_group: 1,
             next_tag: 1,
             shutting_down: false,
             last_tick: Instant::now(),
+            done: Vec::new(),
         };
         let mut recovered = Vec::new();
         let listing = std::fs::read_dir(&logs_dir)
@@ -275,7 +292,8 @@ impl Writer {
             durable_end: rec.end,
             accepted_end: rec.end,
             queue,
-            inflight: None,
+            inflight: VecDeque::new(),
+            failing: None,
             failed: false,
             broken: false,
             must_roll,
@@ -297,27 +315,46 @@ impl Writer {
         Ok(())
     }
 
+    /// One turn without blocking: reaps completions, takes queued commands, starts what the
+    /// logs' queues allow, runs the once-a-second tick. Returns true once a shutdown has
+    /// drained everything. The threaded writer calls it between sleeps in the ring; an event
+    /// loop that owns the writer calls it whenever the ring's completion eventfd fires or it
+    /// has queued commands.
+    pub(crate) fn step(&mut self) -> bool {
+        let mut done = std::mem::take(&mut self.done);
+        if let Err(e) = self.ring.complete(&mut done) {
+            tracing::error!("io_uring completion handling failed: {e}");
+        }
+        for c in done.drain(..) {
+            self.on_completion(c);
+        }
+        self.done = done;
+        while let Ok(c) = self.cmd_rx.try_recv() {
+            self.on_cmd(c);
+        }
+        let ids: Vec<LogId> = self.pending.iter().copied().collect();
+        for id in ids {
+            self.pump(id);
+        }
+        if self.last_tick.elapsed() >= TICK {
+            self.last_tick = Instant::now();
+            self.tick();
+        }
+        self.shutting_down
+            && self.pending.is_empty()
+            && self.ring.in_flight() == 0
+            && self.logs.values().all(|l| l.queue.is_empty())
+    }
+
+    /// The ring's completion eventfd, for an event loop that drives [`Writer::step`] itself.
+    pub(crate) fn completion_eventfd(&mut self) -> Result<File, StorageError> {
+        Ok(self.ring.completion_eventfd()?)
+    }
+
+    /// Runs the writer on the calling thread until a shutdown has drained everything: the
+    /// writer thread's body, and the last act of an event-loop-driven writer.
     pub(crate) fn run(mut self) {
-        let mut done = Vec::new();
-        loop {
-            while let Ok(c) = self.cmd_rx.try_recv() {
-                self.on_cmd(c);
-            }
-            let ids: Vec<LogId> = self.pending.iter().copied().collect();
-            for id in ids {
-                self.pump(id);
-            }
-            if self.last_tick.elapsed() >= TICK {
-                self.last_tick = Instant::now();
-                self.tick();
-            }
-            if self.shutting_down
-                && self.pending.is_empty()
-                && self.ring.in_flight() == 0
-                && self.logs.values().all(|l| l.queue.is_empty())
-            {
-                break;
-            }
+        while !self.step() {
             self.sleeping.store(true, Ordering::SeqCst);
             if self.cmd_rx.is_empty() {
                 if let Err(e) = self.ring.wait(Some(TICK)) {
@@ -326,12 +363,6 @@ impl Writer {
                 }
             }
             self.sleeping.store(false, Ordering::SeqCst);
-            if let Err(e) = self.ring.complete(&mut done) {
-                tracing::error!("io_uring completion handling failed: {e}");
-            }
-            for c in done.drain(..) {
-                self.on_completion(c);
-            }
         }
         let ids: Vec<LogId> = self.logs.keys().copied().collect();
         for id in ids {
@@ -430,14 +461,20 @@ impl Writer {
         self.pending.insert(log);
     }
 
-    /// Starts whatever the log's queue allows: truncates and trims in order, then one group.
+    /// Starts whatever the log's queue allows: truncates and trims in order when nothing is in
+    /// flight, then groups while fewer than `groups_in_flight_max` are.
     fn pump(&mut self, id: LogId) {
+        let groups_max = self.cfg.groups_in_flight_max;
         loop {
             let Some(l) = self.logs.get_mut(&id) else {
                 self.pending.remove(&id);
                 return;
             };
-            if l.inflight.is_some() {
+            let blocked = l.failing.is_some()
+                || l.inflight.len() >= groups_max
+                || !l.inflight.is_empty() && !matches!(l.queue.front(), Some(Item::Batch(..)));
+            if blocked {
+                // Re-armed when a group finishes.
                 self.pending.remove(&id);
                 return;
             }
@@ -461,51 +498,74 @@ impl Writer {
                     if !self.ring.has_room(2) {
                         return;
                     }
-                    self.start_group(id);
+                    if !self.start_group(id) {
+                        // A roll must wait for the groups in flight.
+                        self.pending.remove(&id);
+                        return;
+                    }
                 }
             }
         }
     }
 
-    fn tag(&mut self, log: LogId, kind: OpKind) -> u64 {
+    fn tag(&mut self, log: LogId, kind: OpKind, group: u64) -> u64 {
         let t = self.next_tag;
         self.next_tag += 1;
-        self.tags.insert(t, (log, kind));
+        self.tags.insert(t, (log, kind, group));
         t
     }
 
-    fn start_group(&mut self, id: LogId) {
+    /// Starts a group from the front of the queue (rolling the segment first if needed).
+    /// Returns false, starting nothing, when a roll is needed but groups are still in flight.
+    fn start_group(&mut self, id: LogId) -> bool {
         let (first_len, needs_roll) = {
-            let Some(l) = self.logs.get(&id) else { return };
+            let Some(l) = self.logs.get(&id) else {
+                return true;
+            };
             let Some(Item::Batch(_, h)) = l.queue.front() else {
-                return;
+                return true;
             };
             let stride = format::stride(h.batch_len(), self.align);
-            let fits = l.segs.last().is_some_and(|s| s.end_pos + stride <= s.cap);
-            (stride, l.must_roll || l.active_file.is_none() || !fits)
+            let issued_pos = l.inflight.back().map(|g| g.end_pos);
+            let fits = l
+                .segs
+                .last()
+                .is_some_and(|s| issued_pos.unwrap_or(s.end_pos) + stride <= s.cap);
+            let needs_roll = l.must_roll || l.active_file.is_none() || !fits;
+            if needs_roll && !l.inflight.is_empty() {
+                return false;
+            }
+            (stride, needs_roll)
         };
         if needs_roll {
             if let Err(e) = self.roll(id, first_len) {
                 tracing::error!(log = %id, "segment roll failed: {e}");
                 let code = code_of_storage(&e);
                 self.fail(id, code, None);
-                return;
+                return true;
             }
         }
         let group_max = self.cfg.group_commit_bytes_max as u64;
         let align = self.align;
         let direct = self.direct;
+        let seq = self.next_group;
+        self.next_group += 1;
         let Some(l) = self.logs.get_mut(&id) else {
-            return;
+            return true;
         };
-        let Some(seg) = l.segs.last() else { return };
+        let Some(seg) = l.segs.last() else {
+            return true;
+        };
         let Some(file) = l.active_file.clone() else {
-            return;
+            return true;
         };
-        let start_pos = seg.end_pos;
+        // Groups in flight are contiguous: this one starts where the newest one ends.
+        let (start_pos, mut end_off) = match l.inflight.back() {
+            Some(g) => (g.end_pos, g.end_off),
+            None => (seg.end_pos, l.durable_end),
+        };
         let cap = seg.cap;
         let mut pos = start_pos;
-        let mut end_off = l.durable_end;
         let mut bufs = Vec::new();
         let mut batches = Vec::new();
         let (mut copied, mut padding) = (0u64, 0u64);
@@ -556,7 +616,8 @@ impl Writer {
         );
         Counters::add(&self.counters.copy_bytes, copied);
         Counters::add(&self.counters.padding_bytes, padding);
-        l.inflight = Some(Group {
+        l.inflight.push_back(Group {
+            seq,
             start_pos,
             end_pos: pos,
             end_off,
@@ -568,17 +629,19 @@ impl Writer {
             sync_result: None,
             bufs_back: Vec::new(),
             retries: 0,
+            synced: false,
         });
-        self.submit_write(id, file, start_pos, bufs);
+        self.submit_write(id, seq, file, start_pos, bufs);
+        true
     }
 
-    fn submit_write(&mut self, id: LogId, file: Arc<File>, pos: u64, bufs: Vec<Bytes>) {
+    fn submit_write(&mut self, id: LogId, seq: u64, file: Arc<File>, pos: u64, bufs: Vec<Bytes>) {
         let n: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         Counters::add(&self.counters.bytes_written, n);
         Counters::add(&self.counters.writes, 1);
         Counters::add(&self.counters.fsyncs, 1);
-        let tw = self.tag(id, OpKind::GroupWrite);
-        let ts = self.tag(id, OpKind::GroupSync);
+        let tw = self.tag(id, OpKind::GroupWrite, seq);
+        let ts = self.tag(id, OpKind::GroupSync, seq);
         let ops = vec![
             (
                 tw,
@@ -622,7 +685,7 @@ impl Writer {
     }
 
     fn on_completion(&mut self, c: Completion) {
-        let Some((id, kind)) = self.tags.remove(&c.tag) else {
+        let Some((id, kind, seq)) = self.tags.remove(&c.tag) else {
             tracing::error!(tag = c.tag, "completion for an unknown tag");
             return;
         };
@@ -632,132 +695,175 @@ impl Writer {
                     tracing::warn!(log = %id, "committed-hint sync failed: {e}");
                 }
             }
-            OpKind::GroupWrite => {
-                let expected = c.op.expected_len();
-                let result = self.inject(c.result, expected);
-                let Some(g) = self.logs.get_mut(&id).and_then(|l| l.inflight.as_mut()) else {
+            OpKind::GroupWrite | OpKind::GroupSync => {
+                let result = match kind {
+                    OpKind::GroupWrite => {
+                        let expected = c.op.expected_len();
+                        self.inject(c.result, expected)
+                    }
+                    _ => c.result,
+                };
+                let Some(g) = self
+                    .logs
+                    .get_mut(&id)
+                    .and_then(|l| l.inflight.iter_mut().find(|g| g.seq == seq))
+                else {
                     return;
                 };
-                if let Op::Writev { bufs, .. } = c.op {
-                    g.bufs_back = bufs;
+                if let OpKind::GroupWrite = kind {
+                    if let Op::Writev { bufs, .. } = c.op {
+                        g.bufs_back = bufs;
+                    }
+                    g.write_result = Some(result);
+                } else {
+                    g.sync_result = Some(result);
                 }
-                g.write_result = Some(result);
                 g.ops_pending -= 1;
                 if g.ops_pending == 0 {
-                    self.finish_group(id);
-                }
-            }
-            OpKind::GroupSync => {
-                let Some(g) = self.logs.get_mut(&id).and_then(|l| l.inflight.as_mut()) else {
-                    return;
-                };
-                g.sync_result = Some(c.result);
-                g.ops_pending -= 1;
-                if g.ops_pending == 0 {
-                    self.finish_group(id);
+                    self.group_done(id, seq);
                 }
             }
         }
     }
 
-    fn finish_group(&mut self, id: LogId) {
+    /// Both operations of group `seq` came back: retry a short write, start failing the log
+    /// on an error, or mark it synced and finish every synced group at the front, in order.
+    fn group_done(&mut self, id: LogId, seq: u64) {
+        let direct = self.direct;
         let Some(l) = self.logs.get_mut(&id) else {
             return;
         };
-        let Some(mut g) = l.inflight.take() else {
+        let Some(g) = l.inflight.iter_mut().find(|g| g.seq == seq) else {
             return;
         };
-        let wrote = match g.write_result.take() {
-            Some(Ok(n)) => n as u64,
-            Some(Err(e)) => {
-                tracing::error!(log = %id, "write failed: {e}");
-                let code = code_of(&e);
-                self.fail(id, code, Some(g.end_pos));
-                return;
+        if l.failing.is_none() {
+            let outcome = match g.write_result.take() {
+                Some(Err(e)) => {
+                    tracing::error!(log = %id, "write failed: {e}");
+                    Err(code_of(&e))
+                }
+                Some(Ok(n)) if (n as u64) < g.write_len => Ok(Some(n as u64)),
+                None => Ok(Some(0)),
+                Some(Ok(_)) => match g.sync_result.take() {
+                    // After a failed fdatasync the page cache state is unknown (the kernel may
+                    // have dropped the dirty pages): never report durable, stop writing.
+                    Some(Err(e)) => {
+                        tracing::error!(log = %id, "fdatasync failed: {e}");
+                        Err(code_of(&e))
+                    }
+                    _ => Ok(None),
+                },
+            };
+            match outcome {
+                Ok(None) => g.synced = true,
+                Ok(Some(wrote)) => {
+                    // Short write: the linked sync was cancelled. Continue with the rest.
+                    g.retries += 1;
+                    let aligned = !direct || wrote % PAGE_BYTES as u64 == 0;
+                    if g.retries > SHORT_WRITE_RETRIES_MAX
+                        || !aligned
+                        || wrote == 0 && g.retries > 1
+                        || !self.ring.has_room(2)
+                    {
+                        // (A ring full of other logs' groups is rare enough to fail on rather
+                        // than add a retry queue.)
+                        tracing::error!(log = %id, wrote, of = g.write_len, "short writes did not complete the group");
+                        l.failing = Some(ErrorCode::StorageError);
+                    } else {
+                        let mut skip = wrote as usize;
+                        let mut rest = Vec::with_capacity(g.bufs_back.len());
+                        for b in std::mem::take(&mut g.bufs_back) {
+                            if skip >= b.len() {
+                                skip -= b.len();
+                            } else {
+                                rest.push(b.slice(skip..));
+                                skip = 0;
+                            }
+                        }
+                        g.write_pos += wrote;
+                        g.write_len -= wrote;
+                        g.ops_pending = 2;
+                        g.write_result = None;
+                        g.sync_result = None;
+                        let pos = g.write_pos;
+                        let Some(file) = l.active_file.clone() else {
+                            return;
+                        };
+                        self.submit_write(id, seq, file, pos, rest);
+                        return;
+                    }
+                }
+                Err(code) => l.failing = Some(code),
             }
-            None => 0,
+        }
+        if let Some(code) = l.failing {
+            // Fail only when nothing of this log is in flight any more; groups older than the
+            // failed one that did sync still count as durable.
+            if l.inflight.iter().all(|g| g.ops_pending == 0) {
+                self.finish_synced(id);
+                let Some(l) = self.logs.get_mut(&id) else {
+                    return;
+                };
+                let dirty_to = l.inflight.iter().map(|g| g.end_pos).max();
+                l.failing = None;
+                self.fail(id, code, dirty_to);
+            }
+            return;
+        }
+        self.finish_synced(id);
+    }
+
+    /// Applies every synced group at the front of the log's in-flight queue and reports the
+    /// new durable end once.
+    fn finish_synced(&mut self, id: LogId) {
+        let interval = self.cfg.index_interval_bytes;
+        let Some(l) = self.logs.get_mut(&id) else {
+            return;
         };
-        if wrote < g.write_len {
-            // Short write: the linked sync was cancelled. Continue with the rest.
-            g.retries += 1;
-            let aligned = !self.direct || wrote % PAGE_BYTES as u64 == 0;
-            if g.retries > SHORT_WRITE_RETRIES_MAX || !aligned || wrote == 0 && g.retries > 1 {
-                tracing::error!(log = %id, wrote, of = g.write_len, "short writes did not complete the group");
-                self.fail(id, ErrorCode::StorageError, Some(g.end_pos));
-                return;
-            }
-            let mut skip = wrote as usize;
-            let mut rest = Vec::with_capacity(g.bufs_back.len());
-            for b in std::mem::take(&mut g.bufs_back) {
-                if skip >= b.len() {
-                    skip -= b.len();
-                } else {
-                    rest.push(b.slice(skip..));
-                    skip = 0;
+        let before = l.durable_end;
+        while l.inflight.front().is_some_and(|g| g.synced) {
+            let Some(g) = l.inflight.pop_front() else {
+                break;
+            };
+            let Some(seg) = l.segs.last_mut() else { return };
+            let first_new_index = seg.index.len();
+            for (pos, h) in &g.batches {
+                seg.maybe_index(h.base_offset, *pos, interval);
+                if h.producer_id.0 != 0 {
+                    l.producers.add(ProducerBatch {
+                        producer: h.producer_id,
+                        seq: h.producer_seq,
+                        record_count: h.record_count,
+                        base_offset: h.base_offset,
+                    });
                 }
             }
-            g.write_pos += wrote;
-            g.write_len -= wrote;
-            g.ops_pending = 2;
-            g.write_result = None;
-            g.sync_result = None;
-            let (pos, file) = (g.write_pos, l.active_file.clone());
-            l.inflight = Some(g);
-            let Some(file) = file else { return };
-            if self.ring.has_room(2) {
-                self.submit_write(id, file, pos, rest);
-            } else {
-                // The ring is full of other logs' groups; this log waits for the same slots
-                // they do. Rare enough to fail rather than add a retry queue.
-                self.fail(id, ErrorCode::StorageError, None);
+            assert_eq!(seg.end_pos, g.start_pos, "groups finish in order");
+            seg.end = g.end_off;
+            seg.end_pos = g.end_pos;
+            seg.modified = SystemTime::now();
+            assert!(g.end_off > l.durable_end, "durable end must grow");
+            l.durable_end = g.end_off;
+            {
+                let mut v = l.view.write().unwrap_or_else(|e| e.into_inner());
+                v.durable_end = l.durable_end;
+                if let Some(sv) = v.segs.last_mut() {
+                    assert_eq!(sv.base, seg.base);
+                    sv.index.extend_from_slice(&seg.index[first_new_index..]);
+                    sv.durable_end = seg.end;
+                    sv.durable_pos = seg.end_pos;
+                }
             }
-            return;
+            Counters::add(&self.counters.batches, g.batches.len() as u64);
+            Counters::add(&self.counters.groups, 1);
         }
-        if let Some(Err(e)) = g.sync_result.take() {
-            // After a failed fdatasync the page cache state is unknown (the kernel may have
-            // dropped the dirty pages): never report durable, stop writing this log.
-            tracing::error!(log = %id, "fdatasync failed: {e}");
-            let code = code_of(&e);
-            self.fail(id, code, Some(g.end_pos));
-            return;
-        }
-        let interval = self.cfg.index_interval_bytes;
-        let Some(seg) = l.segs.last_mut() else { return };
-        let first_new_index = seg.index.len();
-        for (pos, h) in &g.batches {
-            seg.maybe_index(h.base_offset, *pos, interval);
-            if h.producer_id.0 != 0 {
-                l.producers.add(ProducerBatch {
-                    producer: h.producer_id,
-                    seq: h.producer_seq,
-                    record_count: h.record_count,
-                    base_offset: h.base_offset,
-                });
-            }
-        }
-        assert_eq!(seg.end_pos, g.start_pos);
-        seg.end = g.end_off;
-        seg.end_pos = g.end_pos;
-        seg.modified = SystemTime::now();
-        assert!(g.end_off > l.durable_end, "durable end must grow");
-        l.durable_end = g.end_off;
-        {
-            let mut v = l.view.write().unwrap_or_else(|e| e.into_inner());
-            v.durable_end = l.durable_end;
-            if let Some(sv) = v.segs.last_mut() {
-                assert_eq!(sv.base, seg.base);
-                sv.index.extend_from_slice(&seg.index[first_new_index..]);
-                sv.durable_end = seg.end;
-                sv.durable_pos = seg.end_pos;
-            }
-        }
-        Counters::add(&self.counters.batches, g.batches.len() as u64);
-        Counters::add(&self.counters.groups, 1);
         let end = l.durable_end;
         if !l.queue.is_empty() {
             self.pending.insert(id);
         }
-        emit(&self.events, DiskEvent::Durable { log: id, end });
+        if end > before {
+            emit(&self.events, DiskEvent::Durable { log: id, end });
+        }
     }
 
     /// Reports a failed write and resets the log to its durable end. `dirty_to` is how far the
@@ -767,7 +873,11 @@ impl Writer {
         let Some(l) = self.logs.get_mut(&id) else {
             return;
         };
-        l.inflight = None;
+        assert!(
+            l.inflight.iter().all(|g| g.ops_pending == 0),
+            "a log fails only with nothing in flight"
+        );
+        l.inflight.clear();
         let at = l.durable_end;
         l.queue.retain(|i| !matches!(i, Item::Batch(..)));
         l.accepted_end = at;
@@ -802,7 +912,7 @@ impl Writer {
         let Some(l) = self.logs.get_mut(&id) else {
             return Ok(());
         };
-        assert!(l.inflight.is_none());
+        assert!(l.inflight.is_empty());
         let empty_at_base = l
             .segs
             .last()
@@ -996,7 +1106,7 @@ impl Writer {
             let Some(l) = self.logs.get_mut(&id) else {
                 return Ok(end);
             };
-            assert!(l.inflight.is_none());
+            assert!(l.inflight.is_empty());
             if end >= l.durable_end {
                 return Ok(l.durable_end);
             }
@@ -1131,7 +1241,7 @@ impl Writer {
         let ids: Vec<LogId> = self.logs.keys().copied().collect();
         for id in ids {
             if self.cfg.retention_ms.is_some() {
-                let idle = self.logs.get(&id).is_some_and(|l| l.inflight.is_none());
+                let idle = self.logs.get(&id).is_some_and(|l| l.inflight.is_empty());
                 if idle {
                     self.apply_retention(id);
                 }
@@ -1146,7 +1256,7 @@ impl Writer {
             if l.hint_unsynced && self.ring.has_room(1) {
                 let p = l.dir.join(format::HINT_FILE);
                 if let Ok(f) = File::open(&p) {
-                    let t = self.tag(id, OpKind::HintSync);
+                    let t = self.tag(id, OpKind::HintSync, 0);
                     if self
                         .ring
                         .push(
