@@ -1,5 +1,6 @@
-//! The loopback floor: a tokio TCP ping-pong of one small frame on 127.0.0.1, the cost of one
-//! hop of the chain with nothing else in it.
+//! The loopback floor: a tokio TCP ping-pong of one small frame on 127.0.0.1 between two event
+//! loops on different threads (as a chain hop runs between two processes), the cost of one hop
+//! of the chain with nothing else in it.
 
 use crate::hist::{LatencyHist, LatencySummary};
 use anyhow::Context;
@@ -29,21 +30,28 @@ pub async fn loopback_rtt(
         (1..=FRAME_BYTES_MAX).contains(&frame_bytes),
         "frame bytes must be 1..={FRAME_BYTES_MAX}"
     );
-    let listener = TcpListener::bind("127.0.0.1:0")
-        .await
-        .context("binding loopback")?;
-    let addr = listener.local_addr()?;
-    let echo = tokio::spawn(async move {
-        let (mut s, _) = listener.accept().await?;
-        s.set_nodelay(true)?;
-        let mut buf = vec![0u8; frame_bytes];
-        loop {
-            match s.read_exact(&mut buf).await {
-                Ok(_) => s.write_all(&buf).await?,
-                Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
-                Err(e) => return Err(e),
+    let std_listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding loopback")?;
+    std_listener.set_nonblocking(true)?;
+    let addr = std_listener.local_addr()?;
+    // The echo side runs its own event loop on its own thread: each round trip then includes
+    // the wake-up of a sleeping peer, as every real hop does (same-runtime ping-pong does not).
+    let echo = std::thread::spawn(move || -> std::io::Result<()> {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            let listener = TcpListener::from_std(std_listener)?;
+            let (mut s, _) = listener.accept().await?;
+            s.set_nodelay(true)?;
+            let mut buf = vec![0u8; frame_bytes];
+            loop {
+                match s.read_exact(&mut buf).await {
+                    Ok(_) => s.write_all(&buf).await?,
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(()),
+                    Err(e) => return Err(e),
+                }
             }
-        }
+        })
     });
     let mut c = TcpStream::connect(addr)
         .await
@@ -69,7 +77,11 @@ pub async fn loopback_rtt(
         h.record(t0.elapsed());
     }
     drop(c);
-    echo.await.context("echo task")?.context("echo task i/o")?;
+    tokio::task::spawn_blocking(move || echo.join())
+        .await
+        .context("joining the echo thread")?
+        .map_err(|_| anyhow::anyhow!("echo thread panicked"))?
+        .context("echo thread i/o")?;
     Ok(LoopbackResult {
         frame_bytes,
         round_trips: h.count(),

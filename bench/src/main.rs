@@ -17,6 +17,11 @@ use std::time::Duration;
     about = "chainlog durable-append benchmarks, reported against floors measured in the same run"
 )]
 struct Cli {
+    /// Load-generator runtime: 0 = one current-thread tokio runtime (default: the cheapest
+    /// load generator, so the server is what is measured); N = a multi-thread runtime with N
+    /// workers (measures the client library as a multi-threaded application would run it).
+    #[arg(long, global = true, default_value_t = 0)]
+    client_threads: usize,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -71,6 +76,9 @@ enum Cmd {
         /// Client batches in flight per log; default: the client's.
         #[arg(long)]
         batches_in_flight: Option<usize>,
+        /// Most bytes in one client batch; default: the client's.
+        #[arg(long)]
+        batch_bytes_max: Option<usize>,
         /// Print the result as JSON instead of a line.
         #[arg(long)]
         json: bool,
@@ -110,6 +118,9 @@ enum Cmd {
         /// Client batches in flight per log; default: the client's.
         #[arg(long)]
         batches_in_flight: Option<usize>,
+        /// Most bytes in one client batch; default: the client's.
+        #[arg(long)]
+        batch_bytes_max: Option<usize>,
     },
 }
 
@@ -117,9 +128,23 @@ fn secs(s: f64, what: &str) -> anyhow::Result<Duration> {
     Duration::try_from_secs_f64(s).with_context(|| format!("--{what} {s}"))
 }
 
-#[tokio::main]
-async fn main() -> anyhow::Result<()> {
-    match Cli::parse().cmd {
+fn main() -> anyhow::Result<()> {
+    let cli = Cli::parse();
+    let rt = match cli.client_threads {
+        0 => tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?,
+        n => tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(n)
+            .enable_all()
+            .build()?,
+    };
+    rt.block_on(run(cli))
+}
+
+async fn run(cli: Cli) -> anyhow::Result<()> {
+    let client_threads = cli.client_threads;
+    match cli.cmd {
         Cmd::Floor {
             dir,
             record_bytes,
@@ -175,11 +200,13 @@ async fn main() -> anyhow::Result<()> {
             rate,
             linger_us,
             batches_in_flight,
+            batch_bytes_max,
             json,
         } => {
             let knobs = ClientKnobs {
                 linger_us,
                 batches_in_flight_max: batches_in_flight,
+                batch_bytes_max,
             };
             let client = connect(&addr, knobs).await?;
             // Creating an existing log fails harmlessly; a real problem shows on the appends.
@@ -234,6 +261,7 @@ async fn main() -> anyhow::Result<()> {
             out,
             linger_us,
             batches_in_flight,
+            batch_bytes_max,
         } => {
             anyhow::ensure!(
                 matches!(io_mode.as_str(), "auto" | "direct" | "buffered"),
@@ -257,7 +285,9 @@ async fn main() -> anyhow::Result<()> {
                 client: ClientKnobs {
                     linger_us,
                     batches_in_flight_max: batches_in_flight,
+                    batch_bytes_max,
                 },
+                client_threads,
             };
             let report = run_suite(&cfg).await?;
             println!("{}", report.markdown());

@@ -52,6 +52,9 @@ pub struct Meta {
     pub data_dir: String,
     pub client_linger_us: u64,
     pub client_batches_in_flight_max: usize,
+    /// Load-generator runtime: 0 = current-thread tokio, N = multi-thread with N workers.
+    #[serde(default)]
+    pub client_threads: usize,
 }
 
 /// Medians over rounds at one in-flight level.
@@ -333,8 +336,13 @@ impl SuiteReport {
         let _ = writeln!(s, "# chainlog durable-append benchmark\n");
         let _ = writeln!(
             s,
-            "rev `{}` · host: {} cpus, Linux {}, {} · server io-mode `{}` (floor O_DIRECT: {}) · {} B records · client linger {} µs, {} batches in flight · {} rounds × {} s (+{} s warm-up) per run · median over rounds\n",
-            m.git_rev, m.host_nproc, m.host_kernel, m.host_cpu, m.io_mode, m.floor_direct, m.record_bytes, m.client_linger_us, m.client_batches_in_flight_max, m.rounds, m.duration_s, m.warmup_s
+            "rev `{}` · host: {} cpus, Linux {}, {} · server io-mode `{}` (floor O_DIRECT: {}) · {} B records · client linger {} µs, {} batches in flight, {} · {} rounds × {} s (+{} s warm-up) per run · median over rounds\n",
+            m.git_rev, m.host_nproc, m.host_kernel, m.host_cpu, m.io_mode, m.floor_direct, m.record_bytes, m.client_linger_us, m.client_batches_in_flight_max,
+            match m.client_threads {
+                0 => "current-thread client runtime".to_string(),
+                n => format!("{n}-worker client runtime"),
+            },
+            m.rounds, m.duration_s, m.warmup_s
         );
         let _ = writeln!(s, "## Throughput (records/s; MB/s of payload)\n");
         let _ = writeln!(

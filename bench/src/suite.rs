@@ -36,6 +36,8 @@ pub struct SuiteConfig {
     pub data_dir: PathBuf,
     pub out: PathBuf,
     pub client: ClientKnobs,
+    /// The load generator's runtime: 0 = current-thread, N = multi-thread with N workers.
+    pub client_threads: usize,
 }
 
 /// `git rev-parse --short HEAD` of the source tree (with `-dirty` if it has local changes).
@@ -296,6 +298,7 @@ pub async fn run_suite(cfg: &SuiteConfig) -> anyhow::Result<SuiteReport> {
         data_dir: cfg.data_dir.display().to_string(),
         client_linger_us: cfg.client.config(&[]).linger_us,
         client_batches_in_flight_max: cfg.client.config(&[]).batches_in_flight_max,
+        client_threads: cfg.client_threads,
         ..Meta::default()
     };
     host_meta(&mut meta);

@@ -97,6 +97,7 @@ pub fn payload(record_bytes: usize) -> Bytes {
 pub struct ClientKnobs {
     pub linger_us: Option<u64>,
     pub batches_in_flight_max: Option<usize>,
+    pub batch_bytes_max: Option<usize>,
 }
 
 impl ClientKnobs {
@@ -108,6 +109,9 @@ impl ClientKnobs {
         }
         if let Some(b) = self.batches_in_flight_max {
             cfg.batches_in_flight_max = b;
+        }
+        if let Some(b) = self.batch_bytes_max {
+            cfg.batch_bytes_max = b;
         }
         cfg
     }
