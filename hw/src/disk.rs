@@ -205,7 +205,10 @@ impl SpareFiles {
     }
 
     /// A prepared spare (the caller renames it into place), or one made now if none is ready
-    /// (slow path: a whole file of zeros is written on the caller's thread).
+    /// (slow path: a whole file of zeros is written on the caller's thread). The preparer
+    /// does not start the next one until [`SpareFiles::replenish`]: call it once the caller's
+    /// rename is durable, so the caller's directory fsync does not wait (under ext4's ordered
+    /// mode) for the writeback of a spare being zeroed at that moment.
     pub fn take(&self) -> Result<PathBuf> {
         if let Some(p) = self.try_take() {
             return Ok(p);
@@ -214,14 +217,16 @@ impl SpareFiles {
         self.shared.make_one()
     }
 
-    /// A prepared spare if one is ready.
+    /// A prepared spare if one is ready (see [`SpareFiles::take`] on replenishing).
     pub fn try_take(&self) -> Option<PathBuf> {
         let mut st = self.shared.lock.lock().unwrap_or_else(|e| e.into_inner());
-        let p = st.ready.pop();
-        if p.is_some() {
-            self.shared.cv.notify_all();
-        }
-        p
+        st.ready.pop()
+    }
+
+    /// Lets the preparer make spares again up to the number kept.
+    pub fn replenish(&self) {
+        let _st = self.shared.lock.lock().unwrap_or_else(|e| e.into_inner());
+        self.shared.cv.notify_all();
     }
 
     /// Blocks until at least one spare is ready or the preparer failed (for tests and start-up).
@@ -343,6 +348,10 @@ mod tests {
         let a = s.take().unwrap();
         assert_eq!(std::fs::metadata(&a).unwrap().len(), 8192);
         std::fs::rename(&a, dir.path().join("used")).unwrap();
+        // The next one is made only when asked for.
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        assert!(s.try_take().is_none());
+        s.replenish();
         s.wait_ready().unwrap();
         drop(s);
         // The prepared spare survives a restart and is reused.

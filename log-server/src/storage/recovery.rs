@@ -407,7 +407,7 @@ pub(crate) fn recover_log(
                 // Created by a roll that crashed before its header was durable: nothing was
                 // ever acknowledged in it. Give it a header and use it empty.
                 let h = SegmentHeader { base, log, align };
-                write_segment_header(&path, &h)?;
+                write_segment_header(&path, &h, true)?;
                 h
             }
             Err(p) => {
@@ -554,10 +554,13 @@ pub(crate) fn recover_log(
     })
 }
 
-/// Writes a segment's header in place and makes it durable (before the segment is used).
+/// Writes a segment's header in place; with `sync`, durably. Without, the segment's first
+/// group commit makes it durable (fdatasync covers the whole file) and a crash before that
+/// leaves a zero header, which recovery treats as an empty segment named by its file name.
 pub(crate) fn write_segment_header(
     path: &std::path::Path,
     h: &SegmentHeader,
+    sync: bool,
 ) -> Result<(), StorageError> {
     let f = std::fs::OpenOptions::new()
         .write(true)
@@ -565,7 +568,9 @@ pub(crate) fn write_segment_header(
         .map_err(|e| StorageError::io("open segment", path, e))?;
     f.write_all_at(&h.encode(), 0)
         .map_err(|e| StorageError::io("write segment header", path, e))?;
-    disk::fdatasync(&f)?;
+    if sync {
+        disk::fdatasync(&f)?;
+    }
     Ok(())
 }
 

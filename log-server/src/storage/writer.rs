@@ -48,6 +48,8 @@ enum OpKind {
     GroupWrite,
     GroupSync,
     HintSync,
+    /// The log directory's fsync after a segment roll.
+    DirSync,
 }
 
 struct Group {
@@ -87,6 +89,9 @@ struct LogW {
     /// in-flight operation of the log has come back, so no stale write can land after the
     /// failed range is zeroed.
     failing: Option<ErrorCode>,
+    /// A rolled segment's directory entry is not yet durable: groups in it may complete but
+    /// are not reported durable until it is.
+    dir_sync_pending: bool,
     /// After a failed write: appends that do not start at `accepted_end` were sent before the
     /// caller saw the failure and are dropped.
     failed: bool,
@@ -294,6 +299,7 @@ impl Writer {
             queue,
             inflight: VecDeque::new(),
             failing: None,
+            dir_sync_pending: false,
             failed: false,
             broken: false,
             must_roll,
@@ -470,9 +476,10 @@ impl Writer {
                 self.pending.remove(&id);
                 return;
             };
+            let busy = !l.inflight.is_empty() || l.dir_sync_pending;
             let blocked = l.failing.is_some()
                 || l.inflight.len() >= groups_max
-                || !l.inflight.is_empty() && !matches!(l.queue.front(), Some(Item::Batch(..)));
+                || busy && !matches!(l.queue.front(), Some(Item::Batch(..)));
             if blocked {
                 // Re-armed when a group finishes.
                 self.pending.remove(&id);
@@ -532,7 +539,7 @@ impl Writer {
                 .last()
                 .is_some_and(|s| issued_pos.unwrap_or(s.end_pos) + stride <= s.cap);
             let needs_roll = l.must_roll || l.active_file.is_none() || !fits;
-            if needs_roll && !l.inflight.is_empty() {
+            if needs_roll && (!l.inflight.is_empty() || l.dir_sync_pending) {
                 return false;
             }
             (stride, needs_roll)
@@ -695,6 +702,18 @@ impl Writer {
                     tracing::warn!(log = %id, "committed-hint sync failed: {e}");
                 }
             }
+            OpKind::DirSync => {
+                self.spares.replenish();
+                let Some(l) = self.logs.get_mut(&id) else {
+                    return;
+                };
+                l.dir_sync_pending = false;
+                if let Err(e) = c.result {
+                    tracing::error!(log = %id, "fsync of the log directory failed: {e}");
+                    l.failing.get_or_insert(code_of(&e));
+                }
+                self.settle(id);
+            }
             OpKind::GroupWrite | OpKind::GroupSync => {
                 let result = match kind {
                     OpKind::GroupWrite => {
@@ -796,21 +815,30 @@ impl Writer {
                 Err(code) => l.failing = Some(code),
             }
         }
-        if let Some(code) = l.failing {
-            // Fail only when nothing of this log is in flight any more; groups older than the
-            // failed one that did sync still count as durable.
-            if l.inflight.iter().all(|g| g.ops_pending == 0) {
-                self.finish_synced(id);
-                let Some(l) = self.logs.get_mut(&id) else {
-                    return;
-                };
-                let dirty_to = l.inflight.iter().map(|g| g.end_pos).max();
-                l.failing = None;
-                self.fail(id, code, dirty_to);
-            }
+        self.settle(id);
+    }
+
+    /// After an operation of the log came back: finish what is durable, or, if the log is
+    /// failing and nothing of it is in flight any more, fail it (groups older than the failed
+    /// one that did sync still count as durable).
+    fn settle(&mut self, id: LogId) {
+        let Some(l) = self.logs.get_mut(&id) else {
+            return;
+        };
+        let Some(code) = l.failing else {
+            self.finish_synced(id);
+            return;
+        };
+        if l.dir_sync_pending || l.inflight.iter().any(|g| g.ops_pending > 0) {
             return;
         }
         self.finish_synced(id);
+        let Some(l) = self.logs.get_mut(&id) else {
+            return;
+        };
+        let dirty_to = l.inflight.iter().map(|g| g.end_pos).max();
+        l.failing = None;
+        self.fail(id, code, dirty_to);
     }
 
     /// Applies every synced group at the front of the log's in-flight queue and reports the
@@ -821,7 +849,7 @@ impl Writer {
             return;
         };
         let before = l.durable_end;
-        while l.inflight.front().is_some_and(|g| g.synced) {
+        while !l.dir_sync_pending && l.inflight.front().is_some_and(|g| g.synced) {
             let Some(g) = l.inflight.pop_front() else {
                 break;
             };
@@ -874,7 +902,7 @@ impl Writer {
             return;
         };
         assert!(
-            l.inflight.iter().all(|g| g.ops_pending == 0),
+            l.inflight.iter().all(|g| g.ops_pending == 0) && !l.dir_sync_pending,
             "a log fails only with nothing in flight"
         );
         l.inflight.clear();
@@ -949,10 +977,14 @@ impl Writer {
             log: id,
             align,
         };
-        super::recovery::write_segment_header(&src, &header)?;
+        super::recovery::write_segment_header(&src, &header, false)?;
         let path = l.dir.join(format::segment_name(base));
         std::fs::rename(&src, &path).map_err(|e| StorageError::io("rename spare", &path, e))?;
-        disk::fsync_dir(&l.dir)?;
+        // The new name must be durable before anything in the segment counts as durable, but
+        // not before it is written: the directory fsync runs in the ring (a journal commit
+        // takes milliseconds here, on the event loop's thread) and holds back only `Durable`.
+        let dir = File::open(&l.dir).map_err(|e| StorageError::io("open log dir", &l.dir, e))?;
+        let dir_file = Arc::new(dir);
         let read_file = Arc::new(disk::open_read(&path)?);
         let cap = read_file
             .metadata()
@@ -980,8 +1012,40 @@ impl Writer {
         l.active_file = Some(wfile);
         l.must_roll = false;
         Counters::add(&self.counters.segments_created, 1);
-        self.save_hint(id, true);
+        if self.ring.has_room(1) {
+            let t = self.tag(id, OpKind::DirSync, 0);
+            let op = Op::Sync {
+                file: dir_file,
+                datasync: false,
+            };
+            match self.ring.push(t, op) {
+                Ok(()) => {
+                    if let Some(l) = self.logs.get_mut(&id) {
+                        l.dir_sync_pending = true;
+                    }
+                }
+                Err(e) => {
+                    self.tags.remove(&t);
+                    tracing::warn!(
+                        "io_uring push of a directory fsync failed ({e}); syncing inline"
+                    );
+                    self.fsync_dir_inline(id)?;
+                }
+            }
+        } else {
+            self.fsync_dir_inline(id)?;
+        }
+        self.save_hint(id, false);
         self.apply_retention(id);
+        Ok(())
+    }
+
+    fn fsync_dir_inline(&mut self, id: LogId) -> Result<(), StorageError> {
+        if let Some(l) = self.logs.get(&id) {
+            disk::fsync_dir(&l.dir)?;
+        }
+        // The next spare's zeroing would have slowed that fsync (ext4 ordered mode).
+        self.spares.replenish();
         Ok(())
     }
 
