@@ -326,6 +326,23 @@ mod tests {
         let mut c = NodeConfig::default();
         c.storage.segment_bytes = 10;
         assert!(c.validate().is_err());
+        for bad in [0, 17] {
+            let mut c = NodeConfig::default();
+            c.storage.flushes_in_flight_max = bad;
+            assert!(c.validate().is_err(), "flushes_in_flight_max {bad}");
+        }
+    }
+
+    /// The example in the README is a config this version accepts.
+    #[test]
+    fn readme_example_parses() {
+        let readme = include_str!("../../README.md");
+        let start = readme.find("```toml\n").expect("README has a toml example") + 8;
+        let len = readme[start..].find("```").expect("closed toml block");
+        let mut c = NodeConfig::from_toml(&readme[start..start + len]).expect("README example");
+        c.validate().expect("README example validates");
+        assert_eq!((c.node_id, c.chain.nodes.len()), (2, 3));
+        assert_eq!(c.storage.flushes_in_flight_max, 4);
     }
 
     #[test]
