@@ -129,6 +129,8 @@ struct SpareShared {
 
 struct SpareState {
     ready: Vec<PathBuf>,
+    /// Spares the preparer is asked to make: set by `start` and `replenish`, never by `take`.
+    wanted: usize,
     last_error: Option<String>,
 }
 
@@ -179,6 +181,7 @@ impl SpareFiles {
             stop: AtomicBool::new(false),
             seq: AtomicU64::new(seq),
             lock: std::sync::Mutex::new(SpareState {
+                wanted: keep.saturating_sub(ready.len()),
                 ready,
                 last_error: None,
             }),
@@ -225,7 +228,8 @@ impl SpareFiles {
 
     /// Lets the preparer make spares again up to the number kept.
     pub fn replenish(&self) {
-        let _st = self.shared.lock.lock().unwrap_or_else(|e| e.into_inner());
+        let mut st = self.shared.lock.lock().unwrap_or_else(|e| e.into_inner());
+        st.wanted = self.shared.keep.saturating_sub(st.ready.len());
         self.shared.cv.notify_all();
     }
 
@@ -262,7 +266,7 @@ impl SpareShared {
         loop {
             {
                 let mut st = self.lock.lock().unwrap_or_else(|e| e.into_inner());
-                while !self.stop.load(Ordering::Acquire) && st.ready.len() >= self.keep {
+                while !self.stop.load(Ordering::Acquire) && st.wanted == 0 {
                     st = self.cv.wait(st).unwrap_or_else(|e| e.into_inner());
                 }
                 if self.stop.load(Ordering::Acquire) {
@@ -273,6 +277,7 @@ impl SpareShared {
                 Ok(p) => {
                     let mut st = self.lock.lock().unwrap_or_else(|e| e.into_inner());
                     st.ready.push(p);
+                    st.wanted = st.wanted.saturating_sub(1);
                     st.last_error = None;
                     self.cv.notify_all();
                 }
