@@ -545,6 +545,59 @@ fn groups_in_flight_complete_in_order_and_fail_together() {
     }
 }
 
+/// Many logs rolling small segments through a tiny ring: every roll's directory fsync and
+/// every log's groups share seven slots, and everything still lands, in order, once.
+#[test]
+fn rolls_and_groups_of_many_logs_share_a_small_ring() {
+    for mode in modes() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = StorageConfig {
+            group_commit_bytes_max: 64 << 10,
+            groups_in_flight_max: 4,
+            queue_depth: 8,
+            ..small_cfg(dir.path(), mode)
+        };
+        let n = Node::open(&cfg);
+        let logs: Vec<LogId> = (0..4).map(|i| LogId::from_name(&format!("m{i}"))).collect();
+        for (i, l) in logs.iter().enumerate() {
+            n.create(*l, &format!("m{i}"));
+        }
+        let mut want: Vec<Vec<Bytes>> = vec![Vec::new(); logs.len()];
+        let mut ends = vec![Offset(0); logs.len()];
+        // Interleaved, all queued at once: 3 MiB per log over 1 MiB segments.
+        for _ in 0..96 {
+            for (i, l) in logs.iter().enumerate() {
+                let b = batch(*l, ends[i], 4, 8000, (0, 0));
+                let e = end_of(ends[i], std::slice::from_ref(&b));
+                n.st().append(*l, ends[i], vec![b.clone()]);
+                want[i].push(b);
+                ends[i] = e;
+            }
+        }
+        let mut durable = vec![Offset(0); logs.len()];
+        while durable != ends {
+            match n.next() {
+                DiskEvent::Durable { log, end } => {
+                    let i = logs.iter().position(|l| *l == log).unwrap();
+                    assert!(end > durable[i]);
+                    durable[i] = end;
+                }
+                e => panic!("unexpected {e:?}"),
+            }
+        }
+        for (i, l) in logs.iter().enumerate() {
+            assert_eq!(n.read_all(*l, Offset(0), ends[i]), want[i], "{mode:?}");
+        }
+        assert!(n.st().stats().segments_created >= 12);
+        n.shutdown();
+        let n = Node::open(&cfg);
+        for (i, l) in logs.iter().enumerate() {
+            assert_eq!(n.recovered(*l).end, ends[i], "{mode:?}");
+        }
+        n.shutdown();
+    }
+}
+
 #[test]
 fn short_write_is_completed() {
     for mode in modes() {

@@ -1,8 +1,9 @@
-//! The writer thread: owns the io_uring ring and every log's write state. Appends queue per
-//! log; while `groups_in_flight_max` of a log's write + fdatasync groups are in flight its new
-//! batches wait and then go out together in the next one (group commit). Groups complete in
-//! order. Truncate, trim, create and segment rolls are rare and run synchronously on this
-//! thread when the log has nothing in flight.
+//! The writer: owns the io_uring ring and every log's write state, on a thread of its own or
+//! driven by the node's event loop (`step`). Appends queue per log; while
+//! `groups_in_flight_max` of a log's write + fdatasync groups are in flight its new batches wait
+//! and then go out together in the next one (group commit). Groups complete in order. Truncate,
+//! trim, create and segment rolls are rare and run synchronously (a roll's directory fsync
+//! through the ring) when the log has nothing in flight.
 
 use super::format::{self, SegmentHeader, SEGMENT_HEADER_BYTES};
 use super::producers::ProducerTable;
@@ -1012,7 +1013,8 @@ impl Writer {
         l.active_file = Some(wfile);
         l.must_roll = false;
         Counters::add(&self.counters.segments_created, 1);
-        if self.ring.has_room(1) {
+        // A roll is followed at once by its first group's write and sync: keep their slots.
+        if self.ring.has_room(3) {
             let t = self.tag(id, OpKind::DirSync, 0);
             let op = Op::Sync {
                 file: dir_file,
