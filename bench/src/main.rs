@@ -70,15 +70,8 @@ enum Cmd {
         /// Open loop at this many appends/s; latency counted from each intended send time.
         #[arg(long)]
         rate: Option<f64>,
-        /// Client linger (µs) before sending a batch; default: the client's.
-        #[arg(long)]
-        linger_us: Option<u64>,
-        /// Client batches in flight per log; default: the client's.
-        #[arg(long)]
-        batches_in_flight: Option<usize>,
-        /// Most bytes in one client batch; default: the client's.
-        #[arg(long)]
-        batch_bytes_max: Option<usize>,
+        #[command(flatten)]
+        client: ClientKnobs,
         /// Print the result as JSON instead of a line.
         #[arg(long)]
         json: bool,
@@ -112,15 +105,8 @@ enum Cmd {
         data_dir: Option<PathBuf>,
         #[arg(long, default_value = "bench-results")]
         out: PathBuf,
-        /// Client linger (µs) before sending a batch; default: the client's.
-        #[arg(long)]
-        linger_us: Option<u64>,
-        /// Client batches in flight per log; default: the client's.
-        #[arg(long)]
-        batches_in_flight: Option<usize>,
-        /// Most bytes in one client batch; default: the client's.
-        #[arg(long)]
-        batch_bytes_max: Option<usize>,
+        #[command(flatten)]
+        client: ClientKnobs,
     },
 }
 
@@ -198,16 +184,9 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             warmup_s,
             log,
             rate,
-            linger_us,
-            batches_in_flight,
-            batch_bytes_max,
+            client: knobs,
             json,
         } => {
-            let knobs = ClientKnobs {
-                linger_us,
-                batches_in_flight_max: batches_in_flight,
-                batch_bytes_max,
-            };
             let client = connect(&addr, knobs).await?;
             // Creating an existing log fails harmlessly; a real problem shows on the appends.
             let _ = client.create_log(&log).await;
@@ -259,9 +238,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             server_bin,
             data_dir,
             out,
-            linger_us,
-            batches_in_flight,
-            batch_bytes_max,
+            client,
         } => {
             anyhow::ensure!(
                 matches!(io_mode.as_str(), "auto" | "direct" | "buffered"),
@@ -282,11 +259,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 server_bin: find_server_bin(server_bin.as_deref())?,
                 data_dir: data_dir.unwrap_or_else(std::env::temp_dir),
                 out,
-                client: ClientKnobs {
-                    linger_us,
-                    batches_in_flight_max: batches_in_flight,
-                    batch_bytes_max,
-                },
+                client,
                 client_threads,
             };
             let report = run_suite(&cfg).await?;

@@ -92,11 +92,18 @@ pub fn payload(record_bytes: usize) -> Bytes {
     )
 }
 
-/// Client settings the benchmark varies; `None` keeps the library default.
-#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize)]
+/// Client settings the benchmark varies; `None` keeps the library default. Also the
+/// command-line flags of every subcommand that runs a client.
+#[derive(Clone, Copy, Debug, Default, Serialize, Deserialize, clap::Args)]
 pub struct ClientKnobs {
+    /// Client linger (µs) before sending a batch; default: the client's.
+    #[arg(long)]
     pub linger_us: Option<u64>,
+    /// Client batches in flight per log; default: the client's.
+    #[arg(long = "batches-in-flight")]
     pub batches_in_flight_max: Option<usize>,
+    /// Most bytes in one client batch; default: the client's.
+    #[arg(long)]
     pub batch_bytes_max: Option<usize>,
 }
 
