@@ -85,7 +85,8 @@ pub struct ClientConfig {
     /// Requests in flight per connection. Default 1024; 1..=4096 (the server's limit).
     pub in_flight_max: usize,
     /// How long a batch waits for more appends once it has one. Default 0: a batch is sent as
-    /// soon as there is room in the in-flight window, so batches grow only under load.
+    /// soon as there is room in the in-flight window (after letting tasks that are already
+    /// runnable add theirs: one scheduler yield, no timer), so batches grow only under load.
     pub linger_us: u64,
     /// Target batch size; appends merge until it is reached. A single `append_batch` larger
     /// than this is still sent whole. Default 1 MiB; 84..=4 MiB.

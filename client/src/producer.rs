@@ -1,7 +1,8 @@
 //! Client-side batching and idempotent, ordered delivery of appends for one log.
 //!
 //! Every log this client writes has one flusher task. Appends queue to it; it merges whatever
-//! has queued (plus what arrives within `linger_us`) into one batch, up to `batch_bytes_max`,
+//! has queued (plus what runnable tasks add during one yield, or what arrives within
+//! `linger_us`) into one batch, up to `batch_bytes_max`,
 //! gives the batch the next producer sequence, and keeps up to `batches_in_flight_max` batches
 //! on the wire. When the window is full, appends keep queuing, so batches grow exactly when the
 //! server is the bottleneck. Replies are taken in send order.
@@ -326,10 +327,20 @@ impl Input {
     /// Merges more queued items into `acc` (not cancel-safe: called outside `select!`).
     async fn fill(&mut self, acc: &mut Accum, bytes_max: usize, linger_us: u64) {
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_micros(linger_us);
+        let mut yielded = false;
         while acc.len() < bytes_max {
             let next = if linger_us == 0 {
                 match self.rx.try_recv() {
                     Ok(i) => i,
+                    Err(mpsc::error::TryRecvError::Empty) if !yielded => {
+                        // Tasks already woken (by the replies that freed them, say) may be
+                        // about to append: let them run once before sealing the batch. On a
+                        // multi-thread runtime the woken flusher otherwise runs first (tokio's
+                        // LIFO slot) and seals batches of one record. No timer: not a linger.
+                        yielded = true;
+                        tokio::task::yield_now().await;
+                        continue;
+                    }
                     Err(_) => return,
                 }
             } else {

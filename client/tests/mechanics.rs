@@ -311,6 +311,58 @@ async fn refused_append_is_a_typed_error_and_the_next_reuses_its_sequence() {
     assert_eq!(server.await.unwrap(), 0);
 }
 
+/// On a multi-thread runtime a woken flusher runs before the tasks woken with it (tokio's LIFO
+/// slot): unless it lets them run first, a closed loop of appends turns into one-record
+/// batches. 64 tasks appending in lock step must still share batches.
+#[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+async fn closed_loop_appends_share_batches_on_a_multi_thread_runtime() {
+    const TASKS: usize = 64;
+    const ROUNDS: usize = 20;
+    let (l, addr) = listener().await;
+    let server = tokio::spawn(async move {
+        let mut p = Peer::accept(&l).await;
+        let (mut next, mut batches) = (0u64, 0usize);
+        while next < (TASKS * ROUNDS) as u64 {
+            let (id, req) = p.request().await.unwrap();
+            let ClientRequest::Append { batch } = req else {
+                panic!()
+            };
+            let h = record::verify(&batch).unwrap();
+            p.reply(
+                id,
+                ClientReply::AppendOk {
+                    base_offset: Offset(next),
+                    record_count: h.record_count,
+                },
+            )
+            .await;
+            next += u64::from(h.record_count);
+            batches += 1;
+        }
+        batches
+    });
+    let c = Client::connect(cfg(&[&addr])).await.unwrap();
+    let mut tasks = Vec::new();
+    for t in 0..TASKS {
+        let c = c.clone();
+        tasks.push(tokio::spawn(async move {
+            for r in 0..ROUNDS {
+                c.append("default", format!("t{t}r{r}")).await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let batches = server.await.unwrap();
+    let per_batch = (TASKS * ROUNDS) as f64 / batches as f64;
+    assert!(
+        per_batch >= 8.0,
+        "{batches} batches for {} appends: {per_batch:.1} records per batch",
+        TASKS * ROUNDS
+    );
+}
+
 #[tokio::test]
 async fn concurrent_appends_merge_into_batches_and_get_their_own_offsets() {
     let (l, addr) = listener().await;
@@ -622,8 +674,11 @@ async fn pipelined_batches_are_resent_in_order_with_identical_bytes() {
     let mut tickets = Vec::new();
     for i in 0..3 {
         tickets.push(producer.send(format!("r{i}")).await.unwrap());
-        // Let the flusher put each on the wire separately.
-        tokio::task::yield_now().await;
+        // Let the flusher put each on the wire separately (it yields once to let other
+        // runnable tasks join a batch before it seals it).
+        for _ in 0..4 {
+            tokio::task::yield_now().await;
+        }
     }
     let mut offsets = Vec::new();
     for t in tickets {
