@@ -667,50 +667,14 @@ impl Replica {
         }
         let id = LogId::from_name(&name);
         if let Some(l) = self.logs.get_mut(&id) {
-            if l.name != name {
-                return Self::reply(
-                    out,
-                    client,
-                    request_id,
-                    err(
-                        ErrorCode::LogExists,
-                        format!("log id {id} is taken by {:?}", l.name),
-                    ),
-                );
+            let waiters = &mut l.create_waiters;
+            if Self::wait_for_create(out, client, request_id, id, &l.name, &name, waiters) {
+                self.dirty.insert(id);
             }
-            if l.create_waiters.len() >= WAITERS_PER_LOG_MAX {
-                return Self::reply(
-                    out,
-                    client,
-                    request_id,
-                    err(ErrorCode::Unavailable, "too many waiters"),
-                );
-            }
-            l.create_waiters.push((client, request_id));
-            self.dirty.insert(id);
             return;
         }
         if let Some(c) = self.creating.get_mut(&id) {
-            if c.name != name {
-                return Self::reply(
-                    out,
-                    client,
-                    request_id,
-                    err(
-                        ErrorCode::LogExists,
-                        format!("log id {id} is taken by {:?}", c.name),
-                    ),
-                );
-            }
-            if c.waiters.len() >= WAITERS_PER_LOG_MAX {
-                return Self::reply(
-                    out,
-                    client,
-                    request_id,
-                    err(ErrorCode::Unavailable, "too many waiters"),
-                );
-            }
-            c.waiters.push((client, request_id));
+            Self::wait_for_create(out, client, request_id, id, &c.name, &name, &mut c.waiters);
             return;
         }
         if self.logs.len() + self.creating.len() >= LOGS_MAX {
@@ -937,6 +901,32 @@ impl Replica {
                 },
             });
         }
+    }
+
+    /// A create of a log that exists or is being created: the same name waits with the others
+    /// (bounded), another name under the same id is refused. Returns whether it waits.
+    fn wait_for_create(
+        out: &mut Vec<Effect>,
+        client: ClientId,
+        request_id: u64,
+        id: LogId,
+        have: &str,
+        name: &str,
+        waiters: &mut Vec<(ClientId, u64)>,
+    ) -> bool {
+        let refused = if have != name {
+            err(
+                ErrorCode::LogExists,
+                format!("log id {id} is taken by {have:?}"),
+            )
+        } else if waiters.len() >= WAITERS_PER_LOG_MAX {
+            err(ErrorCode::Unavailable, "too many waiters")
+        } else {
+            waiters.push((client, request_id));
+            return true;
+        };
+        Self::reply(out, client, request_id, refused);
+        false
     }
 
     /// The client's connection closed: forget its reads and subscriptions. Appends it sent

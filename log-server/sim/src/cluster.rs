@@ -939,6 +939,12 @@ impl Cluster {
         self.disk_rng.range(lo, hi)
     }
 
+    /// Delivers `ev` to node `n` (incarnation `inc`) after a random disk delay.
+    fn disk_done(&mut self, n: usize, inc: u64, ev: DiskEvent) {
+        let d = self.io_delay();
+        self.schedule(d, Ev::Disk { node: n, inc, ev });
+    }
+
     /// Carries out a node's effects on the simulated disk, network and clients.
     fn apply(&mut self, n: usize, out: &mut Vec<Effect>) {
         let inc = self.nodes[n].inc;
@@ -991,27 +997,11 @@ impl Cluster {
                     }
                     let removed = self.nodes[n].disk.truncate(log, end);
                     self.checker.on_removed(&removed);
-                    let d = self.io_delay();
-                    self.schedule(
-                        d,
-                        Ev::Disk {
-                            node: n,
-                            inc,
-                            ev: DiskEvent::Truncated { log, end },
-                        },
-                    );
+                    self.disk_done(n, inc, DiskEvent::Truncated { log, end });
                 }
                 Effect::CreateLog { log, name } => {
                     let result = self.nodes[n].disk.create(log, &name);
-                    let d = self.io_delay();
-                    self.schedule(
-                        d,
-                        Ev::Disk {
-                            node: n,
-                            inc,
-                            ev: DiskEvent::Created { log, result },
-                        },
-                    );
+                    self.disk_done(n, inc, DiskEvent::Created { log, result });
                 }
                 Effect::Read {
                     token,
@@ -1022,28 +1012,12 @@ impl Cluster {
                 } => {
                     let pad = self.params.pad_reads;
                     let result = self.nodes[n].disk.read(log, from, end, max_bytes, pad);
-                    let d = self.io_delay();
-                    self.schedule(
-                        d,
-                        Ev::Disk {
-                            node: n,
-                            inc,
-                            ev: DiskEvent::ReadDone { token, result },
-                        },
-                    );
+                    self.disk_done(n, inc, DiskEvent::ReadDone { token, result });
                 }
                 Effect::Trim { log, before } => {
                     let (start, removed) = self.nodes[n].disk.trim(log, before);
                     self.checker.on_removed(&removed);
-                    let d = self.io_delay();
-                    self.schedule(
-                        d,
-                        Ev::Disk {
-                            node: n,
-                            inc,
-                            ev: DiskEvent::Trimmed { log, start },
-                        },
-                    );
+                    self.disk_done(n, inc, DiskEvent::Trimmed { log, start });
                 }
                 Effect::SaveCommitted { log, end } => {
                     self.nodes[n].disk.save_committed(log, end);
