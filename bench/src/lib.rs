@@ -9,6 +9,7 @@ pub mod hist;
 pub mod loopback;
 pub mod report;
 pub mod server;
+pub mod service;
 pub mod storage_stats;
 pub mod suite;
 pub mod workload;

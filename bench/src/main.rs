@@ -51,6 +51,22 @@ enum Cmd {
         #[arg(long, default_value_t = 2.0)]
         seconds: f64,
     },
+    /// The service floor: a minimal blocking durable-append service over loopback TCP (read,
+    /// group-commit write + fdatasync, acknowledge), closed loop; per split of the appends in
+    /// flight into requests.
+    Service {
+        #[arg(long)]
+        dir: PathBuf,
+        #[arg(long, default_value_t = 1024)]
+        record_bytes: usize,
+        #[arg(long, default_value_t = 128)]
+        inflight: usize,
+        /// Requests the appends in flight are split into (comma-separated).
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
+        requests: Vec<usize>,
+        #[arg(long, default_value_t = 2.0)]
+        seconds: f64,
+    },
     /// Append load against a running server through the real client.
     Append {
         /// Node client addresses, head first (comma-separated).
@@ -168,6 +184,28 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 "\nloopback 64 B ping-pong: p50 {:.1} µs, p99 {:.1} µs ({} round trips)",
                 lb.rtt.p50_us, lb.rtt.p99_us, lb.round_trips
             );
+        }
+        Cmd::Service {
+            dir,
+            record_bytes,
+            inflight,
+            requests,
+            seconds,
+        } => {
+            std::fs::create_dir_all(&dir)?;
+            let d = secs(seconds, "seconds")?;
+            for r in requests {
+                let dir = dir.clone();
+                let f = tokio::task::spawn_blocking(move || {
+                    chainlog_bench::service::service_floor(&dir, record_bytes, inflight, r, d)
+                })
+                .await??;
+                println!(
+                    "{inflight} in flight as {r} requests: {:.0} records/s, {:.1} requests/sync, \
+                     p50 {} µs p99 {} µs",
+                    f.records_per_s, f.requests_per_sync, f.latency.p50_us, f.latency.p99_us
+                );
+            }
         }
         Cmd::Loopback {
             frame_bytes,

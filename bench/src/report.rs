@@ -3,6 +3,7 @@
 
 use crate::floor::{DiskFloor, Layout};
 use crate::loopback::LoopbackResult;
+use crate::service::ServiceFloor;
 use crate::storage_stats::StorageCounters;
 use crate::workload::AppendResult;
 use chainlog_core::record::{HEADER_LEN, RECORD_OVERHEAD};
@@ -18,6 +19,9 @@ pub struct RoundResult {
     pub round: usize,
     /// One per in-flight level, in level order.
     pub floors: Vec<DiskFloor>,
+    /// One per in-flight level, in level order (absent in reports from before it existed).
+    #[serde(default)]
+    pub service: Vec<ServiceFloor>,
     pub loopback: LoopbackResult,
     pub single: Vec<AppendResult>,
     pub chain: Vec<AppendResult>,
@@ -103,6 +107,20 @@ pub struct LevelSummary {
     /// issue first defined it: writes per sync = appends in flight).
     pub single_vs_per_batch_floor: f64,
     pub chain_vs_per_batch_floor: f64,
+    /// The service floor (a minimal blocking service: loopback round trip + group commit).
+    #[serde(default)]
+    pub service_records_per_s: f64,
+    #[serde(default)]
+    pub service_p50_us: f64,
+    /// Median over rounds of disk floor ÷ service floor: how far the round trip alone keeps
+    /// any service from the disk floor.
+    #[serde(default)]
+    pub service_vs_floor: f64,
+    /// Median over rounds of service floor ÷ single: what chainlog's own software costs.
+    #[serde(default)]
+    pub single_vs_service: f64,
+    #[serde(default)]
+    pub single_vs_service_rounds: Vec<f64>,
 }
 
 /// The latency target at 1 in flight: chain p50 against one fdatasync plus `nodes` loopback
@@ -211,6 +229,8 @@ pub fn summarize(
             |r: &RoundResult| layout_run(r, i, Layout::PerBatch).map(|f| f.records_per_s);
         let spv: Vec<f64> = col(&|r| Some(slowdown(per_batch(r)?, single(r)?)));
         let cpv: Vec<f64> = col(&|r| Some(slowdown(per_batch(r)? / nodes as f64, chain(r)?)));
+        let service = |r: &RoundResult| at(&r.service, i).map(|f| f.records_per_s);
+        let svs: Vec<f64> = col(&|r| Some(slowdown(service(r)?, single(r)?)));
         out.push(LevelSummary {
             inflight,
             floor_records_per_s: median(&col(&floor)),
@@ -275,6 +295,11 @@ pub fn summarize(
             chain_vs_floor_rounds: cv,
             single_vs_per_batch_floor: median(&spv),
             chain_vs_per_batch_floor: median(&cpv),
+            service_records_per_s: median(&col(&service)),
+            service_p50_us: median(&col(&|r| at(&r.service, i).map(|f| f.latency.p50_us))),
+            service_vs_floor: median(&col(&|r| Some(slowdown(floor(r)?, service(r)?)))),
+            single_vs_service: median(&svs),
+            single_vs_service_rounds: svs,
         });
     }
     // The latency target is defined at 1 in flight.
@@ -391,6 +416,38 @@ impl SuiteReport {
                 n(l.floor_packed_cpu_us_per_record)
             );
         }
+        if self
+            .levels
+            .iter()
+            .any(|l| !l.service_records_per_s.is_nan())
+        {
+            let _ = writeln!(
+                s,
+                "\n## Service floor (records/s; p50 µs): the least any service with a network hop pays\n"
+            );
+            let _ = writeln!(
+                s,
+                "| in flight | disk floor | service floor | p50 | floor ÷ service | single node | service ÷ single |"
+            );
+            let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|");
+            for l in &self.levels {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} | {:.2} | {} | {:.2} |",
+                    l.inflight,
+                    n(l.floor_records_per_s),
+                    n(l.service_records_per_s),
+                    n(l.service_p50_us),
+                    l.service_vs_floor,
+                    n(l.single_records_per_s),
+                    l.single_vs_service
+                );
+            }
+            let _ = writeln!(
+                s,
+                "\nService floor: one blocking thread reads the in-flight appends' batch bytes from a loopback TCP socket straight into an aligned buffer, writes them with one io_uring write + linked fdatasync and acknowledges; the load is a blocking closed loop with all appends in flight in one request. No protocol, no checks, no event loop: only the disk, the round trip and the wake-ups between them. When floor ÷ service is above 1.5, no service with a network hop can meet a 1.5× target against the disk floor on this machine."
+            );
+        }
         let _ = writeln!(
             s,
             "\n## Latency (µs, closed loop; floor = one round of writes + fdatasync)\n"
@@ -451,6 +508,15 @@ impl SuiteReport {
                 rounds_list(&top.single_vs_floor_rounds),
                 top.single_vs_per_batch_floor
             );
+            if !top.service_records_per_s.is_nan() {
+                let _ = writeln!(
+                    s,
+                    "  - the service floor itself is {:.2}× from the disk floor; single node against the service floor: **{:.2}** (rounds: {})",
+                    top.service_vs_floor,
+                    top.single_vs_service,
+                    rounds_list(&top.single_vs_service_rounds)
+                );
+            }
             let _ = writeln!(
                 s,
                 "- {nodes}-node chain at {} in flight: (floor/{nodes}) ÷ chain = **{:.2}** → {} (rounds: {}; against the N-writes layout alone: {:.2})",
@@ -563,9 +629,28 @@ mod tests {
         }
     }
 
+    fn svc(inflight: usize, rps: f64, p50: f64) -> ServiceFloor {
+        ServiceFloor {
+            inflight,
+            requests: 1,
+            record_bytes: 1024,
+            records_per_s: rps,
+            requests_per_sync: 1.0,
+            latency: LatencySummary {
+                p50_us: p50,
+                ..LatencySummary::default()
+            },
+        }
+    }
+
     fn round(i: usize, floor_scale: f64, lb_p50: f64) -> RoundResult {
         RoundResult {
             round: i,
+            // The service floor drifts with the disk floor (two thirds of it at 128).
+            service: vec![
+                svc(1, 2500.0 * floor_scale, 380.0),
+                svc(128, 60_000.0 * floor_scale, 700.0),
+            ],
             floors: vec![
                 floor(1, 4000.0 * floor_scale, 200.0),
                 floor(128, 90_000.0 * floor_scale, 500.0),
@@ -635,6 +720,12 @@ mod tests {
         // chain: (90k / 3) / 20k = 1.5 in the middle round.
         assert_eq!(top.chain_vs_floor, 1.5);
         assert_eq!(top.single_p99_us, 4000.0);
+        // Service floor: 90k / 60k = 1.5 every round; single ÷ it follows the drift.
+        assert_eq!(top.service_records_per_s, 60_000.0);
+        assert_eq!(top.service_vs_floor, 1.5);
+        assert_eq!(top.single_vs_service_rounds, vec![1.0, 2.0, 0.5]);
+        assert_eq!(top.single_vs_service, 1.0);
+        assert_eq!(top.service_p50_us, 700.0);
         // 360k records in 18k batches, 6 batches per fsync; nothing reported for the chain.
         assert_eq!(top.single_records_per_batch, 20.0);
         assert_eq!(top.single_batches_per_fsync, 6.0);
@@ -665,6 +756,14 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("floor ÷ single = **1.50** → met"), "{md}");
+        assert!(
+            md.contains("| 128 | 90000 | 60000 | 700 | 1.50 | 60000 | 1.00 |"),
+            "{md}"
+        );
+        assert!(
+            md.contains("service floor itself is 1.50× from the disk floor; single node against the service floor: **1.00**"),
+            "{md}"
+        );
         assert!(!md.contains("## Errors"));
     }
 

@@ -1,4 +1,4 @@
-//! The whole report in one run: rounds that interleave the disk floor, a single node and a
+//! The whole report in one run: rounds that interleave the floors (disk, service), a single node and a
 //! local chain (real `log-server` processes on temp dirs) at each in-flight level, so slow
 //! periods of this shared disk hit floor and server alike; then medians and ratios.
 
@@ -7,6 +7,7 @@ use crate::floor::{disk_floor_async, DiskFloor};
 use crate::loopback::loopback_rtt;
 use crate::report::{summarize, Meta, RoundResult, SuiteReport};
 use crate::server::{ServerProc, START_TIMEOUT};
+use crate::service::service_floor;
 use crate::storage_stats::StorageCounters;
 use crate::workload::{connect, run_append, AppendLoad, AppendResult, ClientKnobs};
 use anyhow::Context;
@@ -196,6 +197,7 @@ async fn one_round(round: usize, cfg: &SuiteConfig) -> anyhow::Result<RoundResul
         loopback.frame_bytes, loopback.rtt.p50_us
     );
     let mut floors: Vec<DiskFloor> = Vec::new();
+    let mut service = Vec::new();
     let mut single = Vec::new();
     let mut chain = Vec::new();
     for &inflight in &cfg.levels {
@@ -222,6 +224,22 @@ async fn one_round(round: usize, cfg: &SuiteConfig) -> anyhow::Result<RoundResul
                         );
                     }
                     floors.push(f);
+                    let dir = tmp.path().join("floor");
+                    let (record_bytes, budget) = (cfg.record_bytes, cfg.floor_budget);
+                    let sf = tokio::task::spawn_blocking(move || {
+                        service_floor(&dir, record_bytes, inflight, 1, budget)
+                    })
+                    .await
+                    .context("service floor thread panicked")??;
+                    eprintln!(
+                        "  service@{inflight:<4} {:>9.0} rec/s {:>7.1} MB/s  p50 {:>8.0} p99 {:>8.0} µs ({:.1} requests/sync)",
+                        sf.records_per_s,
+                        sf.records_per_s * cfg.record_bytes as f64 / 1e6,
+                        sf.latency.p50_us,
+                        sf.latency.p99_us,
+                        sf.requests_per_sync
+                    );
+                    service.push(sf);
                 }
                 Step::Single => {
                     let dir = tmp.path().join(format!("single-{inflight}"));
@@ -245,6 +263,7 @@ async fn one_round(round: usize, cfg: &SuiteConfig) -> anyhow::Result<RoundResul
     Ok(RoundResult {
         round,
         floors,
+        service,
         loopback,
         single,
         chain,

@@ -1,0 +1,302 @@
+//! The service floor: the smallest durable append service that can exist on this machine — a
+//! blocking thread that reads requests from a loopback TCP socket, group-commits them with one
+//! io_uring write + fdatasync, and acknowledges them — driven by a closed loop of the same
+//! appends in flight. No protocol, no checks, no event loop: what is left is the disk, the
+//! socket round trip and the wake-ups between them, which any implementation pays.
+//!
+//! The disk floor leaves the round trip out, so at many appends in flight no service with a
+//! network hop can reach it; this floor says how close one can come.
+
+use crate::floor::single_record_batch_bytes;
+use crate::hist::{LatencyHist, LatencySummary};
+use anyhow::Context;
+use chainlog_hw::buf::round_up_page;
+use chainlog_hw::uring::{Op, Ring};
+use chainlog_hw::AlignedBuf;
+use serde::{Deserialize, Serialize};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+/// Scratch file size; group commits wrap around inside it.
+const FILE_BYTES: u64 = 64 << 20;
+/// Most bytes one group commit takes (larger requests are refused).
+const GROUP_BYTES_MAX: usize = 4 << 20;
+/// Bytes of a request's length prefix and of an acknowledgement.
+const PREFIX_BYTES: usize = 4;
+
+/// One service-floor measurement.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ServiceFloor {
+    pub inflight: usize,
+    /// Requests the closed loop keeps outstanding (the appends in flight split evenly).
+    pub requests: usize,
+    pub record_bytes: usize,
+    pub records_per_s: f64,
+    /// Requests per group commit, on average (the service's natural batching).
+    pub requests_per_sync: f64,
+    /// Request sent → acknowledged.
+    pub latency: LatencySummary,
+}
+
+/// Measures the service floor for `inflight` appends of `record_bytes`, sent as `requests`
+/// equal requests (each its records' batch bytes, packed), for about `duration` after a short
+/// warm-up. Blocking: call from a blocking thread. The scratch file lives in `dir`.
+pub fn service_floor(
+    dir: &Path,
+    record_bytes: usize,
+    inflight: usize,
+    requests: usize,
+    duration: Duration,
+) -> anyhow::Result<ServiceFloor> {
+    anyhow::ensure!(
+        requests >= 1 && inflight >= requests,
+        "need 1 <= requests <= inflight"
+    );
+    let caps = chainlog_hw::probe::probe(dir);
+    if let Some(why) = caps.uring_unavailable() {
+        anyhow::bail!("io_uring unavailable: {why}");
+    }
+    let per_request = inflight / requests;
+    let request_bytes = single_record_batch_bytes(record_bytes) * per_request;
+    anyhow::ensure!(
+        request_bytes * requests <= GROUP_BYTES_MAX,
+        "{inflight} appends of {record_bytes} bytes exceed one group commit"
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").context("binding loopback")?;
+    let addr = listener.local_addr()?;
+    let path = dir.join(format!(".chainlog-service-floor-{}", std::process::id()));
+    let direct = caps.direct_ok;
+    chainlog_hw::disk::create_prezeroed(&path, FILE_BYTES, direct)?;
+    let server_path = path.clone();
+    let server = std::thread::Builder::new()
+        .name("service-floor".into())
+        .spawn(move || serve(listener, &server_path, direct))
+        .context("spawning the service thread")?;
+    let client = drive(addr, requests, request_bytes, per_request, duration);
+    let served = server
+        .join()
+        .map_err(|_| anyhow::anyhow!("service thread panicked"));
+    let _ = std::fs::remove_file(&path);
+    let (records, secs, hist) = client?;
+    let (served_requests, syncs) = served??;
+    Ok(ServiceFloor {
+        inflight,
+        requests,
+        record_bytes,
+        records_per_s: records as f64 / secs,
+        requests_per_sync: served_requests as f64 / syncs.max(1) as f64,
+        latency: hist.summary(),
+    })
+}
+
+/// The client: keeps `requests` requests outstanding, sending a new one the moment one is
+/// acknowledged. Returns records acknowledged in the measured window, its length, latencies.
+fn drive(
+    addr: std::net::SocketAddr,
+    requests: usize,
+    request_bytes: usize,
+    per_request: usize,
+    duration: Duration,
+) -> anyhow::Result<(u64, f64, LatencyHist)> {
+    let mut s = TcpStream::connect(addr).context("connecting to the service floor")?;
+    s.set_nodelay(true)?;
+    let mut msg = vec![0x5au8; PREFIX_BYTES + request_bytes];
+    msg[..PREFIX_BYTES].copy_from_slice(&(request_bytes as u32).to_le_bytes());
+    let warmup = duration.min(Duration::from_millis(500)) / 2;
+    let mut sent = std::collections::VecDeque::with_capacity(requests);
+    for _ in 0..requests {
+        s.write_all(&msg)?;
+        sent.push_back(Instant::now());
+    }
+    let mut hist = LatencyHist::new();
+    let start = Instant::now();
+    let (mut measuring, mut t0, mut records) = (false, start, 0u64);
+    let mut ack = [0u8; PREFIX_BYTES];
+    loop {
+        s.read_exact(&mut ack)
+            .context("reading an acknowledgement")?;
+        let now = Instant::now();
+        let Some(at) = sent.pop_front() else {
+            anyhow::bail!("acknowledgement for nothing");
+        };
+        if !measuring && now - start >= warmup {
+            (measuring, t0) = (true, now);
+        } else if measuring {
+            hist.record(now - at);
+            records += per_request as u64;
+            if now - t0 >= duration {
+                let secs = (now - t0).as_secs_f64();
+                // Closing the socket ends the service loop.
+                drop(s);
+                return Ok((records, secs, hist));
+            }
+        }
+        s.write_all(&msg)?;
+        sent.push_back(Instant::now());
+    }
+}
+
+/// The service: read what has arrived, write + fdatasync every complete request in it as one
+/// group, acknowledge them, repeat. Returns (requests served, group commits).
+fn serve(listener: TcpListener, path: &Path, direct: bool) -> anyhow::Result<(u64, u64)> {
+    let mut counts = (0, 0);
+    match serve_loop(listener, path, direct, &mut counts) {
+        // The client hangs up with acknowledgements in flight: that ends the run.
+        Err(e)
+            if e.downcast_ref::<std::io::Error>().is_some_and(|e| {
+                matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionReset | std::io::ErrorKind::BrokenPipe
+                )
+            }) =>
+        {
+            Ok(counts)
+        }
+        r => r.map(|()| counts),
+    }
+}
+
+fn serve_loop(
+    listener: TcpListener,
+    path: &Path,
+    direct: bool,
+    (served, syncs): &mut (u64, u64),
+) -> anyhow::Result<()> {
+    let (mut s, _) = listener.accept()?;
+    s.set_nodelay(true)?;
+    let file = Arc::new(chainlog_hw::disk::open_rw(path, direct)?);
+    let mut ring = Ring::new(8)?;
+    // Requests are read straight into the aligned buffer the write uses, back to back; two
+    // buffers take turns (the next group's first bytes go to the other while one is written).
+    let mut cur = AlignedBuf::new_unpooled(GROUP_BYTES_MAX + PREFIX_BYTES);
+    let mut spare = Some(AlignedBuf::new_unpooled(GROUP_BYTES_MAX + PREFIX_BYTES));
+    let (mut filled, mut pos) = (0usize, 0u64);
+    let mut done = Vec::new();
+    loop {
+        // Wait for at least one complete request; take whatever else already arrived.
+        let (n, used) = loop {
+            let (n, used) = complete_requests(&cur.as_mut_slice()[..filled]);
+            if n > 0 {
+                break (n, used);
+            }
+            let room = &mut cur.as_mut_slice()[filled..];
+            anyhow::ensure!(!room.is_empty(), "request larger than a group");
+            let got = s.read(room)?;
+            if got == 0 {
+                return Ok(());
+            }
+            filled += got;
+        };
+        let Some(mut next) = spare.take() else {
+            anyhow::bail!("write buffer not returned");
+        };
+        let tail = filled - used;
+        next.as_mut_slice()[..tail].copy_from_slice(&cur.as_mut_slice()[used..filled]);
+        let padded = round_up_page(used);
+        if pos + padded as u64 > FILE_BYTES {
+            pos = 0;
+        }
+        cur.set_len(used);
+        cur.zero_padding();
+        cur.set_len(if direct { padded } else { used });
+        let write = std::mem::replace(&mut cur, next);
+        filled = tail;
+        ring.push_chain(vec![
+            (
+                0,
+                Op::Write {
+                    file: file.clone(),
+                    offset: pos,
+                    buf: write,
+                },
+            ),
+            (
+                1,
+                Op::Sync {
+                    file: file.clone(),
+                    datasync: true,
+                },
+            ),
+        ])?;
+        ring.submit()?;
+        let mut got = 0;
+        while got < 2 {
+            ring.wait(None)?;
+            done.clear();
+            ring.complete(&mut done)?;
+            for c in done.drain(..) {
+                c.result
+                    .map_err(|e| anyhow::anyhow!("service floor write/sync: {e}"))?;
+                if let Op::Write { buf, .. } = c.op {
+                    spare = Some(buf);
+                }
+                got += 1;
+            }
+        }
+        pos += padded as u64;
+        *syncs += 1;
+        *served += n as u64;
+        s.write_all(&ACKS[..PREFIX_BYTES * n.min(ACKS_MAX)])?;
+        for _ in 0..n.saturating_sub(ACKS_MAX) {
+            s.write_all(&ACKS[..PREFIX_BYTES])?;
+        }
+    }
+}
+
+/// Acknowledgements written with one call (more than this in one group are written singly).
+const ACKS_MAX: usize = 256;
+static ACKS: [u8; PREFIX_BYTES * ACKS_MAX] = [0; PREFIX_BYTES * ACKS_MAX];
+
+/// How many whole length-prefixed requests `b` starts with, and their bytes.
+fn complete_requests(b: &[u8]) -> (usize, usize) {
+    let (mut n, mut at) = (0, 0);
+    while let Some(p) = b.get(at..at + PREFIX_BYTES) {
+        let len = u32::from_le_bytes([p[0], p[1], p[2], p[3]]) as usize;
+        if b.len() < at + PREFIX_BYTES + len {
+            break;
+        }
+        at += PREFIX_BYTES + len;
+        n += 1;
+    }
+    (n, at)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn complete_requests_stops_at_a_partial_one() {
+        let mut b = Vec::new();
+        for len in [3u32, 0, 5] {
+            b.extend_from_slice(&len.to_le_bytes());
+            b.extend(std::iter::repeat_n(7u8, len as usize));
+        }
+        let whole = b.len();
+        assert_eq!(complete_requests(&b), (3, whole));
+        assert_eq!(complete_requests(&b[..whole - 1]), (2, 4 + 3 + 4));
+        assert_eq!(complete_requests(&b[..2]), (0, 0));
+        assert_eq!(complete_requests(&[]), (0, 0));
+    }
+
+    /// A short real run: requests are acknowledged, grouped, timed, and the scratch file goes.
+    #[test]
+    fn tiny_service_floor_runs() {
+        let dir = tempfile::tempdir().unwrap();
+        if let Some(why) = chainlog_hw::probe::probe(dir.path()).uring_unavailable() {
+            eprintln!("skipping: {why}");
+            return;
+        }
+        let f = service_floor(dir.path(), 1024, 8, 4, Duration::from_millis(100)).unwrap();
+        assert_eq!((f.inflight, f.requests), (8, 4));
+        assert!(f.records_per_s > 0.0);
+        // At most every outstanding request in one group commit, at least one.
+        assert!((1.0..=4.0).contains(&f.requests_per_sync), "{f:?}");
+        assert!(f.latency.count > 0 && f.latency.p50_us > 0.0);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+        assert!(service_floor(dir.path(), 1024, 2, 3, Duration::from_millis(1)).is_err());
+    }
+}
