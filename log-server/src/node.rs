@@ -287,6 +287,14 @@ struct CoreLoop {
     gone: Vec<ClientId>,
 }
 
+/// End offset of the last of `batches` (None if it does not decode: metrics only).
+fn batches_end(batches: &[Bytes]) -> Option<Offset> {
+    batches
+        .last()
+        .and_then(|b| chainlog_core::record::BatchHeader::decode(b).ok())
+        .map(|h| h.end_offset())
+}
+
 impl CoreLoop {
     async fn run(
         mut self,
@@ -373,6 +381,7 @@ impl CoreLoop {
                 self.replica.on_client_gone(now, id, out);
             }
             Event::LinkUp { peer, gen, tx } => {
+                self.metrics.link_reset();
                 if let Some((_, old)) = self.links.insert(peer, (gen, tx)) {
                     drop(old);
                     self.replica.on_link(now, peer, false, out);
@@ -388,6 +397,7 @@ impl CoreLoop {
             Event::Peer { from, gen, msg } => {
                 // A message from a link that has since been replaced belongs to an old session.
                 if self.links.get(&from).map(|(g, _)| *g) == Some(gen) {
+                    self.note_received(&msg);
                     self.replica.on_peer(now, from, msg, out);
                 }
             }
@@ -404,6 +414,40 @@ impl CoreLoop {
                 }
                 self.replica.on_disk(now, ev, out);
             }
+        }
+    }
+
+    /// Replication stages start when batches go to the successor and end when this node
+    /// acknowledges upstream.
+    fn note_sent(&mut self, msg: &PeerMessage) {
+        let now = std::time::Instant::now();
+        match msg {
+            PeerMessage::Append { log, batches, .. } => {
+                if let Some(end) = batches_end(batches) {
+                    self.metrics.forwarded(*log, end, now);
+                }
+            }
+            PeerMessage::Ack { log, ack_end, .. } => {
+                self.metrics.acked_upstream(*log, *ack_end, now)
+            }
+            _ => {}
+        }
+    }
+
+    /// ... and start when batches arrive from the predecessor, end when the successor's
+    /// acknowledgement arrives.
+    fn note_received(&mut self, msg: &PeerMessage) {
+        let now = std::time::Instant::now();
+        match msg {
+            PeerMessage::Append { log, batches, .. } => {
+                if let Some(end) = batches_end(batches) {
+                    self.metrics.received(*log, end, now);
+                }
+            }
+            PeerMessage::Ack { log, ack_end, .. } => {
+                self.metrics.successor_acked(*log, *ack_end, now)
+            }
+            _ => {}
         }
     }
 
@@ -440,6 +484,7 @@ impl CoreLoop {
         for e in effects.drain(..) {
             match e {
                 Effect::Send { to, msg } => {
+                    self.note_sent(&msg);
                     if let Some((_, tx)) = self.links.get(&to) {
                         let _ = tx.send(Out {
                             frame: msg.encode(),
@@ -461,11 +506,7 @@ impl CoreLoop {
                     self.reply(client, request_id, &reply);
                 }
                 Effect::Append { log, base, batches } => {
-                    if let Some(end) = batches
-                        .last()
-                        .and_then(|b| chainlog_core::record::BatchHeader::decode(b).ok())
-                        .map(|h| h.end_offset())
-                    {
+                    if let Some(end) = batches_end(&batches) {
                         self.metrics
                             .write_issued(log, end, std::time::Instant::now());
                     }

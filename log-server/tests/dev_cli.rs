@@ -146,6 +146,21 @@ fn dev_chain_and_cli() {
         .find(|l| l["name"] == "default")
         .expect("default log");
     assert_eq!(default["committed_end"], 5);
+    // Per-stage histograms: the head timed its appends and its successor's acknowledgements.
+    let stages = &doc["latency_us"];
+    for stage in ["append", "local_durable", "successor_ack"] {
+        assert!(stages[stage]["count"].as_u64() >= Some(1), "{stage}: {stages}");
+    }
+    assert_eq!(stages["replica_ack"]["count"], 0, "{stages}");
+    // The tail timed its turnaround and has no successor to time.
+    let (rc, out, err) = cli(&bin, &["--addr", &tail, "status", "--json"], None);
+    assert_eq!(rc, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("status is JSON");
+    let tail_doc = if v.is_array() { v[0].clone() } else { v };
+    let stages = &tail_doc["latency_us"];
+    assert!(stages["replica_ack"]["count"].as_u64() >= Some(1), "{stages}");
+    assert_eq!(stages["successor_ack"]["count"], 0, "{stages}");
+    assert_eq!(stages["append"]["count"], 0, "{stages}");
 
     // Ctrl-C: every node stops cleanly.
     let pid = dev.id().to_string();
