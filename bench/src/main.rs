@@ -64,6 +64,9 @@ enum Cmd {
         /// Requests the appends in flight are split into (comma-separated).
         #[arg(long, value_delimiter = ',', default_value = "1,2,4,8")]
         requests: Vec<usize>,
+        /// Services in a chain (1 = a single node).
+        #[arg(long, default_value_t = 1)]
+        nodes: usize,
         #[arg(long, default_value_t = 2.0)]
         seconds: f64,
     },
@@ -190,6 +193,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             record_bytes,
             inflight,
             requests,
+            nodes,
             seconds,
         } => {
             std::fs::create_dir_all(&dir)?;
@@ -197,11 +201,18 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             for r in requests {
                 let dir = dir.clone();
                 let f = tokio::task::spawn_blocking(move || {
-                    chainlog_bench::service::service_floor(&dir, record_bytes, inflight, r, d)
+                    chainlog_bench::service::service_floor(
+                        &dir,
+                        record_bytes,
+                        inflight,
+                        r,
+                        nodes,
+                        d,
+                    )
                 })
                 .await??;
                 println!(
-                    "{inflight} in flight as {r} requests: {:.0} records/s, {:.1} requests/sync, \
+                    "{nodes} node(s), {inflight} in flight as {r} requests: {:.0} records/s, {:.1} requests/sync, \
                      p50 {} µs p99 {} µs",
                     f.records_per_s, f.requests_per_sync, f.latency.p50_us, f.latency.p99_us
                 );

@@ -22,6 +22,9 @@ pub struct RoundResult {
     /// One per in-flight level, in level order (absent in reports from before it existed).
     #[serde(default)]
     pub service: Vec<ServiceFloor>,
+    /// The same through a chain of as many minimal services as the chain has nodes.
+    #[serde(default)]
+    pub service_chain: Vec<ServiceFloor>,
     pub loopback: LoopbackResult,
     pub single: Vec<AppendResult>,
     pub chain: Vec<AppendResult>,
@@ -121,6 +124,19 @@ pub struct LevelSummary {
     pub single_vs_service: f64,
     #[serde(default)]
     pub single_vs_service_rounds: Vec<f64>,
+    /// The chain of minimal services, and the same ratios for the chain.
+    #[serde(default)]
+    pub service_chain_records_per_s: f64,
+    #[serde(default)]
+    pub service_chain_p50_us: f64,
+    /// Median over rounds of (disk floor / nodes) ÷ service chain.
+    #[serde(default)]
+    pub service_chain_vs_floor: f64,
+    /// Median over rounds of service chain ÷ chain.
+    #[serde(default)]
+    pub chain_vs_service: f64,
+    #[serde(default)]
+    pub chain_vs_service_rounds: Vec<f64>,
 }
 
 /// The latency target at 1 in flight: chain p50 against one fdatasync plus `nodes` loopback
@@ -231,6 +247,8 @@ pub fn summarize(
         let cpv: Vec<f64> = col(&|r| Some(slowdown(per_batch(r)? / nodes as f64, chain(r)?)));
         let service = |r: &RoundResult| at(&r.service, i).map(|f| f.records_per_s);
         let svs: Vec<f64> = col(&|r| Some(slowdown(service(r)?, single(r)?)));
+        let service_chain = |r: &RoundResult| at(&r.service_chain, i).map(|f| f.records_per_s);
+        let cvs: Vec<f64> = col(&|r| Some(slowdown(service_chain(r)?, chain(r)?)));
         out.push(LevelSummary {
             inflight,
             floor_records_per_s: median(&col(&floor)),
@@ -300,6 +318,15 @@ pub fn summarize(
             service_vs_floor: median(&col(&|r| Some(slowdown(floor(r)?, service(r)?)))),
             single_vs_service: median(&svs),
             single_vs_service_rounds: svs,
+            service_chain_records_per_s: median(&col(&service_chain)),
+            service_chain_p50_us: median(&col(&|r| {
+                at(&r.service_chain, i).map(|f| f.latency.p50_us)
+            })),
+            service_chain_vs_floor: median(&col(&|r| {
+                Some(slowdown(floor(r)? / nodes as f64, service_chain(r)?))
+            })),
+            chain_vs_service: median(&cvs),
+            chain_vs_service_rounds: cvs,
         });
     }
     // The latency target is defined at 1 in flight.
@@ -427,25 +454,33 @@ impl SuiteReport {
             );
             let _ = writeln!(
                 s,
-                "| in flight | disk floor | service floor | p50 | floor ÷ service | single node | service ÷ single |"
+                "| in flight | disk floor | service floor | p50 | floor ÷ service | single node | service ÷ single | {nodes}-service chain | p50 | (floor/{nodes}) ÷ it | {nodes}-node chain | service chain ÷ chain |"
             );
-            let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|");
+            let _ = writeln!(
+                s,
+                "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
+            );
             for l in &self.levels {
                 let _ = writeln!(
                     s,
-                    "| {} | {} | {} | {} | {:.2} | {} | {:.2} |",
+                    "| {} | {} | {} | {} | {:.2} | {} | {:.2} | {} | {} | {:.2} | {} | {:.2} |",
                     l.inflight,
                     n(l.floor_records_per_s),
                     n(l.service_records_per_s),
                     n(l.service_p50_us),
                     l.service_vs_floor,
                     n(l.single_records_per_s),
-                    l.single_vs_service
+                    l.single_vs_service,
+                    n(l.service_chain_records_per_s),
+                    n(l.service_chain_p50_us),
+                    l.service_chain_vs_floor,
+                    n(l.chain_records_per_s),
+                    l.chain_vs_service
                 );
             }
             let _ = writeln!(
                 s,
-                "\nService floor: one blocking thread reads the in-flight appends' batch bytes from a loopback TCP socket straight into an aligned buffer, writes them with one io_uring write + linked fdatasync and acknowledges; the load is a blocking closed loop with all appends in flight in one request. No protocol, no checks, no event loop: only the disk, the round trip and the wake-ups between them. When floor ÷ service is above 1.5, no service with a network hop can meet a 1.5× target against the disk floor on this machine."
+                "\nService floor: one blocking thread reads the in-flight appends' batch bytes from a loopback TCP socket straight into an aligned buffer, writes them with one io_uring write + linked fdatasync and acknowledges; the load is a blocking closed loop with all appends in flight in one request. No protocol, no checks, no event loop: only the disk, the round trip and the wake-ups between them. The service chain puts such services in a line (each forwards before its own write and acknowledges once durable and acknowledged by its successor; files on the same disk). When floor ÷ service is above 1.5, no service with a network hop can meet a 1.5× target against the disk floor on this machine."
             );
         }
         let _ = writeln!(
@@ -526,6 +561,15 @@ impl SuiteReport {
                 rounds_list(&top.chain_vs_floor_rounds),
                 top.chain_vs_per_batch_floor
             );
+            if !top.service_chain_records_per_s.is_nan() {
+                let _ = writeln!(
+                    s,
+                    "  - the {nodes}-service chain itself is {:.2}× from floor/{nodes}; chain against it: **{:.2}** (rounds: {})",
+                    top.service_chain_vs_floor,
+                    top.chain_vs_service,
+                    rounds_list(&top.chain_vs_service_rounds)
+                );
+            }
         }
         if let Some(t) = &self.latency_target {
             let _ = writeln!(
@@ -633,6 +677,7 @@ mod tests {
         ServiceFloor {
             inflight,
             requests: 1,
+            nodes: 1,
             record_bytes: 1024,
             records_per_s: rps,
             requests_per_sync: 1.0,
@@ -650,6 +695,10 @@ mod tests {
             service: vec![
                 svc(1, 2500.0 * floor_scale, 380.0),
                 svc(128, 60_000.0 * floor_scale, 700.0),
+            ],
+            service_chain: vec![
+                svc(1, 1000.0 * floor_scale, 500.0),
+                svc(128, 24_000.0 * floor_scale, 900.0),
             ],
             floors: vec![
                 floor(1, 4000.0 * floor_scale, 200.0),
@@ -726,6 +775,11 @@ mod tests {
         assert_eq!(top.single_vs_service_rounds, vec![1.0, 2.0, 0.5]);
         assert_eq!(top.single_vs_service, 1.0);
         assert_eq!(top.service_p50_us, 700.0);
+        // Service chain: (90k / 3) / 24k = 1.25; it ÷ the chain: 24k·scale / 20k.
+        assert_eq!(top.service_chain_vs_floor, 1.25);
+        assert_eq!(top.chain_vs_service_rounds, vec![1.2, 2.4, 0.6]);
+        assert_eq!(top.chain_vs_service, 1.2);
+        assert_eq!(top.service_chain_p50_us, 900.0);
         // 360k records in 18k batches, 6 batches per fsync; nothing reported for the chain.
         assert_eq!(top.single_records_per_batch, 20.0);
         assert_eq!(top.single_batches_per_fsync, 6.0);
@@ -757,7 +811,9 @@ mod tests {
         );
         assert!(md.contains("floor ÷ single = **1.50** → met"), "{md}");
         assert!(
-            md.contains("| 128 | 90000 | 60000 | 700 | 1.50 | 60000 | 1.00 |"),
+            md.contains(
+                "| 128 | 90000 | 60000 | 700 | 1.50 | 60000 | 1.00 | 24000 | 900 | 1.25 | 20000 | 1.20 |"
+            ),
             "{md}"
         );
         assert!(

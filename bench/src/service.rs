@@ -2,7 +2,9 @@
 //! blocking thread that reads requests from a loopback TCP socket, group-commits them with one
 //! io_uring write + fdatasync, and acknowledges them — driven by a closed loop of the same
 //! appends in flight. No protocol, no checks, no event loop: what is left is the disk, the
-//! socket round trip and the wake-ups between them, which any implementation pays.
+//! socket round trip and the wake-ups between them, which any implementation pays. For a
+//! chain, such services stand in a line: each forwards what it read before its own write, and
+//! acknowledges once it is durable and its successor has acknowledged.
 //!
 //! The disk floor leaves the round trip out, so at many appends in flight no service with a
 //! network hop can reach it; this floor says how close one can come.
@@ -24,8 +26,14 @@ use std::time::{Duration, Instant};
 const FILE_BYTES: u64 = 64 << 20;
 /// Most bytes one group commit takes (larger requests are refused).
 const GROUP_BYTES_MAX: usize = 4 << 20;
+/// Longest chain measured.
+const NODES_MAX: usize = 8;
 /// Bytes of a request's length prefix and of an acknowledgement.
 const PREFIX_BYTES: usize = 4;
+
+fn one() -> usize {
+    1
+}
 
 /// One service-floor measurement.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -33,6 +41,9 @@ pub struct ServiceFloor {
     pub inflight: usize,
     /// Requests the closed loop keeps outstanding (the appends in flight split evenly).
     pub requests: usize,
+    /// Minimal services in the chain (1 = a single node).
+    #[serde(default = "one")]
+    pub nodes: usize,
     pub record_bytes: usize,
     pub records_per_s: f64,
     /// Requests per group commit, on average (the service's natural batching).
@@ -43,18 +54,22 @@ pub struct ServiceFloor {
 
 /// Measures the service floor for `inflight` appends of `record_bytes`, sent as `requests`
 /// equal requests (each its records' batch bytes, packed), for about `duration` after a short
-/// warm-up. Blocking: call from a blocking thread. The scratch file lives in `dir`.
+/// warm-up, on a chain of `nodes` minimal services (1 = a single node). Blocking: call from a
+/// blocking thread. The scratch files live in `dir` (one per node: the chain shares the disk,
+/// as a local chainlog chain does).
 pub fn service_floor(
     dir: &Path,
     record_bytes: usize,
     inflight: usize,
     requests: usize,
+    nodes: usize,
     duration: Duration,
 ) -> anyhow::Result<ServiceFloor> {
     anyhow::ensure!(
         requests >= 1 && inflight >= requests,
         "need 1 <= requests <= inflight"
     );
+    anyhow::ensure!((1..=NODES_MAX).contains(&nodes), "1..={NODES_MAX} nodes");
     let caps = chainlog_hw::probe::probe(dir);
     if let Some(why) = caps.uring_unavailable() {
         anyhow::bail!("io_uring unavailable: {why}");
@@ -65,26 +80,49 @@ pub fn service_floor(
         request_bytes * requests <= GROUP_BYTES_MAX,
         "{inflight} appends of {record_bytes} bytes exceed one group commit"
     );
-    let listener = TcpListener::bind("127.0.0.1:0").context("binding loopback")?;
-    let addr = listener.local_addr()?;
-    let path = dir.join(format!(".chainlog-service-floor-{}", std::process::id()));
     let direct = caps.direct_ok;
-    chainlog_hw::disk::create_prezeroed(&path, FILE_BYTES, direct)?;
-    let server_path = path.clone();
-    let server = std::thread::Builder::new()
-        .name("service-floor".into())
-        .spawn(move || serve(listener, &server_path, direct))
-        .context("spawning the service thread")?;
-    let client = drive(addr, requests, request_bytes, per_request, duration);
-    let served = server
-        .join()
-        .map_err(|_| anyhow::anyhow!("service thread panicked"));
-    let _ = std::fs::remove_file(&path);
+    let mut paths = Vec::new();
+    let mut threads = Vec::new();
+    // Tail first, so every node knows its successor's address.
+    let mut succ = None;
+    for i in (0..nodes).rev() {
+        let listener = TcpListener::bind("127.0.0.1:0").context("binding loopback")?;
+        let addr = listener.local_addr()?;
+        let path = dir.join(format!(
+            ".chainlog-service-floor-{}-{i}",
+            std::process::id()
+        ));
+        chainlog_hw::disk::create_prezeroed(&path, FILE_BYTES, direct)?;
+        paths.push(path.clone());
+        let next = succ;
+        threads.push(
+            std::thread::Builder::new()
+                .name(format!("service-floor-{i}"))
+                .spawn(move || serve(listener, &path, direct, next))
+                .context("spawning a service thread")?,
+        );
+        succ = Some(addr);
+    }
+    let Some(head) = succ else {
+        anyhow::bail!("no nodes");
+    };
+    let client = drive(head, requests, request_bytes, per_request, duration);
+    // The head's thread is the last spawned; its counts are the ones reported.
+    let mut served = Ok((0, 0));
+    for t in threads {
+        served = t
+            .join()
+            .map_err(|_| anyhow::anyhow!("service thread panicked"))?;
+    }
+    for p in &paths {
+        let _ = std::fs::remove_file(p);
+    }
     let (records, secs, hist) = client?;
-    let (served_requests, syncs) = served??;
+    let (served_requests, syncs) = served?;
     Ok(ServiceFloor {
         inflight,
         requests,
+        nodes,
         record_bytes,
         records_per_s: records as f64 / secs,
         requests_per_sync: served_requests as f64 / syncs.max(1) as f64,
@@ -139,11 +177,17 @@ fn drive(
     }
 }
 
-/// The service: read what has arrived, write + fdatasync every complete request in it as one
-/// group, acknowledge them, repeat. Returns (requests served, group commits).
-fn serve(listener: TcpListener, path: &Path, direct: bool) -> anyhow::Result<(u64, u64)> {
+/// The service: read what has arrived, forward it to the successor (if any) at once, write +
+/// fdatasync every complete request in it as one group, wait for the successor's
+/// acknowledgements of them, acknowledge them, repeat. Returns (requests served, group commits).
+fn serve(
+    listener: TcpListener,
+    path: &Path,
+    direct: bool,
+    succ: Option<std::net::SocketAddr>,
+) -> anyhow::Result<(u64, u64)> {
     let mut counts = (0, 0);
-    match serve_loop(listener, path, direct, &mut counts) {
+    match serve_loop(listener, path, direct, succ, &mut counts) {
         // The client hangs up with acknowledgements in flight: that ends the run.
         Err(e)
             if e.downcast_ref::<std::io::Error>().is_some_and(|e| {
@@ -163,10 +207,20 @@ fn serve_loop(
     listener: TcpListener,
     path: &Path,
     direct: bool,
+    succ: Option<std::net::SocketAddr>,
     (served, syncs): &mut (u64, u64),
 ) -> anyhow::Result<()> {
+    let mut down = match succ {
+        Some(a) => {
+            let d = TcpStream::connect(a).context("connecting to the successor")?;
+            d.set_nodelay(true)?;
+            Some(d)
+        }
+        None => None,
+    };
     let (mut s, _) = listener.accept()?;
     s.set_nodelay(true)?;
+    let mut acks = vec![0u8; PREFIX_BYTES * ACKS_MAX];
     let file = Arc::new(chainlog_hw::disk::open_rw(path, direct)?);
     let mut ring = Ring::new(8)?;
     // Requests are read straight into the aligned buffer the write uses, back to back; two
@@ -190,6 +244,9 @@ fn serve_loop(
             }
             filled += got;
         };
+        if let Some(d) = &mut down {
+            d.write_all(&cur.as_mut_slice()[..used])?;
+        }
         let Some(mut next) = spare.take() else {
             anyhow::bail!("write buffer not returned");
         };
@@ -239,6 +296,15 @@ fn serve_loop(
         pos += padded as u64;
         *syncs += 1;
         *served += n as u64;
+        if let Some(d) = &mut down {
+            let mut left = n;
+            while left > 0 {
+                let k = left.min(ACKS_MAX);
+                d.read_exact(&mut acks[..PREFIX_BYTES * k])
+                    .context("reading the successor's acknowledgements")?;
+                left -= k;
+            }
+        }
         s.write_all(&ACKS[..PREFIX_BYTES * n.min(ACKS_MAX)])?;
         for _ in 0..n.saturating_sub(ACKS_MAX) {
             s.write_all(&ACKS[..PREFIX_BYTES])?;
@@ -290,13 +356,18 @@ mod tests {
             eprintln!("skipping: {why}");
             return;
         }
-        let f = service_floor(dir.path(), 1024, 8, 4, Duration::from_millis(100)).unwrap();
-        assert_eq!((f.inflight, f.requests), (8, 4));
+        let f = service_floor(dir.path(), 1024, 8, 4, 1, Duration::from_millis(100)).unwrap();
+        assert_eq!((f.inflight, f.requests, f.nodes), (8, 4, 1));
         assert!(f.records_per_s > 0.0);
         // At most every outstanding request in one group commit, at least one.
         assert!((1.0..=4.0).contains(&f.requests_per_sync), "{f:?}");
         assert!(f.latency.count > 0 && f.latency.p50_us > 0.0);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
-        assert!(service_floor(dir.path(), 1024, 2, 3, Duration::from_millis(1)).is_err());
+        assert!(service_floor(dir.path(), 1024, 2, 3, 1, Duration::from_millis(1)).is_err());
+        // A chain of three: the same loop through three nodes, every file removed after.
+        let c = service_floor(dir.path(), 1024, 8, 2, 3, Duration::from_millis(100)).unwrap();
+        assert_eq!(c.nodes, 3);
+        assert!(c.records_per_s > 0.0 && c.latency.count > 0);
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }

@@ -198,6 +198,7 @@ async fn one_round(round: usize, cfg: &SuiteConfig) -> anyhow::Result<RoundResul
     );
     let mut floors: Vec<DiskFloor> = Vec::new();
     let mut service = Vec::new();
+    let mut service_chain = Vec::new();
     let mut single = Vec::new();
     let mut chain = Vec::new();
     for &inflight in &cfg.levels {
@@ -224,22 +225,28 @@ async fn one_round(round: usize, cfg: &SuiteConfig) -> anyhow::Result<RoundResul
                         );
                     }
                     floors.push(f);
-                    let dir = tmp.path().join("floor");
-                    let (record_bytes, budget) = (cfg.record_bytes, cfg.floor_budget);
-                    let sf = tokio::task::spawn_blocking(move || {
-                        service_floor(&dir, record_bytes, inflight, 1, budget)
-                    })
-                    .await
-                    .context("service floor thread panicked")??;
-                    eprintln!(
-                        "  service@{inflight:<4} {:>9.0} rec/s {:>7.1} MB/s  p50 {:>8.0} p99 {:>8.0} µs ({:.1} requests/sync)",
-                        sf.records_per_s,
-                        sf.records_per_s * cfg.record_bytes as f64 / 1e6,
-                        sf.latency.p50_us,
-                        sf.latency.p99_us,
-                        sf.requests_per_sync
-                    );
-                    service.push(sf);
+                    for nodes in [1, usize::from(cfg.chain_nodes)] {
+                        let dir = tmp.path().join("floor");
+                        let (record_bytes, budget) = (cfg.record_bytes, cfg.floor_budget);
+                        let sf = tokio::task::spawn_blocking(move || {
+                            service_floor(&dir, record_bytes, inflight, 1, nodes, budget)
+                        })
+                        .await
+                        .context("service floor thread panicked")??;
+                        eprintln!(
+                            "  service×{nodes} @{inflight:<4} {:>9.0} rec/s {:>7.1} MB/s  p50 {:>8.0} p99 {:>8.0} µs ({:.1} requests/sync)",
+                            sf.records_per_s,
+                            sf.records_per_s * cfg.record_bytes as f64 / 1e6,
+                            sf.latency.p50_us,
+                            sf.latency.p99_us,
+                            sf.requests_per_sync
+                        );
+                        if nodes == 1 {
+                            service.push(sf);
+                        } else {
+                            service_chain.push(sf);
+                        }
+                    }
                 }
                 Step::Single => {
                     let dir = tmp.path().join(format!("single-{inflight}"));
@@ -264,6 +271,7 @@ async fn one_round(round: usize, cfg: &SuiteConfig) -> anyhow::Result<RoundResul
         round,
         floors,
         service,
+        service_chain,
         loopback,
         single,
         chain,
