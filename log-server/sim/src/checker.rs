@@ -307,6 +307,26 @@ impl Checker {
         Ok(())
     }
 
+    /// No replica starts a log past its predecessor (disks in chain order): a node tells its
+    /// successor only a start it holds durably, so a predecessor can always fetch what it lacks.
+    pub fn starts_in_chain_order(disks: &[&SimDisk]) -> Result<(), Violation> {
+        for (i, w) in disks.windows(2).enumerate() {
+            for (log, l) in &w[1].logs {
+                if let Some(p) = w[0].logs.get(log) {
+                    if l.start > p.start {
+                        return Err(format!(
+                            "node {} starts {log} at {}, past its predecessor's start {}",
+                            i + 2,
+                            l.start,
+                            p.start
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// A node restarted: its committed ends start again from its saved hint.
     pub fn on_restart(&mut self, node: usize) {
         self.committed.retain(|(n, _), _| *n != node);

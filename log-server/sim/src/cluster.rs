@@ -861,7 +861,11 @@ impl Cluster {
         let status = r.status();
         let disks: Vec<&SimDisk> = self.nodes.iter().map(|x| &x.disk).collect();
         let damaged: Vec<bool> = self.nodes.iter().map(|x| x.damaged).collect();
-        if let Err(v) = self.checker.on_status(n, &status, &disks, &damaged) {
+        let r = self
+            .checker
+            .on_status(n, &status, &disks, &damaged)
+            .and_then(|()| Checker::starts_in_chain_order(&disks));
+        if let Err(v) = r {
             self.fail(v);
         }
         for i in 0..self.nodes.len() {

@@ -22,14 +22,15 @@ fn a_batch_of_seeds_passes_every_checker() {
     let secs = started.elapsed().as_secs_f64();
     println!(
         "chainlog-sim: {} seeds run, {} steps, {:.0} steps/s, acked {}, crashes {}, bit flips {}, \
-         partitions {}",
+         partitions {}, trims {}",
         s.seeds,
         s.steps,
         s.steps as f64 / secs.max(1e-9),
         s.acked_appends,
         s.crashes,
         s.bit_flips,
-        s.partitions
+        s.partitions,
+        s.trims
     );
     for f in &s.failures {
         println!("{f}");
@@ -40,6 +41,7 @@ fn a_batch_of_seeds_passes_every_checker() {
         s.crashes > 0 && s.partitions > 0,
         "faults must actually happen"
     );
+    assert!(s.trims > n, "the workload must actually trim");
 }
 
 #[test]
