@@ -54,7 +54,10 @@ pub enum Effect {
         end: Offset,
         max_bytes: usize,
     },
-    /// Delete whole segments entirely below `before`; storage answers `DiskEvent::Trimmed`.
+    /// Delete whole segments entirely below `before`; storage answers `DiskEvent::Trimmed`
+    /// once it is durable. `before` past the log's end (every `Append` issued before this)
+    /// empties the log and restarts it at `before`, durably before any later append lands:
+    /// the next `Append` has `base == before`.
     Trim { log: LogId, before: Offset },
     /// Remember `end` as a lower bound of the committed end (`RecoveredLog::committed_hint`).
     /// Best effort and lazy: storage may coalesce these and persist them with its next sync.

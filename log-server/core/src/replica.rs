@@ -11,6 +11,12 @@
 //! sequences nothing on a log until it holds at least the longest log downstream
 //! (`chain_end`). Only the head assigns offsets, so every copy of an offset anywhere holds the
 //! same bytes, and committed data can never be destroyed by a lagging commit hint.
+//!
+//! Trim rule: a node tells its successor its start (`PeerMessage::Trim`) only once that start
+//! is durable, so a successor never starts past its predecessor and a predecessor can always
+//! fetch its lost suffix. A successor that lacks offsets its predecessor no longer holds (it
+//! lost committed data the others have since trimmed) restarts its log at the predecessor's
+//! start: trimmed offsets were committed, so nothing acknowledged and not trimmed goes.
 
 use crate::chain::{ChainConfig, Place, Role};
 use crate::effects::{ClientId, DiskEvent, Effect, ReadToken, RecoveredLog};
@@ -65,6 +71,11 @@ pub struct ReplicaConfig {
     /// node's own durability, without waiting for the successor. Never set in production.
     #[doc(hidden)]
     pub bug_ack_before_successor: bool,
+    /// Fault switch for checker tests: a successor never restarts its log at its
+    /// predecessor's start, so one that lost committed data its predecessor has trimmed
+    /// waits forever. Never set in production.
+    #[doc(hidden)]
+    pub bug_no_restart_at_pred_start: bool,
 }
 
 impl ReplicaConfig {
@@ -79,6 +90,7 @@ impl ReplicaConfig {
             admission_queue_max: 4096,
             writes_in_flight_max: 4,
             bug_ack_before_successor: false,
+            bug_no_restart_at_pred_start: false,
         }
     }
 
@@ -188,6 +200,8 @@ struct SuccLog {
     fetch_at: Option<Instant>,
     rewound: Option<(Offset, Instant)>,
     no_log: bool,
+    /// Our start, last told to a successor that lacked offsets below it (rate limit).
+    start_told: Option<(Offset, Instant)>,
 }
 
 /// This log's side of the link from the predecessor.
@@ -203,7 +217,11 @@ struct PredLog {
 struct LogState {
     id: LogId,
     name: String,
+    /// First offset served here (raised when a trim or restart is issued).
     start: Offset,
+    /// The start storage reported durable (`Trimmed`, or recovery). Only this one is told to
+    /// the successor.
+    start_durable: Offset,
     written_end: Offset,
     durable_end: Offset,
     committed_end: Offset,
@@ -236,6 +254,7 @@ impl LogState {
             id,
             name,
             start,
+            start_durable: start,
             written_end: end,
             durable_end: end,
             committed_end: Offset::ZERO,
@@ -874,8 +893,10 @@ impl Replica {
                 err(ErrorCode::UnknownLog, format!("no log {log}")),
             );
         };
-        // Only committed entries may go: they are on every replica already.
-        let before = before.min(l.committed_end);
+        // Only committed entries may go (they are on every replica already), and only those
+        // held here: a head that restarted short and is still fetching its lost suffix must
+        // not skip past it (its successor trims no further than it).
+        let before = before.min(l.readable_end());
         if before <= l.start {
             let start = l.start;
             return Self::reply(out, client, request_id, ClientReply::TrimOk { start });
@@ -889,18 +910,8 @@ impl Replica {
             );
         }
         l.trim_waiters.push((client, request_id));
+        // The successor hears of it once it is durable here (`DiskEvent::Trimmed`).
         out.push(Effect::Trim { log, before });
-        if let (Some(succ), true) = (self.place.succ, self.succ_up) {
-            out.push(Effect::Send {
-                to: succ,
-                msg: PeerMessage::Trim {
-                    epoch: self.chain.epoch,
-                    session: self.succ_session,
-                    log,
-                    before,
-                },
-            });
-        }
     }
 
     /// A create of a log that exists or is being created: the same name waits with the others
@@ -1147,20 +1158,24 @@ impl Replica {
                 }
             }
             PeerMessage::Trim { before, .. } => {
-                let before = before.min(l.committed_end);
-                if before > l.start {
-                    out.push(Effect::Trim { log, before });
-                    if let (Some(succ), true) = (self.place.succ, self.succ_up) {
-                        out.push(Effect::Send {
-                            to: succ,
-                            msg: PeerMessage::Trim {
-                                epoch,
-                                session: self.succ_session,
-                                log,
-                                before,
-                            },
-                        });
+                if self.cfg.bug_no_restart_at_pred_start {
+                    let before = before.min(l.committed_end).min(l.written_end);
+                    if before > l.start {
+                        out.push(Effect::Trim { log, before });
                     }
+                    return;
+                }
+                // The predecessor holds nothing below `before` durably and trims only
+                // committed offsets: everything below is committed.
+                l.committed_end = l.committed_end.max(before);
+                if l.failed.is_some() || before <= l.start {
+                    return;
+                }
+                if before > l.written_end {
+                    Self::restart_at(l, before, out);
+                } else {
+                    // Told downstream once durable (`DiskEvent::Trimmed`).
+                    out.push(Effect::Trim { log, before });
                 }
             }
             _ => {}
@@ -1330,6 +1345,25 @@ impl Replica {
         }
     }
 
+    /// Empties the log and restarts it at `start`: the predecessor trimmed past everything
+    /// this node holds, so it cannot send what we lack and we take its stream from there.
+    /// Storage drops every record and starts the log at `start` before the appends that
+    /// follow (they are queued behind it); only committed offsets lie below `start`.
+    fn restart_at(l: &mut LogState, start: Offset, out: &mut Vec<Effect>) {
+        assert!(start > l.written_end, "restart_at must move past the end");
+        l.window.clear();
+        l.window_bytes = 0;
+        l.head_writes.clear();
+        l.start = start;
+        l.written_end = start;
+        l.durable_end = start;
+        l.committed_end = l.committed_end.max(start);
+        out.push(Effect::Trim {
+            log: l.id,
+            before: start,
+        });
+    }
+
     fn trim_window(l: &mut LogState) {
         while let Some(b) = l.window.front() {
             if b.end > l.succ.ack_end {
@@ -1366,6 +1400,7 @@ impl Replica {
                 s.fetch_at = None;
                 s.rewound = None;
                 s.no_log = false;
+                s.start_told = None;
                 self.dirty.insert(l.id);
             }
         }
@@ -1451,10 +1486,25 @@ impl Replica {
             DiskEvent::Trimmed { log, start } => {
                 if let Some(l) = self.logs.get_mut(&log) {
                     l.start = l.start.max(start);
+                    l.start_durable = l.start_durable.max(start);
                     let start = l.start;
                     for (client, request_id) in l.trim_waiters.drain(..) {
                         Self::reply(out, client, request_id, ClientReply::TrimOk { start });
                     }
+                    // Now durable here: the successor may drop it too (best effort; a lost
+                    // message leaves it holding more, which is harmless).
+                    if let (Some(succ), true) = (self.place.succ, self.succ_up) {
+                        out.push(Effect::Send {
+                            to: succ,
+                            msg: PeerMessage::Trim {
+                                epoch: self.chain.epoch,
+                                session: self.succ_session,
+                                log,
+                                before: l.start_durable,
+                            },
+                        });
+                    }
+                    self.dirty.insert(log);
                 }
             }
             DiskEvent::ReadDone { token, result } => self.read_done(now, token, result, out),
@@ -2059,10 +2109,35 @@ impl Replica {
                 });
                 continue;
             }
-            if l.succ.reading.is_some()
-                || l.succ.read_backoff_until.is_some_and(|t| now < t)
-                || from < l.start
-            {
+            if from < l.start {
+                // The successor lacks offsets we no longer hold. They were committed, so its
+                // copy was lost after the commit (bit rot) and every other copy trimmed since:
+                // tell it our durable start, from which it restarts its log.
+                let due = |told: Option<(Offset, Instant)>| match told {
+                    Some((o, at)) => {
+                        o != l.start_durable
+                            || now.saturating_since(at) >= self.cfg.resend_timeout_us
+                    }
+                    None => true,
+                };
+                if from < l.start_durable
+                    && !self.cfg.bug_no_restart_at_pred_start
+                    && due(l.succ.start_told)
+                {
+                    l.succ.start_told = Some((l.start_durable, now));
+                    out.push(Effect::Send {
+                        to: succ,
+                        msg: PeerMessage::Trim {
+                            epoch,
+                            session,
+                            log: l.id,
+                            before: l.start_durable,
+                        },
+                    });
+                }
+                break;
+            }
+            if l.succ.reading.is_some() || l.succ.read_backoff_until.is_some_and(|t| now < t) {
                 break;
             }
             // Storage serves only what is durable here; the window covers the rest.

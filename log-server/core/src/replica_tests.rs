@@ -509,3 +509,225 @@ fn padded_and_shared_buffers() {
         )]
     );
 }
+
+// ---------------------------------------------------------------- trim in a chain
+
+fn recovered_from(start: u64, end: u64, hint: u64) -> RecoveredLog {
+    RecoveredLog {
+        start: Offset(start),
+        ..recovered(end, vec![], hint)
+    }
+}
+
+/// Node `node` of the chain [1, 2], its link to the other node up.
+fn in_chain(node: u32, logs: Vec<RecoveredLog>, cfg: impl FnOnce(&mut ReplicaConfig)) -> H {
+    let mut c = ReplicaConfig::new(NodeId(node), CLUSTER);
+    cfg(&mut c);
+    let chain = ChainConfig {
+        epoch: Epoch(3),
+        nodes: vec![NodeId(1), NodeId(2)],
+    };
+    let mut h = H {
+        r: Replica::new(c, chain, logs, Instant(0)),
+        now: Instant(1),
+        out: vec![],
+    };
+    let other = NodeId(3 - node);
+    h.r.on_link(h.now, other, true, &mut h.out);
+    h.out.clear();
+    h
+}
+
+impl H {
+    fn peer(&mut self, from: u32, msg: PeerMessage) -> Vec<Effect> {
+        self.r.on_peer(self.now, NodeId(from), msg, &mut self.out);
+        std::mem::take(&mut self.out)
+    }
+
+    fn log_status(&self) -> LogStatus {
+        self.r.status().logs.into_iter().next().unwrap()
+    }
+}
+
+fn pred_trim(before: u64) -> PeerMessage {
+    PeerMessage::Trim {
+        epoch: Epoch(3),
+        session: 5,
+        log: default_log(),
+        before: Offset(before),
+    }
+}
+
+fn trims(effects: &[Effect]) -> Vec<Offset> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Trim { before, .. } => Some(*before),
+            _ => None,
+        })
+        .collect()
+}
+
+fn sent_trims(effects: &[Effect]) -> Vec<Offset> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Send {
+                msg: PeerMessage::Trim { before, .. },
+                ..
+            } => Some(*before),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_successor_behind_its_predecessors_start_restarts_its_log_there() {
+    // The tail holds 0..10 of a log committed to 20 (bit rot cut the rest); its predecessor
+    // has since trimmed to 30, so nobody can send it 10..30.
+    let mut h = in_chain(2, vec![recovered_from(0, 10, 20)], |_| {});
+    let e = h.peer(1, pred_trim(30));
+    assert_eq!(
+        trims(&e),
+        vec![Offset(30)],
+        "storage restarts the log at 30"
+    );
+    let s = h.log_status();
+    assert_eq!(
+        (s.start, s.written_end, s.durable_end),
+        (Offset(30), Offset(30), Offset(30))
+    );
+    assert!(
+        s.committed_end >= Offset(30),
+        "everything below a start is committed"
+    );
+    // It takes the stream from there.
+    let b = build_stored(30, &[b"x"]);
+    let e = h.peer(
+        1,
+        PeerMessage::Append {
+            epoch: Epoch(3),
+            session: 5,
+            log: default_log(),
+            base: Offset(30),
+            committed_end: Offset(30),
+            batches: vec![b],
+        },
+    );
+    assert_eq!(appends(&e).first().map(|a| a.0), Some(Offset(30)));
+    // Below the new start a read is refused, typed.
+    let e = h.client(
+        9,
+        ClientRequest::Read {
+            log: default_log(),
+            from: Offset(5),
+            max_records: 10,
+            max_bytes: 1000,
+            wait_ms: 0,
+        },
+    );
+    assert_eq!(code(&replies(&e)[0].1), Some(ErrorCode::OffsetTrimmed));
+    // Its own successor hears the new start once storage made it durable.
+    let e = h.disk(DiskEvent::Trimmed {
+        log: default_log(),
+        start: Offset(30),
+    });
+    assert!(sent_trims(&e).is_empty(), "a tail has no successor");
+    assert_eq!(h.log_status().start, Offset(30));
+}
+
+#[test]
+fn a_trim_within_what_the_successor_holds_only_drops_its_front() {
+    let mut h = in_chain(2, vec![recovered_from(0, 40, 40)], |_| {});
+    let e = h.peer(1, pred_trim(25));
+    assert_eq!(trims(&e), vec![Offset(25)]);
+    assert_eq!(
+        h.log_status().written_end,
+        Offset(40),
+        "nothing past 25 goes"
+    );
+    // An old or repeated trim is a no-op.
+    h.disk(DiskEvent::Trimmed {
+        log: default_log(),
+        start: Offset(25),
+    });
+    assert!(trims(&h.peer(1, pred_trim(25))).is_empty());
+    assert!(trims(&h.peer(1, pred_trim(10))).is_empty());
+}
+
+#[test]
+fn without_the_restart_rule_the_successor_stays_behind() {
+    let mut h = in_chain(2, vec![recovered_from(0, 10, 20)], |c| {
+        c.bug_no_restart_at_pred_start = true;
+    });
+    let e = h.peer(1, pred_trim(30));
+    assert!(trims(&e).iter().all(|b| *b <= Offset(10)));
+    assert_eq!(h.log_status().written_end, Offset(10));
+}
+
+#[test]
+fn a_predecessor_tells_a_successor_behind_its_start_where_it_starts() {
+    let mut h = in_chain(1, vec![recovered_from(30, 40, 40)], |c| {
+        c.resend_timeout_us = 10_000;
+    });
+    let ack = |seq: u64, session: u64| PeerMessage::Ack {
+        epoch: Epoch(3),
+        session,
+        log: default_log(),
+        seq,
+        written_end: Offset(10),
+        ack_end: Offset(10),
+        chain_end: Offset(10),
+        committed_end: Offset(20),
+        resend: false,
+    };
+    let session = h.r.succ_session;
+    let e = h.peer(2, ack(1, session));
+    assert_eq!(
+        sent_trims(&e),
+        vec![Offset(30)],
+        "instead of offsets it no longer holds"
+    );
+    assert!(reads(&e).is_empty(), "nothing below 30 is read back");
+    // Rate-limited while unanswered, then told again.
+    assert!(sent_trims(&h.tick(1000)).is_empty());
+    assert_eq!(sent_trims(&h.tick(10_000)), vec![Offset(30)]);
+}
+
+#[test]
+fn a_trim_goes_downstream_only_once_durable_and_only_what_the_head_holds() {
+    let mut h = in_chain(1, vec![recovered_from(0, 40, 40)], |_| {});
+    let e = h.client(
+        3,
+        ClientRequest::Trim {
+            log: default_log(),
+            before: Offset(25),
+        },
+    );
+    assert_eq!(trims(&e), vec![Offset(25)]);
+    assert!(sent_trims(&e).is_empty(), "not durable yet");
+    let e = h.disk(DiskEvent::Trimmed {
+        log: default_log(),
+        start: Offset(20),
+    });
+    assert_eq!(
+        replies(&e),
+        vec![(3, ClientReply::TrimOk { start: Offset(20) })]
+    );
+    assert_eq!(
+        sent_trims(&e),
+        vec![Offset(20)],
+        "the durable start, not the one asked"
+    );
+    // A head that restarted short (committed 40, holds 0..10 while it fetches the rest from
+    // its successor) trims no further than it holds.
+    let mut h = in_chain(1, vec![recovered_from(0, 10, 40)], |_| {});
+    let e = h.client(
+        4,
+        ClientRequest::Trim {
+            log: default_log(),
+            before: Offset(35),
+        },
+    );
+    assert_eq!(trims(&e), vec![Offset(10)]);
+}

@@ -740,7 +740,10 @@ pub enum PeerMessage {
         base: Offset,
         batches: Vec<Bytes>,
     },
-    /// Predecessor → successor: retention; drop whole segments below `before`.
+    /// Predecessor → successor: the predecessor's log durably starts at `before` (a trim it
+    /// made durable, or its answer to a successor that lacks offsets it no longer holds).
+    /// Everything below is committed. The successor drops what it holds below `before`; if
+    /// that is all it holds, its log restarts empty at `before`.
     Trim {
         epoch: Epoch,
         session: u64,

@@ -34,6 +34,10 @@ pub struct Checker {
     committed: BTreeMap<(usize, LogId), Offset>,
     /// Largest committed end any node ever reported.
     pub max_committed: BTreeMap<LogId, Offset>,
+    /// Batches trims deleted from every replica. Only committed offsets are trimmed and a
+    /// committed offset never gets other bytes, so a read that storage served just before the
+    /// trim is still checked against them.
+    trimmed: BTreeMap<LogId, BTreeMap<Offset, Truth>>,
 }
 
 impl Checker {
@@ -93,8 +97,8 @@ impl Checker {
         Ok(())
     }
 
-    /// Batches a node no longer holds (crash, recovery cut).
-    pub fn on_removed(&mut self, removed: &Removed) {
+    /// Batches a node no longer holds (crash, recovery cut, or a trim when `trim`).
+    pub fn on_removed(&mut self, removed: &Removed, trim: bool) {
         for (log, b) in removed {
             let Some(t) = self.truth.get_mut(log) else {
                 continue;
@@ -104,7 +108,11 @@ impl Checker {
             };
             e.holders = e.holders.saturating_sub(1);
             if e.holders == 0 {
-                t.remove(&b.base);
+                if let Some(e) = t.remove(&b.base) {
+                    if trim {
+                        self.trimmed.entry(*log).or_default().insert(b.base, e);
+                    }
+                }
             }
         }
     }
@@ -147,6 +155,9 @@ impl Checker {
                 .logs
                 .get(&log)
                 .ok_or_else(|| format!("acked append to {log} but node {} lacks the log", i + 1))?;
+            if base < l.start {
+                continue; // a retry answered after a trim took the batch
+            }
             let idx = l.find(base).ok_or_else(|| {
                 format!(
                     "acked append {log}@{base} is not stored on node {} (its log ends at {})",
@@ -231,6 +242,7 @@ impl Checker {
                 .truth
                 .get(&log)
                 .and_then(|t| t.get(&h.base_offset))
+                .or_else(|| self.trimmed.get(&log).and_then(|t| t.get(&h.base_offset)))
                 .ok_or_else(|| {
                     format!(
                         "node {} served {log}@{} which no replica holds",
@@ -295,6 +307,26 @@ impl Checker {
         Ok(())
     }
 
+    /// No replica starts a log past its predecessor (disks in chain order): a node tells its
+    /// successor only a start it holds durably, so a predecessor can always fetch what it lacks.
+    pub fn starts_in_chain_order(disks: &[&SimDisk]) -> Result<(), Violation> {
+        for (i, w) in disks.windows(2).enumerate() {
+            for (log, l) in &w[1].logs {
+                if let Some(p) = w[0].logs.get(log) {
+                    if l.start > p.start {
+                        return Err(format!(
+                            "node {} starts {log} at {}, past its predecessor's start {}",
+                            i + 2,
+                            l.start,
+                            p.start
+                        ));
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// A node restarted: its committed ends start again from its saved hint.
     pub fn on_restart(&mut self, node: usize) {
         self.committed.retain(|(n, _), _| *n != node);
@@ -315,15 +347,37 @@ impl Checker {
             .unwrap_or(Offset::ZERO)
     }
 
-    /// End of the run: every intact replica holds every acknowledged append, durably, and no
-    /// idempotent producer's sequence is in a log twice.
-    pub fn check_final_disks(&self, disks: &[&SimDisk]) -> Result<(), Violation> {
+    /// End of the run: every log is dense from its start, which no trim asked by a client
+    /// lies below; every intact replica holds every acknowledged append at or past its start,
+    /// durably and unchanged; no idempotent producer's sequence is in a log twice.
+    pub fn check_final_disks(
+        &self,
+        disks: &[&SimDisk],
+        trim_asked: &BTreeMap<LogId, Offset>,
+    ) -> Result<(), Violation> {
         for (i, d) in disks.iter().enumerate() {
             for (log, l) in &d.logs {
+                let asked = trim_asked.get(log).copied().unwrap_or(Offset::ZERO);
+                if l.start > asked {
+                    return Err(format!(
+                        "node {} starts {log} at {}, past every trim asked ({asked})",
+                        i + 1,
+                        l.start
+                    ));
+                }
                 let mut seen = BTreeSet::new();
+                let mut next = l.start;
                 for b in &l.batches {
                     let h = BatchHeader::decode(&b.bytes)
                         .map_err(|e| format!("node {} holds a bad batch: {e}", i + 1))?;
+                    if h.base_offset != next || b.base != next {
+                        return Err(format!(
+                            "node {} holds {log} with a hole: {} where {next} was due",
+                            i + 1,
+                            h.base_offset
+                        ));
+                    }
+                    next = h.end_offset();
                     if h.producer_id.0 != 0 && !seen.insert((h.producer_id, h.producer_seq)) {
                         return Err(format!(
                             "node {} holds producer {} sequence {} twice in {log}",
@@ -342,6 +396,9 @@ impl Checker {
                     .get(log)
                     .ok_or_else(|| format!("node {} lost log {log}", i + 1))?;
                 for (base, end) in acked {
+                    if *base < l.start {
+                        continue; // trimmed: asked for by a client
+                    }
                     let idx = l.find(*base).ok_or_else(|| {
                         format!(
                             "node {} lost acked {log}@{base} (ends at {})",

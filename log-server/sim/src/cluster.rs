@@ -24,6 +24,9 @@ const SALT_WORK: u64 = 5;
 /// Knobs added after the scenario tests were written draw from their own stream, so the
 /// profile (and the scenarios built on particular seeds) stays as it was.
 const SALT_PROFILE_2: u64 = 6;
+/// Every trim decision (whether a seed trims, when, where): its own stream, so seeds that do
+/// not trim run exactly as before trims existed.
+const SALT_TRIM: u64 = 7;
 const TICK_US: u64 = 1000;
 const FAULT_TICK_US: u64 = 1000;
 /// Client id used by the liveness verifier.
@@ -41,6 +44,22 @@ pub struct SimOptions {
     pub faults: bool,
     /// Deliberately wrong rule in every replica (checker test).
     pub bug_ack_before_successor: bool,
+    /// Deliberately wrong rule: a successor never restarts its log at its predecessor's
+    /// start (checker test: it must show as a stalled chain).
+    pub bug_no_restart_at_pred_start: bool,
+    /// How the workload trims; `None` draws it from the seed.
+    pub trims: Option<TrimMode>,
+}
+
+/// How often, and how close to the acknowledged end, the workload trims its logs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum TrimMode {
+    Never,
+    /// Now and then, to a random point at or below what is safe to trim.
+    Sometimes,
+    /// Often and right up to the acknowledged end: a replica that restarts short soon finds
+    /// its predecessor trimmed past it.
+    Aggressive,
 }
 
 impl Default for SimOptions {
@@ -51,6 +70,8 @@ impl Default for SimOptions {
             nodes: None,
             faults: true,
             bug_ack_before_successor: false,
+            bug_no_restart_at_pred_start: false,
+            trims: None,
         }
     }
 }
@@ -84,6 +105,7 @@ pub struct Report {
     pub crashes: u64,
     pub bit_flips: u64,
     pub partitions: u64,
+    pub trims: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -107,8 +129,17 @@ impl Failure {
         if self.options.bug_ack_before_successor {
             s.push_str(" --bug-ack-before-successor");
         }
+        if self.options.bug_no_restart_at_pred_start {
+            s.push_str(" --bug-no-restart-at-pred-start");
+        }
         if !self.options.faults {
             s.push_str(" --no-faults");
+        }
+        match self.options.trims {
+            None => {}
+            Some(TrimMode::Never) => s.push_str(" --trims never"),
+            Some(TrimMode::Sometimes) => s.push_str(" --trims sometimes"),
+            Some(TrimMode::Aggressive) => s.push_str(" --trims aggressive"),
         }
         s
     }
@@ -248,6 +279,8 @@ enum Kind {
     Subscriber,
     /// Creates the second log through the head.
     Admin,
+    /// Trims the logs (only on seeds whose `TrimMode` is not `Never`).
+    Trimmer,
 }
 
 struct PendingAppend {
@@ -258,6 +291,11 @@ struct PendingAppend {
     rid: u64,
     sent_at: u64,
     retry_at: Option<u64>,
+    /// Acknowledged end of its log when the batch was made: the head places it at or above
+    /// (it sequences after this was committed), so trims below it never take it. A trim of
+    /// a batch whose `AppendOk` the producer has not seen would let a retry after a head
+    /// restart (dedup state is rebuilt from what the log still holds) append it again.
+    floor: Offset,
 }
 
 struct SimClient {
@@ -274,8 +312,9 @@ struct SimClient {
 enum ReqKind {
     Append { batch: Bytes, seq: u64 },
     Read { log: LogId, from: Offset },
-    Subscribe { log: LogId },
+    Subscribe { log: LogId, from: Offset },
     Create { log: LogId },
+    Trim { log: LogId },
 }
 
 struct ReqInfo {
@@ -325,6 +364,11 @@ pub struct Cluster {
     pub logs: Vec<LogId>,
     /// Print every event and effect (set `CHAINLOG_SIM_VERBOSE=1`).
     verbose: bool,
+    trim_rng: Rng,
+    pub trim_mode: TrimMode,
+    /// Largest `before` any client asked a trim of, per log: no replica may start past it.
+    pub trim_asked: BTreeMap<LogId, Offset>,
+    pub trims_ok: u64,
 }
 
 fn mix(h: &mut u64, x: u64) {
@@ -496,6 +540,7 @@ impl Cluster {
             cfg.admission_queue_max = admission_queue_max;
             cfg.writes_in_flight_max = writes_in_flight_max;
             cfg.bug_ack_before_successor = opts.bug_ack_before_successor;
+            cfg.bug_no_restart_at_pred_start = opts.bug_no_restart_at_pred_start;
             let mut disk = SimDisk::default();
             // The runtime creates "default" on every node at first start.
             let _ = disk.create(LogId::from_name("default"), "default");
@@ -540,6 +585,12 @@ impl Cluster {
         if profile.chance(0.7) {
             clients.push(SimClient::new(Kind::Subscriber));
         }
+        let mut trim_rng = Rng::new(seed, SALT_TRIM);
+        let trim_mode = opts.trims.unwrap_or_else(|| match trim_rng.range(0, 99) {
+            0..=29 => TrimMode::Never,
+            30..=69 => TrimMode::Sometimes,
+            _ => TrimMode::Aggressive,
+        });
         let mut c = Cluster {
             seed,
             faults_on: opts.faults,
@@ -572,6 +623,10 @@ impl Cluster {
             log: LogId::from_name("default"),
             logs: vec![LogId::from_name("default")],
             verbose: std::env::var_os("CHAINLOG_SIM_VERBOSE").is_some(),
+            trim_rng,
+            trim_mode,
+            trim_asked: BTreeMap::new(),
+            trims_ok: 0,
         };
         for n in 0..nodes_n {
             c.start_node(n);
@@ -579,6 +634,18 @@ impl Cluster {
         for i in 0..c.clients.len() {
             let d = c.work_range(100, 1000);
             c.schedule(d, Ev::ClientWake { client: i });
+        }
+        if c.trim_mode != TrimMode::Never {
+            // Scheduled from its own stream, after the others: the rest of the run is drawn
+            // as it was before trims existed.
+            c.clients.push(SimClient::new(Kind::Trimmer));
+            let d = c.trim_rng.range(1000, 10_000);
+            c.schedule(
+                d,
+                Ev::ClientWake {
+                    client: c.clients.len() - 1,
+                },
+            );
         }
         c.schedule(FAULT_TICK_US, Ev::Fault);
         c
@@ -634,7 +701,7 @@ impl Cluster {
 
     fn start_node(&mut self, n: usize) {
         let (recovered, removed) = self.nodes[n].disk.recover();
-        self.checker.on_removed(&removed);
+        self.checker.on_removed(&removed, false);
         self.checker.on_restart(n);
         let now = Instant(self.now);
         let node = &mut self.nodes[n];
@@ -663,7 +730,7 @@ impl Cluster {
         node.replica = None;
         node.inc += 1;
         let removed = node.disk.crash(&mut self.disk_rng);
-        self.checker.on_removed(&removed);
+        self.checker.on_removed(&removed, false);
         if flip {
             // Everything it held durably may have been vouched for (an ack still in flight
             // commits it later): it counts as damaged until it holds all of it again.
@@ -794,7 +861,11 @@ impl Cluster {
         let status = r.status();
         let disks: Vec<&SimDisk> = self.nodes.iter().map(|x| &x.disk).collect();
         let damaged: Vec<bool> = self.nodes.iter().map(|x| x.damaged).collect();
-        if let Err(v) = self.checker.on_status(n, &status, &disks, &damaged) {
+        let r = self
+            .checker
+            .on_status(n, &status, &disks, &damaged)
+            .and_then(|()| Checker::starts_in_chain_order(&disks));
+        if let Err(v) = r {
             self.fail(v);
         }
         for i in 0..self.nodes.len() {
@@ -915,7 +986,14 @@ impl Cluster {
             }
             Ev::ClientWake { client } => {
                 self.client_wake(client);
-                let d = self.work_range(200, 1500);
+                let d = if self.clients[client].kind == Kind::Trimmer {
+                    match self.trim_mode {
+                        TrimMode::Aggressive => self.trim_rng.range(500, 3000),
+                        _ => self.trim_rng.range(2000, 20_000),
+                    }
+                } else {
+                    self.work_range(200, 1500)
+                };
                 self.schedule(d, Ev::ClientWake { client });
                 None
             }
@@ -996,7 +1074,7 @@ impl Cluster {
                         ));
                     }
                     let removed = self.nodes[n].disk.truncate(log, end);
-                    self.checker.on_removed(&removed);
+                    self.checker.on_removed(&removed, false);
                     self.disk_done(n, inc, DiskEvent::Truncated { log, end });
                 }
                 Effect::CreateLog { log, name } => {
@@ -1015,8 +1093,16 @@ impl Cluster {
                     self.disk_done(n, inc, DiskEvent::ReadDone { token, result });
                 }
                 Effect::Trim { log, before } => {
+                    let committed = self.checker.max_committed.get(&log).copied();
+                    if committed.unwrap_or(Offset::ZERO) < before {
+                        self.fail(format!(
+                            "node {} trims {log} below {before}, past anything known committed \
+                             ({committed:?})",
+                            n + 1
+                        ));
+                    }
                     let (start, removed) = self.nodes[n].disk.trim(log, before);
-                    self.checker.on_removed(&removed);
+                    self.checker.on_removed(&removed, true);
                     self.disk_done(n, inc, DiskEvent::Trimmed { log, start });
                 }
                 Effect::SaveCommitted { log, end } => {
@@ -1122,7 +1208,7 @@ impl Cluster {
                 .check_served(n, *log, *from, *committed_end, batches)
                 .map(|_| ()),
             (
-                ReqKind::Subscribe { log },
+                ReqKind::Subscribe { log, .. },
                 ClientReply::Records {
                     committed_end,
                     batches,
@@ -1156,6 +1242,49 @@ impl Cluster {
                         )),
                         None => Ok(()),
                     }
+                }
+            }
+            (ReqKind::Trim { log, .. }, ClientReply::TrimOk { start }) => {
+                let asked = self.trim_asked.get(log).copied().unwrap_or(Offset::ZERO);
+                let held = self.nodes[n]
+                    .disk
+                    .logs
+                    .get(log)
+                    .map_or(Offset::ZERO, |l| l.start);
+                if *start > asked {
+                    Err(format!(
+                        "node {} trimmed {log} to {start}, past every trim asked ({asked})",
+                        n + 1
+                    ))
+                } else if *start > held {
+                    Err(format!(
+                        "node {} answered TrimOk({start}) for {log} but its disk starts at {held}",
+                        n + 1
+                    ))
+                } else {
+                    Ok(())
+                }
+            }
+            (
+                ReqKind::Read { log, from } | ReqKind::Subscribe { log, from },
+                ClientReply::Error {
+                    code: ErrorCode::OffsetTrimmed,
+                    ..
+                },
+            ) => {
+                let start = self.nodes[n]
+                    .disk
+                    .logs
+                    .get(log)
+                    .map_or(Offset::ZERO, |l| l.start);
+                if *from < start {
+                    Ok(())
+                } else {
+                    Err(format!(
+                        "node {} answered a read of {log}@{from} with OffsetTrimmed; it holds \
+                         from {start}",
+                        n + 1
+                    ))
                 }
             }
             (_, ClientReply::Error { .. }) => Ok(()),
@@ -1292,6 +1421,7 @@ impl Cluster {
                     self.clients[ci].next_seq += records;
                     let batch_no = self.clients[ci].next_batch_no;
                     self.clients[ci].next_batch_no += 1;
+                    let floor = self.checker.acked_end(log);
                     self.clients[ci].pending.push(PendingAppend {
                         batch_no,
                         seq,
@@ -1299,6 +1429,7 @@ impl Cluster {
                         rid: 0,
                         sent_at: now,
                         retry_at: None,
+                        floor,
                     });
                     let last = self.clients[ci].pending.len() - 1;
                     self.resend(ci, last);
@@ -1350,6 +1481,7 @@ impl Cluster {
                 );
                 self.clients[ci].read = Some((rid, now));
             }
+            Kind::Trimmer => self.trimmer_wake(ci),
             Kind::Subscriber => {
                 if self.clients[ci].sub.is_some() {
                     return;
@@ -1363,12 +1495,60 @@ impl Cluster {
                 let rid = self.send_request(
                     ci,
                     node,
-                    ReqKind::Subscribe { log },
+                    ReqKind::Subscribe { log, from },
                     ClientRequest::Subscribe { log, from },
                 );
                 self.clients[ci].sub = Some((node, rid));
             }
         }
+    }
+
+    /// One trim, mostly through the head: up to what no producer may still retry (its
+    /// outstanding batches lie above their `floor`), now and then past everything committed
+    /// (the head must clamp) when nothing is outstanding.
+    fn trimmer_wake(&mut self, ci: usize) {
+        let now = self.now;
+        if self.phase != Phase::Safety
+            || self.clients[ci]
+                .read
+                .is_some_and(|(_, at)| now < at + 50_000)
+        {
+            return;
+        }
+        let li = self.trim_rng.index(self.logs.len());
+        let log = self.logs[li];
+        let acked = self.checker.acked_end(log);
+        let outstanding = self
+            .clients
+            .iter()
+            .filter(|c| matches!(c.kind, Kind::Producer { log_index, .. } if log_index == li))
+            .flat_map(|c| c.pending.iter().map(|p| p.floor))
+            .min();
+        let floor = outstanding.map_or(acked, |f| f.min(acked));
+        let before = if outstanding.is_none() && self.trim_rng.chance(0.15) {
+            acked.plus(self.trim_rng.range(1, 500))
+        } else if self.trim_mode == TrimMode::Aggressive || self.trim_rng.chance(0.3) {
+            floor
+        } else {
+            Offset(self.trim_rng.range(0, floor.0))
+        };
+        if before == Offset::ZERO {
+            return;
+        }
+        let node = if self.trim_rng.chance(0.05) {
+            self.trim_rng.index(self.nodes.len())
+        } else {
+            0
+        };
+        let asked = self.trim_asked.entry(log).or_default();
+        *asked = (*asked).max(before);
+        let rid = self.send_request(
+            ci,
+            node,
+            ReqKind::Trim { log },
+            ClientRequest::Trim { log, before },
+        );
+        self.clients[ci].read = Some((rid, now));
     }
 
     fn resend(&mut self, ci: usize, i: usize) {
@@ -1427,7 +1607,8 @@ impl Cluster {
                     self.clients[ci].read = None;
                 }
                 if let ClientReply::Error { code, message } = r {
-                    if !retriable(code) {
+                    // (OffsetTrimmed was checked against the node's start as it left it.)
+                    if !retriable(code) && code != ErrorCode::OffsetTrimmed {
                         self.fail(format!("read got unexpected {code:?}: {message}"));
                     }
                 }
@@ -1454,10 +1635,30 @@ impl Cluster {
                 }
             }
             (Kind::Subscriber, ClientReply::Error { code, message }) => {
-                if !retriable(code) {
+                if code == ErrorCode::OffsetTrimmed {
+                    // Like a consumer that fell behind retention: go on from the log's start.
+                    let node = info.node;
+                    let start = self.nodes[node]
+                        .disk
+                        .logs
+                        .get(&self.log)
+                        .map_or(Offset::ZERO, |l| l.start);
+                    let c = &mut self.clients[ci];
+                    c.sub_next = c.sub_next.max(start);
+                } else if !retriable(code) {
                     self.fail(format!("subscribe got unexpected {code:?}: {message}"));
                 }
                 self.clients[ci].sub = None;
+            }
+            (Kind::Trimmer, ClientReply::TrimOk { .. }) => {
+                self.clients[ci].read = None;
+                self.trims_ok += 1;
+            }
+            (Kind::Trimmer, ClientReply::Error { code, message }) => {
+                self.clients[ci].read = None;
+                if !retriable(code) {
+                    self.fail(format!("trim got unexpected {code:?}: {message}"));
+                }
             }
             (_, r) => self.fail(format!("client {ci} got an unexpected {r:?}")),
         }
@@ -1618,8 +1819,51 @@ impl Cluster {
         // not answer "nothing".
         for log in self.logs.clone() {
             let end = self.checker.acked_end(log);
+            let asked = self.trim_asked.get(&log).copied().unwrap_or(Offset::ZERO);
             for n in 0..self.nodes.len() {
-                let mut from = Offset::ZERO;
+                // Each replica serves from its own start (a trim message may have been lost on
+                // the way down, so starts differ), never past what a client asked to trim;
+                // below it, a typed refusal.
+                let start = self.log_start(n, log);
+                if start > asked {
+                    self.fail(format!(
+                        "node {} starts {log} at {start}, past every trim asked ({asked})",
+                        n + 1
+                    ));
+                    return self.failure();
+                }
+                if start > Offset::ZERO {
+                    let from = Offset(start.0 - 1);
+                    let rid = self.send_request(
+                        VERIFIER,
+                        n,
+                        ReqKind::Read { log, from },
+                        ClientRequest::Read {
+                            log,
+                            from,
+                            max_records: 10,
+                            max_bytes: 4096,
+                            wait_ms: 0,
+                        },
+                    );
+                    self.run_until("a verifier read below the start", &mut budget, |c| {
+                        c.verifier_replies.contains_key(&rid)
+                    })?;
+                    match self.verifier_replies.remove(&rid) {
+                        Some(ClientReply::Error {
+                            code: ErrorCode::OffsetTrimmed,
+                            ..
+                        }) => {}
+                        other => {
+                            self.fail(format!(
+                                "node {} answered a read of trimmed {log}@{from} with {other:?}",
+                                n + 1
+                            ));
+                            return self.failure();
+                        }
+                    }
+                }
+                let mut from = start;
                 let mut first = true;
                 while from < end {
                     let rid = self.send_request(
@@ -1655,6 +1899,22 @@ impl Cluster {
                                 None => {}
                             }
                         }
+                        Some(ClientReply::Error {
+                            code: ErrorCode::OffsetTrimmed,
+                            ..
+                        }) if self.log_start(n, log) > from => {
+                            // A trim still travelling down the chain reached it meanwhile.
+                            from = self.log_start(n, log);
+                            if from > asked {
+                                self.fail(format!(
+                                    "node {} starts {log} at {from}, past every trim asked \
+                                     ({asked})",
+                                    n + 1
+                                ));
+                                return self.failure();
+                            }
+                            continue;
+                        }
                         Some(ClientReply::Error { code, message }) if !retriable(code) => {
                             self.fail(format!("node {} read: {code:?} {message}", n + 1));
                             return self.failure();
@@ -1676,10 +1936,17 @@ impl Cluster {
             })?;
         }
         let disks: Vec<&SimDisk> = self.nodes.iter().map(|x| &x.disk).collect();
-        if let Err(v) = self.checker.check_final_disks(&disks) {
+        if let Err(v) = self.checker.check_final_disks(&disks, &self.trim_asked) {
             self.fail(v);
         }
         self.failure()
+    }
+
+    /// Where node `n`'s replica starts `log` now.
+    fn log_start(&self, n: usize, log: LogId) -> Offset {
+        self.status(n as u32 + 1)
+            .and_then(|s| s.logs.into_iter().find(|l| l.log == log))
+            .map_or(Offset::ZERO, |l| l.start)
     }
 
     fn internal(&self, m: String) -> Failure {
@@ -1702,6 +1969,7 @@ impl Cluster {
             crashes: self.crashes,
             bit_flips: self.bit_flips,
             partitions: self.partitions,
+            trims: self.trims_ok,
         }
     }
 
@@ -1758,6 +2026,15 @@ impl NodeCtl<'_> {
             .logs
             .get(&self.c.log)
             .map_or(Offset::ZERO, |l| l.end())
+    }
+
+    /// First offset of the default log on its disk.
+    pub fn disk_start(&self) -> Offset {
+        self.c.nodes[self.n]
+            .disk
+            .logs
+            .get(&self.c.log)
+            .map_or(Offset::ZERO, |l| l.start)
     }
 
     /// Durable end of the default log on its disk.

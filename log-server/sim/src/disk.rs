@@ -217,6 +217,9 @@ impl SimDisk {
     }
 
     /// Drops whole batches entirely below `before`; returns the new start and what went.
+    /// `before` past the end empties the log and restarts it at `before` (a replica whose
+    /// predecessor trimmed past everything it holds). Durable at once, like the real
+    /// storage's trim, which deletes and fsyncs the directory before it reports.
     pub fn trim(&mut self, log: LogId, before: Offset) -> (Offset, Removed) {
         let Some(l) = self.logs.get_mut(&log) else {
             return (Offset::ZERO, vec![]);
@@ -224,8 +227,16 @@ impl SimDisk {
         let n = l.batches.partition_point(|b| b.end <= before);
         let gone: Vec<StoredBatch> = l.batches.drain(..n).collect();
         l.synced = l.synced.saturating_sub(n);
+        // The running sync counted batches from the old front: it covers `n` fewer now (else
+        // batches written after it started would be reported durable by it).
+        if let Some((count, _)) = self.sync_in_flight.as_mut().and_then(|m| m.get_mut(&log)) {
+            *count = count.saturating_sub(n);
+        }
         if let Some(last) = gone.last() {
             l.start = last.end;
+        }
+        if l.batches.is_empty() && before > l.start {
+            l.start = before;
         }
         (l.start, gone.into_iter().map(|b| (log, b)).collect())
     }
@@ -358,6 +369,29 @@ mod tests {
         d.crash(&mut rng);
         let (rec, _) = d.recover();
         assert!(rec[0].end >= Offset(2), "synced data survives a crash");
+    }
+
+    #[test]
+    fn trim_past_the_end_restarts_the_log_there_and_a_running_sync_covers_no_new_write() {
+        let mut d = SimDisk::default();
+        d.create(LogId(1), "a").expect("create");
+        for i in 0..3 {
+            d.append(LogId(1), Offset(i), &[b(i, 1)]).expect("append");
+        }
+        assert!(d.want_sync());
+        let (start, removed) = d.trim(LogId(1), Offset(10));
+        assert_eq!((start, removed.len()), (Offset(10), 3));
+        d.append(LogId(1), Offset(10), &[b(10, 1)])
+            .expect("append at the new start");
+        assert!(!d.want_sync());
+        let (durable, again) = d.sync_done();
+        assert!(
+            durable.is_empty(),
+            "the sync began before the write: {durable:?}"
+        );
+        assert!(again);
+        let (rec, _) = d.recover();
+        assert_eq!((rec[0].start, rec[0].end), (Offset(10), Offset(11)));
     }
 
     #[test]

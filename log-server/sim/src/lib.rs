@@ -10,7 +10,7 @@ pub mod cluster;
 pub mod disk;
 pub mod rng;
 
-pub use cluster::{run_seed, Cluster, Failure, Report, SimOptions};
+pub use cluster::{run_seed, Cluster, Failure, Report, SimOptions, TrimMode};
 
 /// Totals of a batch of seeds.
 #[derive(Clone, Debug, Default)]
@@ -21,6 +21,8 @@ pub struct BatchSummary {
     pub crashes: u64,
     pub bit_flips: u64,
     pub partitions: u64,
+    /// Trims acknowledged (`TrimOk`).
+    pub trims: u64,
     pub failures: Vec<Failure>,
 }
 
@@ -36,6 +38,7 @@ pub fn run_seeds(from: u64, to: u64, opts: &SimOptions) -> BatchSummary {
                 s.crashes += r.crashes;
                 s.bit_flips += r.bit_flips;
                 s.partitions += r.partitions;
+                s.trims += r.trims;
             }
             Err(f) => {
                 s.steps += f.step;

@@ -2,7 +2,7 @@
 //! checkers catching a deliberately wrong rule, and scenarios named after the failure.
 #![allow(clippy::unwrap_used)]
 
-use chainlog_sim::{run_seed, run_seeds, Cluster, SimOptions};
+use chainlog_sim::{run_seed, run_seeds, Cluster, SimOptions, TrimMode};
 use std::time::Instant;
 
 /// Seeds in the CI batch; `CHAINLOG_SIM_SEEDS` overrides.
@@ -22,14 +22,15 @@ fn a_batch_of_seeds_passes_every_checker() {
     let secs = started.elapsed().as_secs_f64();
     println!(
         "chainlog-sim: {} seeds run, {} steps, {:.0} steps/s, acked {}, crashes {}, bit flips {}, \
-         partitions {}",
+         partitions {}, trims {}",
         s.seeds,
         s.steps,
         s.steps as f64 / secs.max(1e-9),
         s.acked_appends,
         s.crashes,
         s.bit_flips,
-        s.partitions
+        s.partitions,
+        s.trims
     );
     for f in &s.failures {
         println!("{f}");
@@ -40,6 +41,7 @@ fn a_batch_of_seeds_passes_every_checker() {
         s.crashes > 0 && s.partitions > 0,
         "faults must actually happen"
     );
+    assert!(s.trims > n, "the workload must actually trim");
 }
 
 #[test]
@@ -177,4 +179,52 @@ fn predecessor_restarts_shorter_than_its_successor() {
     // Nothing was truncated anywhere: the head adopted its successor's suffix.
     assert!(cluster.node(2).disk_end() >= succ_end);
     assert!(cluster.node(1).disk_end() >= succ_end);
+}
+
+/// A three-node chain that trims aggressively; the tail's disk rots while it is down, so it
+/// restarts without committed offsets its predecessor has trimmed since. Returns the cluster
+/// just after the restart (and the tail's end then) for the first seed where that happened.
+fn tail_restarts_behind_its_predecessors_start(bug: bool) -> (Cluster, chainlog_core::Offset) {
+    let found = (0..50).find_map(|seed| {
+        let mut cluster = Cluster::new(
+            seed,
+            SimOptions {
+                nodes: Some(3),
+                faults: false,
+                trims: Some(TrimMode::Aggressive),
+                bug_no_restart_at_pred_start: bug,
+                ..SimOptions::default()
+            },
+        );
+        cluster.run_for(60_000).unwrap();
+        cluster.node(3).crash_with_bit_flip();
+        cluster.run_for(20_000).unwrap();
+        cluster.node(3).restart();
+        let end = cluster.node(3).disk_end();
+        (end < cluster.node(2).disk_start()).then_some((cluster, end))
+    });
+    found.expect("some seed trims past what the damaged tail kept")
+}
+
+#[test]
+fn a_successor_behind_its_predecessors_start_restarts_its_log_there() {
+    let (mut cluster, end) = tail_restarts_behind_its_predecessors_start(false);
+    cluster.run_liveness().unwrap();
+    assert!(
+        cluster.node(3).disk_start() > end,
+        "the tail's log restarted past what it held"
+    );
+    assert!(
+        !cluster.node(3).is_damaged(),
+        "and holds every committed entry it must"
+    );
+}
+
+#[test]
+fn switching_off_the_restart_rule_is_caught() {
+    let (mut cluster, _) = tail_restarts_behind_its_predecessors_start(true);
+    let f = cluster.run_liveness().unwrap_err();
+    println!("caught: {f}");
+    assert!(f.message.contains("liveness"), "{}", f.message);
+    assert!(f.repro().contains("--bug-no-restart-at-pred-start"));
 }

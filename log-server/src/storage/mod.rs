@@ -527,6 +527,8 @@ impl Storage {
     }
 
     /// Deletes whole segments entirely below `before` (never the active one); reports `Trimmed`.
+    /// `before` past the log's end (everything written before this call) empties the log and
+    /// restarts it at `before`: the next append goes there.
     pub fn trim(&self, log: LogId, before: Offset) {
         self.send(Cmd::Trim { log, before });
     }

@@ -730,8 +730,8 @@ fn trim_deletes_whole_segments_only() {
             Err(ErrorCode::OffsetTrimmed)
         );
         assert!(!n.read(log, bases[1], end, 100).unwrap().is_empty());
-        // Trimming everything keeps the active segment.
-        n.st().trim(log, end.plus(100));
+        // Trimming up to the end keeps the active segment.
+        n.st().trim(log, end);
         match n.next() {
             DiskEvent::Trimmed { start, .. } => assert_eq!(start, *bases.last().unwrap()),
             e => panic!("unexpected {e:?}"),
@@ -743,6 +743,81 @@ fn trim_deletes_whole_segments_only() {
         assert_eq!((r.start, r.end), (*bases.last().unwrap(), end));
         n.shutdown();
     }
+}
+
+#[test]
+fn trim_past_the_end_restarts_the_log_there() {
+    for mode in modes() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = small_cfg(dir.path(), mode);
+        let n = Node::open(&cfg);
+        let log = LogId::from_name("r");
+        n.create(log, "r");
+        let end = fill_segments(&n, log, 3);
+        // A replica whose predecessor trimmed past all it holds: the trim and the first
+        // append at the new start are queued together, in that order.
+        let start = end.plus(1000);
+        let b = batch(log, start, 3, 100, (0, 0));
+        n.st().trim(log, start);
+        n.st().append(log, start, vec![b.clone()]);
+        match n.next() {
+            DiskEvent::Trimmed { start: s, .. } => assert_eq!(s, start),
+            e => panic!("unexpected {e:?}"),
+        }
+        let new_end = start.plus(3);
+        match n.next() {
+            DiskEvent::Durable { end: e, .. } => assert_eq!(e, new_end),
+            e => panic!("unexpected {e:?}"),
+        }
+        assert_eq!(seg_files(dir.path(), log).len(), 1);
+        assert_eq!(
+            n.read(log, Offset(0), end, 100),
+            Err(ErrorCode::OffsetTrimmed)
+        );
+        assert_eq!(n.read_all(log, start, new_end), vec![b.clone()]);
+        n.shutdown();
+        let n = Node::open(&cfg);
+        let r = n.recovered(log);
+        assert_eq!((r.start, r.end), (start, new_end));
+        assert_eq!(n.read_all(log, start, new_end), vec![b]);
+        n.shutdown();
+    }
+}
+
+#[test]
+fn a_crash_while_restarting_the_log_keeps_the_old_log() {
+    // The restart names its new segment durably before it deletes an old one; a crash in
+    // between leaves a segment that does not continue the log, which recovery drops.
+    let mode = IoMode::Buffered;
+    if modes().is_empty() {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_cfg(dir.path(), mode);
+    let n = Node::open(&cfg);
+    let log = LogId::from_name("r");
+    n.create(log, "r");
+    let end = fill_segments(&n, log, 2);
+    let before = seg_files(dir.path(), log);
+    n.shutdown();
+    let start = end.plus(1000);
+    let path = dir
+        .path()
+        .join(format::LOGS_DIR)
+        .join(format::log_dir_name(log))
+        .join(format::segment_name(start));
+    std::fs::write(&path, vec![0u8; 64 << 10]).unwrap();
+    let h = format::SegmentHeader {
+        base: start,
+        log,
+        align: 1,
+    };
+    recovery::write_segment_header(&path, &h, true).unwrap();
+    let n = Node::open(&cfg);
+    let r = n.recovered(log);
+    assert_eq!((r.start, r.end), (Offset(0), end), "the old log, whole");
+    assert_eq!(seg_files(dir.path(), log), before);
+    n.shutdown();
 }
 
 #[test]

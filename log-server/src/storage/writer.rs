@@ -402,6 +402,9 @@ impl Writer {
                     tracing::warn!(%log, "trim of an unknown log ignored");
                     return;
                 };
+                // Past the end, the log restarts empty at `before`: appends queued behind the
+                // trim continue from there.
+                l.accepted_end = l.accepted_end.max(before);
                 l.queue.push_back(Item::Trim(before));
                 self.pending.insert(log);
             }
@@ -1113,6 +1116,34 @@ impl Writer {
     }
 
     fn trim(&mut self, id: LogId, before: Offset) {
+        if self.logs.get(&id).is_some_and(|l| before > l.durable_end) {
+            // Everything written is before `before` (nothing is in flight when a trim runs).
+            match self.restart_at(id, before) {
+                Ok(()) => emit(
+                    &self.events,
+                    DiskEvent::Trimmed {
+                        log: id,
+                        start: before,
+                    },
+                ),
+                Err(e) => {
+                    tracing::error!(log = %id, "restarting the log at {before} failed: {e}");
+                    if let Some(l) = self.logs.get_mut(&id) {
+                        l.broken = true;
+                        let at = l.durable_end.min(before);
+                        emit(
+                            &self.events,
+                            DiskEvent::WriteFailed {
+                                log: id,
+                                at,
+                                code: code_of_storage(&e),
+                            },
+                        );
+                    }
+                }
+            }
+            return;
+        }
         let mut deleted = false;
         while let Some(l) = self.logs.get(&id) {
             if l.segs.len() <= 1 || l.segs[1].base > before {
@@ -1134,6 +1165,58 @@ impl Writer {
                 },
             );
         }
+    }
+
+    /// Empties the log and restarts it at `start`, past its end (a replica whose predecessor
+    /// trimmed past everything it holds; all of it was committed). The new empty segment's
+    /// name is durable before any old segment goes, and old ones go oldest first: a crash in
+    /// between leaves the old log (recovery drops a segment that does not continue the log)
+    /// or a suffix of it, never a log with a hole, and a segment at `start` is used only once
+    /// nothing older is left.
+    fn restart_at(&mut self, id: LogId, start: Offset) -> Result<(), StorageError> {
+        let align = self.align;
+        let Some(l) = self.logs.get(&id) else {
+            return Ok(());
+        };
+        assert!(l.inflight.is_empty() && start > l.durable_end);
+        let src = self.spares.take()?;
+        let Some(l) = self.logs.get_mut(&id) else {
+            return Ok(());
+        };
+        let header = SegmentHeader {
+            base: start,
+            log: id,
+            align,
+        };
+        recovery::write_segment_header(&src, &header, false)?;
+        let path = l.dir.join(format::segment_name(start));
+        std::fs::rename(&src, &path).map_err(|e| StorageError::io("rename spare", &path, e))?;
+        disk::fsync_dir(&l.dir)?;
+        Counters::add(&self.counters.segments_created, 1);
+        l.active_file = None;
+        for s in l.segs.drain(..) {
+            let _ = std::fs::remove_file(l.dir.join(format::index_name(s.base)));
+            std::fs::remove_file(&s.path)
+                .map_err(|e| StorageError::io("remove segment", &s.path, e))?;
+            Counters::add(&self.counters.segments_deleted, 1);
+        }
+        disk::fsync_dir(&l.dir)?;
+        let dir = l.dir.clone();
+        let queue = std::mem::take(&mut l.queue);
+        tracing::info!(log = %id, %start, "log restarted at its predecessor's start");
+        let rec = recovery::recover_log(&dir, align, self.cfg.index_interval_bytes)?;
+        self.install(rec, queue)?;
+        if let Some(l) = self.logs.get_mut(&id) {
+            // Appends queued behind the restart were accepted against it.
+            let mut e = start;
+            for i in &l.queue {
+                if let Item::Batch(_, h) = i {
+                    e = h.end_offset();
+                }
+            }
+            l.accepted_end = e;
+        }
+        Ok(())
     }
 
     fn truncate(&mut self, id: LogId, end: Offset) {

@@ -1,7 +1,7 @@
 //! `chainlog-sim --seed S [--steps N]` or `--seeds A..B`: runs seeds, prints seeds run, steps
 //! per second and a one-line repro for every failure; exits non-zero if any seed failed.
 
-use chainlog_sim::{run_seed, run_seeds, SimOptions};
+use chainlog_sim::{run_seed, run_seeds, SimOptions, TrimMode};
 use clap::Parser;
 use std::process::ExitCode;
 use std::time::Instant;
@@ -30,6 +30,23 @@ struct Args {
     /// Switch on the deliberately wrong ack rule (the checkers must catch it).
     #[arg(long)]
     bug_ack_before_successor: bool,
+    /// Switch off the rule that a successor behind its predecessor's start restarts its log
+    /// there (the liveness check must catch it).
+    #[arg(long)]
+    bug_no_restart_at_pred_start: bool,
+    /// How the workload trims (never, sometimes, aggressive) instead of drawing it from the
+    /// seed.
+    #[arg(long, value_parser = parse_trims)]
+    trims: Option<TrimMode>,
+}
+
+fn parse_trims(s: &str) -> Result<TrimMode, String> {
+    match s {
+        "never" => Ok(TrimMode::Never),
+        "sometimes" => Ok(TrimMode::Sometimes),
+        "aggressive" => Ok(TrimMode::Aggressive),
+        _ => Err(format!("{s:?}: want never, sometimes or aggressive")),
+    }
 }
 
 fn main() -> ExitCode {
@@ -39,6 +56,8 @@ fn main() -> ExitCode {
         nodes: args.nodes,
         faults: !args.no_faults,
         bug_ack_before_successor: args.bug_ack_before_successor,
+        bug_no_restart_at_pred_start: args.bug_no_restart_at_pred_start,
+        trims: args.trims,
         ..SimOptions::default()
     };
     let started = Instant::now();
@@ -48,7 +67,7 @@ fn main() -> ExitCode {
                 let secs = started.elapsed().as_secs_f64();
                 println!(
                     "seed {} ok: nodes {} steps {} sim_time_us {} acked {} crashes {} bit_flips {} \
-                     partitions {} trace {:016x} ({:.0} steps/s)",
+                     partitions {} trims {} trace {:016x} ({:.0} steps/s)",
                     r.seed,
                     r.nodes,
                     r.steps,
@@ -57,6 +76,7 @@ fn main() -> ExitCode {
                     r.crashes,
                     r.bit_flips,
                     r.partitions,
+                    r.trims,
                     r.trace_hash,
                     r.steps as f64 / secs.max(1e-9)
                 );
@@ -83,7 +103,7 @@ fn main() -> ExitCode {
     }
     println!(
         "seeds {}..{}: {} run, {} failed, {} steps, {:.0} steps/s, {:.0} seeds/min, acked {} \
-         crashes {} bit_flips {} partitions {}",
+         crashes {} bit_flips {} partitions {} trims {}",
         from,
         to,
         s.seeds,
@@ -94,7 +114,8 @@ fn main() -> ExitCode {
         s.acked_appends,
         s.crashes,
         s.bit_flips,
-        s.partitions
+        s.partitions,
+        s.trims
     );
     if s.failures.is_empty() {
         ExitCode::SUCCESS
