@@ -149,7 +149,10 @@ fn dev_chain_and_cli() {
     // Per-stage histograms: the head timed its appends and its successor's acknowledgements.
     let stages = &doc["latency_us"];
     for stage in ["append", "local_durable", "successor_ack"] {
-        assert!(stages[stage]["count"].as_u64() >= Some(1), "{stage}: {stages}");
+        assert!(
+            stages[stage]["count"].as_u64() >= Some(1),
+            "{stage}: {stages}"
+        );
     }
     assert_eq!(stages["replica_ack"]["count"], 0, "{stages}");
     // The tail timed its turnaround and has no successor to time.
@@ -158,7 +161,10 @@ fn dev_chain_and_cli() {
     let v: serde_json::Value = serde_json::from_str(&out).expect("status is JSON");
     let tail_doc = if v.is_array() { v[0].clone() } else { v };
     let stages = &tail_doc["latency_us"];
-    assert!(stages["replica_ack"]["count"].as_u64() >= Some(1), "{stages}");
+    assert!(
+        stages["replica_ack"]["count"].as_u64() >= Some(1),
+        "{stages}"
+    );
     assert_eq!(stages["successor_ack"]["count"], 0, "{stages}");
     assert_eq!(stages["append"]["count"], 0, "{stages}");
 
