@@ -66,8 +66,8 @@ pub fn service_floor(
     duration: Duration,
 ) -> anyhow::Result<ServiceFloor> {
     anyhow::ensure!(
-        requests >= 1 && inflight >= requests,
-        "need 1 <= requests <= inflight"
+        requests >= 1 && inflight >= requests && inflight.is_multiple_of(requests),
+        "the {inflight} appends in flight must split evenly into 1..={inflight} requests, not {requests}"
     );
     anyhow::ensure!((1..=NODES_MAX).contains(&nodes), "1..={NODES_MAX} nodes");
     let caps = chainlog_hw::probe::probe(dir);
@@ -364,6 +364,7 @@ mod tests {
         assert!(f.latency.count > 0 && f.latency.p50_us > 0.0);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
         assert!(service_floor(dir.path(), 1024, 2, 3, 1, Duration::from_millis(1)).is_err());
+        assert!(service_floor(dir.path(), 1024, 16, 3, 1, Duration::from_millis(1)).is_err());
         // A chain of three: the same loop through three nodes, every file removed after.
         let c = service_floor(dir.path(), 1024, 8, 2, 3, Duration::from_millis(100)).unwrap();
         assert_eq!(c.nodes, 3);
