@@ -1221,6 +1221,11 @@ impl Replica {
                     if !again {
                         s.sent_end = written_end;
                         s.rewound = Some((written_end, now));
+                        // A storage read still in flight was issued from the old position:
+                        // its batches would move `sent_end` past the gap again (and the
+                        // successor ask again, forever). Abandon it; the pump reads anew.
+                        s.reading = None;
+                        s.read_backoff_until = None;
                     }
                 }
                 Self::trim_window(l);
@@ -1629,6 +1634,11 @@ impl Replica {
                         let Some(first) = BatchHeader::decode(&v[0]).ok() else {
                             return;
                         };
+                        // Only a read that continues the stream is sent; anything else is
+                        // stale (the pump issues the right read next).
+                        if first.base_offset != l.succ.sent_end {
+                            return;
+                        }
                         let Some(last) = v.last().and_then(|b| BatchHeader::decode(b).ok()) else {
                             return;
                         };
