@@ -359,6 +359,72 @@ fn dedup_survives_restart() {
 }
 
 #[test]
+fn a_log_that_failed_full_reopens_at_its_durable_end_and_forgets_what_was_lost() {
+    let mut h = H::single(
+        |c| c.writes_in_flight_max = 1,
+        vec![recovered(0, vec![], 0)],
+    );
+    h.append(1, batch(&[b"a"], 9, 0));
+    assert_eq!(replies(&h.durable(1)), vec![(1, ok(0, 1))]);
+    assert_eq!(appends(&h.append(2, batch(&[b"b", b"c"], 9, 1))).len(), 1);
+    let full = |at| DiskEvent::WriteFailed {
+        log: default_log(),
+        at: Offset(at),
+        code: ErrorCode::StorageFull,
+    };
+    let e = h.disk(full(1));
+    assert_eq!(code(&replies(&e)[0].1), Some(ErrorCode::StorageFull));
+    // Refused while full, with the storage error (not a fence), and nothing written.
+    let e = h.append(3, batch(&[b"d"], 9, 3));
+    assert!(appends(&e).is_empty());
+    assert_eq!(code(&replies(&e)[0].1), Some(ErrorCode::StorageFull));
+    let msg = match &replies(&e)[0].1 {
+        ClientReply::Error { message, .. } => message.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert!(msg.contains("without a restart"), "{msg}");
+    // An EIO-failed log would not reopen; a full one does, at storage's durable end.
+    h.disk(DiskEvent::Reopened {
+        log: default_log(),
+        end: Offset(1),
+    });
+    let st = h.r.status().logs[0].clone();
+    assert_eq!(
+        (st.written_end, st.durable_end, st.failed),
+        (Offset(1), Offset(1), None)
+    );
+    // The producer continued past its failed batch: refused until it resends from it.
+    let e = h.append(4, batch(&[b"d"], 9, 3));
+    assert!(appends(&e).is_empty());
+    assert_eq!(code(&replies(&e)[0].1), Some(ErrorCode::Unavailable));
+    // The resent batch was lost with the failed write: appended anew at the durable end,
+    // never answered with the offsets it had before the failure.
+    let e = h.append(5, batch(&[b"b", b"c"], 9, 1));
+    let a = appends(&e);
+    assert_eq!(a.len(), 1);
+    assert_eq!(a[0].0, Offset(1));
+    assert_eq!(replies(&h.durable(3)), vec![(5, ok(1, 2))]);
+}
+
+#[test]
+fn a_log_that_failed_with_an_io_error_does_not_reopen() {
+    let mut h = H::single(|_| {}, vec![recovered(0, vec![], 0)]);
+    h.append(1, batch(&[b"a"], 0, 0));
+    h.disk(DiskEvent::WriteFailed {
+        log: default_log(),
+        at: Offset(0),
+        code: ErrorCode::StorageError,
+    });
+    h.disk(DiskEvent::Reopened {
+        log: default_log(),
+        end: Offset(0),
+    });
+    assert_eq!(h.r.status().logs[0].failed, Some(ErrorCode::StorageError));
+    let e = h.append(2, batch(&[b"b"], 0, 0));
+    assert_eq!(code(&replies(&e)[0].1), Some(ErrorCode::StorageError));
+}
+
+#[test]
 fn admission_is_bounded() {
     let mut h = H::single(
         |c| {
