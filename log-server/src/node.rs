@@ -420,6 +420,13 @@ impl CoreLoop {
                     DiskEvent::Durable { log, end } => {
                         self.metrics.durable(*log, *end, std::time::Instant::now());
                     }
+                    DiskEvent::Reopened { log, end } => {
+                        tracing::warn!(
+                            log = log.0,
+                            end = end.0,
+                            "storage has room again; log takes appends"
+                        );
+                    }
                     _ => {}
                 }
                 self.replica.on_disk(now, ev, out);

@@ -1,6 +1,7 @@
 //! A real server on a small tmpfs fills it: appends then fail with the typed `StorageFull`
 //! code, everything acknowledged still reads back (also after SIGKILL and restart, dense from 0),
-//! and the server keeps answering reads and status while full.
+//! and the server keeps answering reads and status while full; once space is freed, the same
+//! process takes appends again without a restart.
 
 mod common;
 
@@ -238,6 +239,111 @@ async fn full_disk_gives_storage_full_and_loses_nothing_acknowledged() {
     );
     drop(client);
     // The server must be gone before the tmpfs is unmounted.
+    server.kill9();
+    drop(server);
+    drop(fs);
+}
+
+/// Bytes of the filler file that takes most of the tmpfs before the server starts; deleting
+/// it is "the operator frees space".
+const FILLER_BYTES: usize = 12 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_log_that_failed_full_takes_appends_again_once_space_is_freed() {
+    let outside = tempfile::tempdir().expect("tempdir");
+    let fs = match Tmpfs::mount("24m") {
+        Ok(fs) => fs,
+        Err(why) => {
+            eprintln!("SKIPPED full_disk reopen test: {why}");
+            return;
+        }
+    };
+    let filler = fs.path().join("filler");
+    std::fs::write(&filler, vec![0x5au8; FILLER_BYTES]).expect("write filler");
+    let data: PathBuf = fs.path().join("n1");
+    let addr: SocketAddr = format!("127.0.0.1:{}", common::free_port())
+        .parse()
+        .expect("addr");
+    let cfg = outside.path().join("node.toml");
+    write_config(&cfg, &data, addr);
+    let mut server = Server::start(
+        addr,
+        vec!["run".into(), "--config".into(), cfg.display().to_string()],
+        outside.path().join("n1.log"),
+    );
+
+    let (mut acked, errors) = fill(addr).await;
+    assert!(!acked.is_empty(), "nothing was acknowledged");
+    assert!(!errors.is_empty(), "the disk never filled");
+    for e in &errors {
+        assert_eq!(e.code(), Some(ErrorCode::StorageFull), "{e:?}");
+    }
+    let client = Client::connect(client_config(addr))
+        .await
+        .expect("connect while full");
+    let again = client
+        .append("default", payload(97, 0))
+        .await
+        .expect_err("append on a full disk");
+    assert_eq!(again.code(), Some(ErrorCode::StorageFull), "{again:?}");
+
+    // The operator frees space; the same server process takes appends again on its own.
+    std::fs::remove_file(&filler).expect("remove filler");
+    let freed = Instant::now();
+    let mut attempts = 0u64;
+    let first = loop {
+        attempts += 1;
+        let p = payload(97, attempts);
+        match client.append("default", p.clone()).await {
+            Ok(off) => break (off.0, p),
+            Err(e) => {
+                assert_eq!(e.code(), Some(ErrorCode::StorageFull), "{e:?}");
+                assert!(
+                    freed.elapsed() < Duration::from_secs(60),
+                    "still full a minute after space was freed\nserver log:\n{}",
+                    server.server_log()
+                );
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    eprintln!(
+        "appends resumed {:?} after space was freed ({attempts} attempts)",
+        freed.elapsed()
+    );
+    let prev = acked.insert(first.0, first.1);
+    assert!(prev.is_none(), "offset {} acknowledged twice", first.0);
+    for i in 0..8 {
+        let p = payload(96, i);
+        let off = client
+            .append("default", p.clone())
+            .await
+            .expect("append after reopen");
+        assert!(
+            acked.insert(off.0, p).is_none(),
+            "offset {off} acknowledged twice"
+        );
+    }
+    check_log(
+        &common::read_everything(&client).await,
+        &acked,
+        "after space was freed",
+    );
+    let log = server.server_log();
+    assert!(log.contains("reopened"), "server log:\n{log}");
+    drop(client);
+
+    // And the log is the same after a restart.
+    server.restart();
+    let client = Client::connect(client_config(addr))
+        .await
+        .expect("connect after restart");
+    check_log(
+        &common::read_everything(&client).await,
+        &acked,
+        "after reopen + SIGKILL + restart",
+    );
+    drop(client);
     server.kill9();
     drop(server);
     drop(fs);
