@@ -426,6 +426,10 @@ impl CoreLoop {
                             end = end.0,
                             "storage has room again; log takes appends"
                         );
+                        // Writes issued while failed were dropped, and the core opens a new
+                        // successor session: none of the old ranges will complete as timed.
+                        self.metrics.write_failed(*log);
+                        self.metrics.link_reset();
                     }
                     _ => {}
                 }

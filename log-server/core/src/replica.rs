@@ -231,6 +231,10 @@ struct LogState {
     readable_seen: Offset,
     committed_saved: Offset,
     failed: Option<ErrorCode>,
+    /// Head: appends sequenced before a failed write wait here, neither committed nor refused,
+    /// until the log is reopened and the head holds the longest log of the chain again: what
+    /// it then lacks was stored nowhere and is refused.
+    in_doubt: bool,
     producers: ProducerTable,
     /// Producers whose batch at this sequence was refused (admission full): later batches of
     /// theirs are refused until they resend from it.
@@ -264,6 +268,7 @@ impl LogState {
             readable_seen: Offset::ZERO,
             committed_saved: Offset::ZERO,
             failed: None,
+            in_doubt: false,
             producers,
             fences: BTreeMap::new(),
             queue: VecDeque::new(),
@@ -641,16 +646,21 @@ impl Replica {
             return;
         }
         if let Some(code) = l.failed {
-            // Storage may take writes again later (a full disk is freed): the producer must
-            // resend from here, not continue past it. (Retries of batches stored here were
-            // answered above: the table forgot what the failed write lost.)
-            Self::fence(l, producer, seq);
-            return Self::reply(
-                out,
-                client,
-                request_id,
-                err(code, storage_failure(code, &l.name)),
-            );
+            // A refusal tells the client the batch is stored nowhere (it may give the
+            // sequence to other records): only true once this head holds the longest log of
+            // the chain. Until then the batch may be a retry of one a successor keeps, and it
+            // queues like any other (sequenced once the log is reopened and caught up).
+            if holds_longest(self.place.role, l) {
+                // Storage may take writes again later (a full disk is freed): the producer
+                // must resend from here, not continue past it.
+                Self::fence(l, producer, seq);
+                return Self::reply(
+                    out,
+                    client,
+                    request_id,
+                    err(code, storage_failure(code, &l.name)),
+                );
+            }
         }
         let len = header.batch_len();
         if l.queue.len() >= queue_max || (l.queue_bytes + len > bytes_max && !l.queue.is_empty()) {
@@ -1342,6 +1352,25 @@ impl Replica {
         });
     }
 
+    /// Answers every append waiting for a commit past `end` with `code`: none of it is stored
+    /// anywhere and it never will be (the offsets are sequenced again). Its producer must
+    /// resend from it.
+    fn fail_waiters_above(l: &mut LogState, end: Offset, code: ErrorCode, out: &mut Vec<Effect>) {
+        let lost = l.commit_waiters.split_off(&end.plus(1));
+        for w in lost.into_values().flatten() {
+            Self::fence(l, w.producer, w.seq);
+            Self::reply(
+                out,
+                w.client,
+                w.request_id,
+                err(code, storage_failure(code, &l.name)),
+            );
+        }
+        l.retry_waiters = l
+            .retry_waiters
+            .min(l.commit_waiters.values().map(Vec::len).sum());
+    }
+
     /// Refuses the producer's batches past `seq` until it resends from `seq` (bounded: beyond
     /// `PRODUCERS_PER_LOG_MAX` fenced producers, new ones go unfenced).
     fn fence(l: &mut LogState, producer: ProducerId, seq: u64) {
@@ -1489,28 +1518,33 @@ impl Replica {
             DiskEvent::WriteFailed { log, at, code } => {
                 if let Some(l) = self.logs.get_mut(&log) {
                     l.failed = Some(code);
-                    // Nothing at or past `at` is stored here: a retry of it must not be
-                    // answered with those offsets (they may come to hold other records).
-                    l.producers.forget_from(at);
-                    for q in std::mem::take(&mut l.queue) {
-                        Self::fence(l, q.header.producer_id, q.header.producer_seq);
-                        Self::reply(
-                            out,
-                            q.client,
-                            q.request_id,
-                            err(code, storage_failure(code, &l.name)),
-                        );
+                    // Never sequenced, and (holding the chain's longest log) not a retry of
+                    // anything stored: a definite refusal. A head still catching up keeps them
+                    // queued (see `client_append`).
+                    if holds_longest(self.place.role, l) {
+                        for q in std::mem::take(&mut l.queue) {
+                            Self::fence(l, q.header.producer_id, q.header.producer_seq);
+                            Self::reply(
+                                out,
+                                q.client,
+                                q.request_id,
+                                err(code, storage_failure(code, &l.name)),
+                            );
+                        }
+                        l.queue_bytes = 0;
                     }
-                    l.queue_bytes = 0;
-                    let lost = l.commit_waiters.split_off(&at.plus(1));
-                    for w in lost.into_values().flatten() {
-                        Self::fence(l, w.producer, w.seq);
-                        Self::reply(
-                            out,
-                            w.client,
-                            w.request_id,
-                            err(code, storage_failure(code, &l.name)),
-                        );
+                    if self.place.succ.is_some() {
+                        // Sequenced appends above `at` went to the successor before this
+                        // write: it may keep them, and this node adopts them back when it
+                        // rejoins. An error now would tell the client they are not stored
+                        // (it may reuse the sequence for other records, which dedup would then
+                        // answer with these offsets): they wait until settled (`in_doubt`).
+                        l.in_doubt = l.commit_waiters.range(at.plus(1)..).next().is_some();
+                    } else {
+                        // Nothing at or past `at` is stored anywhere: a retry of it must not be
+                        // answered with those offsets (they may come to hold other records).
+                        l.producers.forget_from(at);
+                        Self::fail_waiters_above(l, at, code, out);
                     }
                     self.dirty.insert(log);
                 }
@@ -1802,11 +1836,7 @@ impl Replica {
 
     /// Ready to sequence: the head holds at least the longest log of its chain.
     fn ready(&self, l: &LogState) -> bool {
-        match self.place.role {
-            Role::Single => true,
-            Role::Head => l.succ.chain_end.is_some_and(|c| l.written_end >= c),
-            _ => false,
-        }
+        holds_longest(self.place.role, l)
     }
 
     fn ack_end(&self, l: &LogState) -> Offset {
@@ -1845,6 +1875,13 @@ impl Replica {
         }
         while l.head_writes.front().is_some_and(|&e| e <= l.durable_end) {
             l.head_writes.pop_front();
+        }
+        if l.in_doubt && self.is_head() && l.failed.is_none() && self.ready(l) {
+            // The chain's longest log is known afresh (new session) and held here.
+            l.in_doubt = false;
+            l.producers.forget_from(l.written_end);
+            let end = l.written_end;
+            Self::fail_waiters_above(l, end, ErrorCode::StorageFull, out);
         }
         while self.is_head()
             && l.failed.is_none()
@@ -2315,6 +2352,16 @@ impl Replica {
 
     pub fn chain(&self) -> &ChainConfig {
         &self.chain
+    }
+}
+
+/// Head: it holds at least the longest log of its chain, so its producer table knows every
+/// batch stored anywhere in the chain (a batch it does not know is stored nowhere).
+fn holds_longest(role: Role, l: &LogState) -> bool {
+    match role {
+        Role::Single => true,
+        Role::Head => l.succ.chain_end.is_some_and(|c| l.written_end >= c),
+        _ => false,
     }
 }
 

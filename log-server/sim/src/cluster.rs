@@ -1368,6 +1368,18 @@ impl Cluster {
                     ))
                 }
             }
+            (
+                ReqKind::Append { batch, .. },
+                ClientReply::Error {
+                    code: ErrorCode::StorageFull,
+                    ..
+                },
+            ) => {
+                // A storage error is a definite refusal (chainlog-client may give the
+                // sequence to other records): the batch must be stored nowhere.
+                let disks: Vec<&SimDisk> = self.nodes.iter().map(|x| &x.disk).collect();
+                Checker::refused_is_stored_nowhere(batch, &disks)
+            }
             (_, ClientReply::Error { .. }) => Ok(()),
             _ => Err(format!("reply {reply:?} does not fit request {rid}")),
         };
