@@ -797,3 +797,100 @@ fn a_trim_goes_downstream_only_once_durable_and_only_what_the_head_holds() {
     );
     assert_eq!(trims(&e), vec![Offset(10)]);
 }
+
+// ---------------------------------------------------------------- full disk in a chain
+
+fn succ_ack(session: u64, seq: u64, written: u64, chain: u64) -> PeerMessage {
+    PeerMessage::Ack {
+        epoch: Epoch(3),
+        session,
+        log: default_log(),
+        seq,
+        written_end: Offset(written),
+        ack_end: Offset(written),
+        chain_end: Offset(chain),
+        committed_end: Offset(0),
+        resend: false,
+    }
+}
+
+fn sessions_sent(effects: &[Effect]) -> Vec<u64> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Send { msg, .. } => Some(msg.session()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A head whose write failed full after forwarding an append: the append is neither answered
+/// nor refused; after the reopen the head learns (new session) what the successor kept, and
+/// the append then commits if the successor kept it, or is refused if nobody did.
+fn head_full_after_forwarding(successor_kept: bool) -> Vec<(u64, ClientReply)> {
+    let mut h = in_chain(1, vec![recovered(0, vec![], 0)], |c| {
+        c.writes_in_flight_max = 1
+    });
+    h.tick(1);
+    h.peer(2, succ_ack(1, 1, 0, 0));
+    let e = h.append(1, batch(&[b"a"], 9, 0));
+    let stored = appends(&e)[0].1[0].clone();
+    let e = h.disk(DiskEvent::WriteFailed {
+        log: default_log(),
+        at: Offset(0),
+        code: ErrorCode::StorageFull,
+    });
+    assert!(
+        replies(&e).is_empty(),
+        "in doubt: the successor may keep it"
+    );
+    // A new batch is stored nowhere: refused outright.
+    let e = h.append(2, batch(&[b"b"], 9, 1));
+    assert_eq!(code(&replies(&e)[0].1), Some(ErrorCode::StorageFull));
+    let e = h.disk(DiskEvent::Reopened {
+        log: default_log(),
+        end: Offset(0),
+    });
+    let session = *sessions_sent(&e).last().expect("a probe in a new session");
+    assert!(session > 1, "a new session fences the old one");
+    assert!(
+        !h.log_status().ready,
+        "not before the successor answers afresh"
+    );
+    // A stale ack of the old session changes nothing.
+    h.peer(2, succ_ack(1, 9, 0, 0));
+    assert!(!h.log_status().ready);
+    let kept = u64::from(successor_kept);
+    let mut out = h.peer(2, succ_ack(session, 10, kept, kept));
+    if successor_kept {
+        assert!(
+            !h.log_status().ready,
+            "the head must adopt the successor's suffix first"
+        );
+        out = h.peer(
+            2,
+            PeerMessage::FetchReply {
+                epoch: Epoch(3),
+                session,
+                log: default_log(),
+                base: Offset(0),
+                batches: vec![stored],
+            },
+        );
+        assert_eq!(appends(&out).len(), 1, "adopted from the successor");
+        out.extend(h.durable(1));
+    }
+    replies(&out)
+}
+
+#[test]
+fn a_forwarded_append_of_a_full_head_commits_if_the_successor_kept_it() {
+    assert_eq!(head_full_after_forwarding(true), vec![(1, ok(0, 1))]);
+}
+
+#[test]
+fn a_forwarded_append_of_a_full_head_is_refused_once_nobody_holds_it() {
+    let rs = head_full_after_forwarding(false);
+    assert_eq!(rs.len(), 1);
+    assert_eq!((rs[0].0, code(&rs[0].1)), (1, Some(ErrorCode::StorageFull)));
+}
