@@ -60,6 +60,27 @@ pub fn write_zeros(file: &File, offset: u64, len: u64) -> Result<()> {
     Ok(())
 }
 
+/// Bytes an unprivileged writer can still allocate on the filesystem holding `path`
+/// (`statvfs`: available blocks times the fragment size).
+pub fn free_bytes(path: &Path) -> Result<u64> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| HwError::Invalid(format!("path with a NUL byte: {}", path.display())))?;
+    let mut st = std::mem::MaybeUninit::<libc::statvfs>::uninit();
+    // SAFETY: `c` is a NUL-terminated string that outlives the call, and `st` points to
+    // writable memory of the type statvfs fills.
+    let r = unsafe { libc::statvfs(c.as_ptr(), st.as_mut_ptr()) };
+    if r != 0 {
+        return Err(HwError::io("statvfs", io::Error::last_os_error()));
+    }
+    // SAFETY: statvfs returned 0, so it initialised the whole struct.
+    let st = unsafe { st.assume_init() };
+    // (Both are u64 on 64-bit Linux but narrower on some targets.)
+    #[allow(clippy::useless_conversion)]
+    let (avail, frsize) = (u64::from(st.f_bavail), u64::from(st.f_frsize));
+    Ok(avail.saturating_mul(frsize))
+}
+
 pub fn fdatasync(file: &File) -> Result<()> {
     file.sync_data().map_err(|e| HwError::io("fdatasync", e))
 }
@@ -318,6 +339,16 @@ impl Drop for SpareFiles {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn free_bytes_reports_the_filesystem_and_refuses_a_missing_path() {
+        let d = tempfile::tempdir().unwrap();
+        assert!(
+            free_bytes(d.path()).unwrap() > 0,
+            "a temp dir's filesystem has room"
+        );
+        assert!(free_bytes(&d.path().join("missing")).is_err());
+    }
 
     #[test]
     fn prezeroed_file_is_allocated_and_zero() {

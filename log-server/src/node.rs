@@ -420,6 +420,17 @@ impl CoreLoop {
                     DiskEvent::Durable { log, end } => {
                         self.metrics.durable(*log, *end, std::time::Instant::now());
                     }
+                    DiskEvent::Reopened { log, end } => {
+                        tracing::warn!(
+                            log = log.0,
+                            end = end.0,
+                            "storage has room again; log takes appends"
+                        );
+                        // Writes issued while failed were dropped, and the core opens a new
+                        // successor session: none of the old ranges will complete as timed.
+                        self.metrics.write_failed(*log);
+                        self.metrics.link_reset();
+                    }
                     _ => {}
                 }
                 self.replica.on_disk(now, ev, out);

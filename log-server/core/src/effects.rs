@@ -84,6 +84,13 @@ pub enum DiskEvent {
         log: LogId,
         end: Offset,
     },
+    /// A log that failed with `StorageFull` takes writes again (space was freed): storage
+    /// holds exactly `[start, end)` durably (the failed range was discarded) and the next
+    /// `Append` must start at `end`.
+    Reopened {
+        log: LogId,
+        end: Offset,
+    },
     Created {
         log: LogId,
         result: Result<(), ErrorCode>,

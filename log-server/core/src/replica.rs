@@ -167,6 +167,9 @@ struct Waiter {
     request_id: u64,
     base: Offset,
     record_count: u32,
+    /// Whose batch it is, to fence the producer should the write fail.
+    producer: ProducerId,
+    seq: u64,
 }
 
 struct WinBatch {
@@ -228,6 +231,10 @@ struct LogState {
     readable_seen: Offset,
     committed_saved: Offset,
     failed: Option<ErrorCode>,
+    /// Head: appends sequenced before a failed write wait here, neither committed nor refused,
+    /// until the log is reopened and the head holds the longest log of the chain again: what
+    /// it then lacks was stored nowhere and is refused.
+    in_doubt: bool,
     producers: ProducerTable,
     /// Producers whose batch at this sequence was refused (admission full): later batches of
     /// theirs are refused until they resend from it.
@@ -261,6 +268,7 @@ impl LogState {
             readable_seen: Offset::ZERO,
             committed_saved: Offset::ZERO,
             failed: None,
+            in_doubt: false,
             producers,
             fences: BTreeMap::new(),
             queue: VecDeque::new(),
@@ -364,7 +372,8 @@ fn storage_failure(code: ErrorCode, log: &str) -> String {
     match code {
         ErrorCode::StorageFull => format!(
             "disk full: log '{log}' cannot store more on this node; appends are refused until \
-             space is freed and the node restarted (nothing acknowledged is affected)"
+             space is freed, then resume within seconds without a restart (nothing \
+             acknowledged is affected; retry with the same producer sequence)"
         ),
         _ => format!(
             "storage failed for log '{log}' on this node ({code:?}); appends are refused until \
@@ -572,21 +581,15 @@ impl Replica {
             };
             return Self::reply(out, client, request_id, r);
         };
-        if let Some(code) = l.failed {
-            return Self::reply(
-                out,
-                client,
-                request_id,
-                err(code, storage_failure(code, &l.name)),
-            );
-        }
+        let (producer, seq) = (header.producer_id, header.producer_seq);
         // Once a producer's batch is refused, its later batches are refused too until it
         // resends from the refused one: otherwise a later batch could be appended before the
         // earlier one and the producer's sequence would have a hole for good.
-        let (producer, seq) = (header.producer_id, header.producer_seq);
         if producer.0 != 0 {
             if let Some(&fence) = l.fences.get(&producer) {
-                if seq > fence {
+                // (While storage is failed every batch gets the storage error below instead:
+                // a client must see why, and the fence stays.)
+                if seq > fence && l.failed.is_none() {
                     return Self::reply(
                         out,
                         client,
@@ -637,17 +640,31 @@ impl Replica {
                 request_id,
                 base: base_offset,
                 record_count,
+                producer,
+                seq,
             });
             return;
         }
+        if let Some(code) = l.failed {
+            // A refusal tells the client the batch is stored nowhere (it may give the
+            // sequence to other records): only true once this head holds the longest log of
+            // the chain. Until then the batch may be a retry of one a successor keeps, and it
+            // queues like any other (sequenced once the log is reopened and caught up).
+            if holds_longest(self.place.role, l) {
+                // Storage may take writes again later (a full disk is freed): the producer
+                // must resend from here, not continue past it.
+                Self::fence(l, producer, seq);
+                return Self::reply(
+                    out,
+                    client,
+                    request_id,
+                    err(code, storage_failure(code, &l.name)),
+                );
+            }
+        }
         let len = header.batch_len();
         if l.queue.len() >= queue_max || (l.queue_bytes + len > bytes_max && !l.queue.is_empty()) {
-            if producer.0 != 0
-                && (l.fences.len() < PRODUCERS_PER_LOG_MAX || l.fences.contains_key(&producer))
-            {
-                let f = l.fences.entry(producer).or_insert(seq);
-                *f = (*f).min(seq);
-            }
+            Self::fence(l, producer, seq);
             return Self::reply(
                 out,
                 client,
@@ -1340,6 +1357,36 @@ impl Replica {
         });
     }
 
+    /// Answers every append waiting for a commit past `end` with `code`: none of it is stored
+    /// anywhere and it never will be (the offsets are sequenced again). Its producer must
+    /// resend from it.
+    fn fail_waiters_above(l: &mut LogState, end: Offset, code: ErrorCode, out: &mut Vec<Effect>) {
+        let lost = l.commit_waiters.split_off(&end.plus(1));
+        for w in lost.into_values().flatten() {
+            Self::fence(l, w.producer, w.seq);
+            Self::reply(
+                out,
+                w.client,
+                w.request_id,
+                err(code, storage_failure(code, &l.name)),
+            );
+        }
+        l.retry_waiters = l
+            .retry_waiters
+            .min(l.commit_waiters.values().map(Vec::len).sum());
+    }
+
+    /// Refuses the producer's batches past `seq` until it resends from `seq` (bounded: beyond
+    /// `PRODUCERS_PER_LOG_MAX` fenced producers, new ones go unfenced).
+    fn fence(l: &mut LogState, producer: ProducerId, seq: u64) {
+        if producer.0 != 0
+            && (l.fences.len() < PRODUCERS_PER_LOG_MAX || l.fences.contains_key(&producer))
+        {
+            let f = l.fences.entry(producer).or_insert(seq);
+            *f = (*f).min(seq);
+        }
+    }
+
     /// Lifts a producer's fence once a batch at or past the refused sequence is in the log.
     fn clear_fence(l: &mut LogState, producer: ProducerId, seq: u64, record_count: u32) {
         if l.fences
@@ -1385,35 +1432,83 @@ impl Replica {
     pub fn on_link(&mut self, now: Instant, peer: NodeId, up: bool, out: &mut Vec<Effect>) {
         if Some(peer) == self.place.succ {
             self.succ_up = up;
-            if up {
-                // A new session: fences everything of the previous connection.
-                self.succ_session = (self.succ_session + 1).max(now.0);
-            }
-            for l in self.logs.values_mut() {
-                let s = &mut l.succ;
-                s.known = false;
-                s.sent_end = Offset::ZERO;
-                s.last_ack_seq = 0;
-                s.ack_end = Offset::ZERO;
-                s.commit_sent = Offset::ZERO;
-                s.commit_known = Offset::ZERO;
-                s.commit_due = None;
-                s.last_probe = None;
-                s.last_heard = now;
-                s.reading = None;
-                s.read_backoff_until = None;
-                s.fetch_at = None;
-                s.rewound = None;
-                s.no_log = false;
-                s.start_told = None;
-                self.dirty.insert(l.id);
-            }
+            self.new_succ_session(now);
         }
         if Some(peer) == self.place.pred {
             // Whatever session the predecessor opens on the new connection is the current one.
             self.pred_session = None;
         }
         self.finish(now, out);
+    }
+
+    /// Starts a new session towards the successor (when the link is up): every message of
+    /// the previous one is fenced, and each log learns the successor's state afresh from its
+    /// first `Ack`.
+    fn new_succ_session(&mut self, now: Instant) {
+        if self.succ_up {
+            self.succ_session = (self.succ_session + 1).max(now.0);
+        }
+        for l in self.logs.values_mut() {
+            let s = &mut l.succ;
+            s.known = false;
+            s.sent_end = Offset::ZERO;
+            s.last_ack_seq = 0;
+            s.ack_end = Offset::ZERO;
+            s.commit_sent = Offset::ZERO;
+            s.commit_known = Offset::ZERO;
+            s.commit_due = None;
+            s.last_probe = None;
+            s.last_heard = now;
+            s.reading = None;
+            s.read_backoff_until = None;
+            s.fetch_at = None;
+            s.rewound = None;
+            s.no_log = false;
+            s.start_told = None;
+            self.dirty.insert(l.id);
+        }
+    }
+
+    /// Storage takes writes of a log that failed full again, from its durable `end`: the log
+    /// rejoins as if this node had restarted with it. Everything above `end` was never
+    /// durable here (commit needs every replica's durability, so none of it is committed);
+    /// the head failed those appends back to their clients, and a successor may still hold
+    /// some, so the log is re-learned from a new link session before the head sequences
+    /// again (`chain_end`), and the predecessor is asked to resend from `end`.
+    fn reopen(&mut self, now: Instant, log: LogId, end: Offset) {
+        let Some(l) = self.logs.get_mut(&log) else {
+            return;
+        };
+        if l.failed != Some(ErrorCode::StorageFull) {
+            return; // only a full disk recovers in place; other failures wait for a restart
+        }
+        assert!(
+            end >= l.durable_end && end <= l.written_end.max(l.durable_end),
+            "reopen of {log} at {end} outside durable {} .. written {}",
+            l.durable_end,
+            l.written_end
+        );
+        l.failed = None;
+        l.written_end = end;
+        l.durable_end = end;
+        while l.window.back().is_some_and(|b| b.end > end) {
+            if let Some(b) = l.window.pop_back() {
+                l.window_bytes -= b.bytes.len();
+            }
+        }
+        l.head_writes.clear();
+        // Dedup state for batches this node no longer holds would answer a retry with
+        // offsets that will hold other records.
+        l.producers.forget_from(end);
+        // The successor's view of this log may be older than what was forwarded to it: the
+        // head must not sequence at `end` before it knows the longest log downstream afresh.
+        l.succ.chain_end = None;
+        l.pred.force = true;
+        l.pred.resend = true;
+        self.dirty.insert(log);
+        if self.place.succ.is_some() {
+            self.new_succ_session(now);
+        }
     }
 
     pub fn on_disk(&mut self, now: Instant, ev: DiskEvent, out: &mut Vec<Effect>) {
@@ -1428,27 +1523,38 @@ impl Replica {
             DiskEvent::WriteFailed { log, at, code } => {
                 if let Some(l) = self.logs.get_mut(&log) {
                     l.failed = Some(code);
-                    for q in l.queue.drain(..) {
-                        Self::reply(
-                            out,
-                            q.client,
-                            q.request_id,
-                            err(code, storage_failure(code, &l.name)),
-                        );
+                    // Never sequenced, and (holding the chain's longest log) not a retry of
+                    // anything stored: a definite refusal. A head still catching up keeps them
+                    // queued (see `client_append`).
+                    if holds_longest(self.place.role, l) {
+                        for q in std::mem::take(&mut l.queue) {
+                            Self::fence(l, q.header.producer_id, q.header.producer_seq);
+                            Self::reply(
+                                out,
+                                q.client,
+                                q.request_id,
+                                err(code, storage_failure(code, &l.name)),
+                            );
+                        }
+                        l.queue_bytes = 0;
                     }
-                    l.queue_bytes = 0;
-                    let lost = l.commit_waiters.split_off(&at.plus(1));
-                    for w in lost.into_values().flatten() {
-                        Self::reply(
-                            out,
-                            w.client,
-                            w.request_id,
-                            err(code, storage_failure(code, &l.name)),
-                        );
+                    if self.place.succ.is_some() {
+                        // Sequenced appends above `at` went to the successor before this
+                        // write: it may keep them, and this node adopts them back when it
+                        // rejoins. An error now would tell the client they are not stored
+                        // (it may reuse the sequence for other records, which dedup would then
+                        // answer with these offsets): they wait until settled (`in_doubt`).
+                        l.in_doubt = l.commit_waiters.range(at.plus(1)..).next().is_some();
+                    } else {
+                        // Nothing at or past `at` is stored anywhere: a retry of it must not be
+                        // answered with those offsets (they may come to hold other records).
+                        l.producers.forget_from(at);
+                        Self::fail_waiters_above(l, at, code, out);
                     }
                     self.dirty.insert(log);
                 }
             }
+            DiskEvent::Reopened { log, end } => self.reopen(now, log, end),
             DiskEvent::Truncated { log, end } => {
                 if let Some(l) = self.logs.get_mut(&log) {
                     l.written_end = l.written_end.min(end);
@@ -1740,11 +1846,7 @@ impl Replica {
 
     /// Ready to sequence: the head holds at least the longest log of its chain.
     fn ready(&self, l: &LogState) -> bool {
-        match self.place.role {
-            Role::Single => true,
-            Role::Head => l.succ.chain_end.is_some_and(|c| l.written_end >= c),
-            _ => false,
-        }
+        holds_longest(self.place.role, l)
     }
 
     fn ack_end(&self, l: &LogState) -> Offset {
@@ -1783,6 +1885,13 @@ impl Replica {
         }
         while l.head_writes.front().is_some_and(|&e| e <= l.durable_end) {
             l.head_writes.pop_front();
+        }
+        if l.in_doubt && self.is_head() && l.failed.is_none() && self.ready(l) {
+            // The chain's longest log is known afresh (new session) and held here.
+            l.in_doubt = false;
+            l.producers.forget_from(l.written_end);
+            let end = l.written_end;
+            Self::fail_waiters_above(l, end, ErrorCode::StorageFull, out);
         }
         while self.is_head()
             && l.failed.is_none()
@@ -1936,6 +2045,8 @@ impl Replica {
                         request_id: q.request_id,
                         base: base_offset,
                         record_count,
+                        producer: h.producer_id,
+                        seq: h.producer_seq,
                     };
                     if end <= l.committed_end {
                         Self::reply(
@@ -1980,6 +2091,8 @@ impl Replica {
                 request_id: q.request_id,
                 base: next,
                 record_count: h.record_count,
+                producer: h.producer_id,
+                seq: h.producer_seq,
             });
             group.push(stamped);
             group_bytes += len;
@@ -2249,6 +2362,16 @@ impl Replica {
 
     pub fn chain(&self) -> &ChainConfig {
         &self.chain
+    }
+}
+
+/// Head: it holds at least the longest log of its chain, so its producer table knows every
+/// batch stored anywhere in the chain (a batch it does not know is stored nowhere).
+fn holds_longest(role: Role, l: &LogState) -> bool {
+    match role {
+        Role::Single => true,
+        Role::Head => l.succ.chain_end.is_some_and(|c| l.written_end >= c),
+        _ => false,
     }
 }
 

@@ -359,6 +359,72 @@ fn dedup_survives_restart() {
 }
 
 #[test]
+fn a_log_that_failed_full_reopens_at_its_durable_end_and_forgets_what_was_lost() {
+    let mut h = H::single(
+        |c| c.writes_in_flight_max = 1,
+        vec![recovered(0, vec![], 0)],
+    );
+    h.append(1, batch(&[b"a"], 9, 0));
+    assert_eq!(replies(&h.durable(1)), vec![(1, ok(0, 1))]);
+    assert_eq!(appends(&h.append(2, batch(&[b"b", b"c"], 9, 1))).len(), 1);
+    let full = |at| DiskEvent::WriteFailed {
+        log: default_log(),
+        at: Offset(at),
+        code: ErrorCode::StorageFull,
+    };
+    let e = h.disk(full(1));
+    assert_eq!(code(&replies(&e)[0].1), Some(ErrorCode::StorageFull));
+    // Refused while full, with the storage error (not a fence), and nothing written.
+    let e = h.append(3, batch(&[b"d"], 9, 3));
+    assert!(appends(&e).is_empty());
+    assert_eq!(code(&replies(&e)[0].1), Some(ErrorCode::StorageFull));
+    let msg = match &replies(&e)[0].1 {
+        ClientReply::Error { message, .. } => message.clone(),
+        other => panic!("{other:?}"),
+    };
+    assert!(msg.contains("without a restart"), "{msg}");
+    // An EIO-failed log would not reopen; a full one does, at storage's durable end.
+    h.disk(DiskEvent::Reopened {
+        log: default_log(),
+        end: Offset(1),
+    });
+    let st = h.r.status().logs[0].clone();
+    assert_eq!(
+        (st.written_end, st.durable_end, st.failed),
+        (Offset(1), Offset(1), None)
+    );
+    // The producer continued past its failed batch: refused until it resends from it.
+    let e = h.append(4, batch(&[b"d"], 9, 3));
+    assert!(appends(&e).is_empty());
+    assert_eq!(code(&replies(&e)[0].1), Some(ErrorCode::Unavailable));
+    // The resent batch was lost with the failed write: appended anew at the durable end,
+    // never answered with the offsets it had before the failure.
+    let e = h.append(5, batch(&[b"b", b"c"], 9, 1));
+    let a = appends(&e);
+    assert_eq!(a.len(), 1);
+    assert_eq!(a[0].0, Offset(1));
+    assert_eq!(replies(&h.durable(3)), vec![(5, ok(1, 2))]);
+}
+
+#[test]
+fn a_log_that_failed_with_an_io_error_does_not_reopen() {
+    let mut h = H::single(|_| {}, vec![recovered(0, vec![], 0)]);
+    h.append(1, batch(&[b"a"], 0, 0));
+    h.disk(DiskEvent::WriteFailed {
+        log: default_log(),
+        at: Offset(0),
+        code: ErrorCode::StorageError,
+    });
+    h.disk(DiskEvent::Reopened {
+        log: default_log(),
+        end: Offset(0),
+    });
+    assert_eq!(h.r.status().logs[0].failed, Some(ErrorCode::StorageError));
+    let e = h.append(2, batch(&[b"b"], 0, 0));
+    assert_eq!(code(&replies(&e)[0].1), Some(ErrorCode::StorageError));
+}
+
+#[test]
 fn admission_is_bounded() {
     let mut h = H::single(
         |c| {
@@ -730,6 +796,103 @@ fn a_trim_goes_downstream_only_once_durable_and_only_what_the_head_holds() {
         },
     );
     assert_eq!(trims(&e), vec![Offset(10)]);
+}
+
+// ---------------------------------------------------------------- full disk in a chain
+
+fn succ_ack(session: u64, seq: u64, written: u64, chain: u64) -> PeerMessage {
+    PeerMessage::Ack {
+        epoch: Epoch(3),
+        session,
+        log: default_log(),
+        seq,
+        written_end: Offset(written),
+        ack_end: Offset(written),
+        chain_end: Offset(chain),
+        committed_end: Offset(0),
+        resend: false,
+    }
+}
+
+fn sessions_sent(effects: &[Effect]) -> Vec<u64> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Send { msg, .. } => Some(msg.session()),
+            _ => None,
+        })
+        .collect()
+}
+
+/// A head whose write failed full after forwarding an append: the append is neither answered
+/// nor refused; after the reopen the head learns (new session) what the successor kept, and
+/// the append then commits if the successor kept it, or is refused if nobody did.
+fn head_full_after_forwarding(successor_kept: bool) -> Vec<(u64, ClientReply)> {
+    let mut h = in_chain(1, vec![recovered(0, vec![], 0)], |c| {
+        c.writes_in_flight_max = 1
+    });
+    h.tick(1);
+    h.peer(2, succ_ack(1, 1, 0, 0));
+    let e = h.append(1, batch(&[b"a"], 9, 0));
+    let stored = appends(&e)[0].1[0].clone();
+    let e = h.disk(DiskEvent::WriteFailed {
+        log: default_log(),
+        at: Offset(0),
+        code: ErrorCode::StorageFull,
+    });
+    assert!(
+        replies(&e).is_empty(),
+        "in doubt: the successor may keep it"
+    );
+    // A new batch is stored nowhere: refused outright.
+    let e = h.append(2, batch(&[b"b"], 9, 1));
+    assert_eq!(code(&replies(&e)[0].1), Some(ErrorCode::StorageFull));
+    let e = h.disk(DiskEvent::Reopened {
+        log: default_log(),
+        end: Offset(0),
+    });
+    let session = *sessions_sent(&e).last().expect("a probe in a new session");
+    assert!(session > 1, "a new session fences the old one");
+    assert!(
+        !h.log_status().ready,
+        "not before the successor answers afresh"
+    );
+    // A stale ack of the old session changes nothing.
+    h.peer(2, succ_ack(1, 9, 0, 0));
+    assert!(!h.log_status().ready);
+    let kept = u64::from(successor_kept);
+    let mut out = h.peer(2, succ_ack(session, 10, kept, kept));
+    if successor_kept {
+        assert!(
+            !h.log_status().ready,
+            "the head must adopt the successor's suffix first"
+        );
+        out = h.peer(
+            2,
+            PeerMessage::FetchReply {
+                epoch: Epoch(3),
+                session,
+                log: default_log(),
+                base: Offset(0),
+                batches: vec![stored],
+            },
+        );
+        assert_eq!(appends(&out).len(), 1, "adopted from the successor");
+        out.extend(h.durable(1));
+    }
+    replies(&out)
+}
+
+#[test]
+fn a_forwarded_append_of_a_full_head_commits_if_the_successor_kept_it() {
+    assert_eq!(head_full_after_forwarding(true), vec![(1, ok(0, 1))]);
+}
+
+#[test]
+fn a_forwarded_append_of_a_full_head_is_refused_once_nobody_holds_it() {
+    let rs = head_full_after_forwarding(false);
+    assert_eq!(rs.len(), 1);
+    assert_eq!((rs[0].0, code(&rs[0].1)), (1, Some(ErrorCode::StorageFull)));
 }
 
 // ---------------------------------------------------------------- resending from storage

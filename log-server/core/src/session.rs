@@ -99,6 +99,25 @@ impl ProducerTable {
         }
     }
 
+    /// Forgets every batch at or past `end` (the log lost them: a failed write), and producers
+    /// left with none, as a rebuild from the log would.
+    pub fn forget_from(&mut self, end: Offset) {
+        let mut gone = Vec::new();
+        for (id, p) in self.producers.iter_mut() {
+            while p.batches.back().is_some_and(|b| b.base_offset >= end) {
+                p.batches.pop_back();
+            }
+            if p.batches.is_empty() {
+                gone.push((*id, p.stamp));
+            }
+        }
+        for (id, stamp) in gone {
+            self.producers.remove(&id);
+            self.lru.remove(&stamp);
+        }
+        assert_eq!(self.lru.len(), self.producers.len());
+    }
+
     /// Remembers a batch written to the log.
     pub fn record(&mut self, producer: ProducerId, seq: u64, record_count: u32, base: Offset) {
         if producer.0 == 0 {

@@ -307,6 +307,37 @@ impl Checker {
         Ok(())
     }
 
+    /// An append refused outright (`StorageFull`) is held by no replica: the client may give
+    /// its producer sequence to other records, which dedup would then answer with these
+    /// offsets. (Unsequenced batches carry producer 0 semantics: nothing to check.)
+    pub fn refused_is_stored_nowhere(sent: &Bytes, disks: &[&SimDisk]) -> Result<(), Violation> {
+        let h = BatchHeader::decode(sent).map_err(|e| format!("client batch: {e}"))?;
+        if h.producer_id.0 == 0 {
+            return Ok(());
+        }
+        for (i, d) in disks.iter().enumerate() {
+            let Some(l) = d.logs.get(&h.log_id) else {
+                continue;
+            };
+            for b in &l.batches {
+                let Ok(s) = BatchHeader::decode(&b.bytes) else {
+                    continue;
+                };
+                if s.producer_id == h.producer_id && s.producer_seq == h.producer_seq {
+                    return Err(format!(
+                        "append of producer {} seq {} refused with StorageFull while node {} \
+                         holds it at {}",
+                        h.producer_id,
+                        h.producer_seq,
+                        i + 1,
+                        s.base_offset
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
     /// No replica starts a log past its predecessor (disks in chain order): a node tells its
     /// successor only a start it holds durably, so a predecessor can always fetch what it lacks.
     pub fn starts_in_chain_order(disks: &[&SimDisk]) -> Result<(), Violation> {

@@ -27,6 +27,12 @@ const SALT_PROFILE_2: u64 = 6;
 /// Every trim decision (whether a seed trims, when, where): its own stream, so seeds that do
 /// not trim run exactly as before trims existed.
 const SALT_TRIM: u64 = 7;
+/// Disk-full faults (whether a seed has them, when, where, how long): their own stream, so
+/// seeds without them run exactly as before they existed.
+const SALT_FULL: u64 = 8;
+/// How often a node whose log failed full checks for free space (the real writer: once a
+/// second, on its tick; scaled down like every other sim timing).
+const FULL_CHECK_US: u64 = 5000;
 const TICK_US: u64 = 1000;
 const FAULT_TICK_US: u64 = 1000;
 /// Client id used by the liveness verifier.
@@ -106,6 +112,8 @@ pub struct Report {
     pub bit_flips: u64,
     pub partitions: u64,
     pub trims: u64,
+    /// Disk-full windows injected.
+    pub disk_fulls: u64,
 }
 
 #[derive(Clone, Debug)]
@@ -255,6 +263,14 @@ pub struct SimNode {
     cfg: ReplicaConfig,
     sync_delay_us: Option<(u64, u64)>,
     restart_scheduled: bool,
+    /// The disk is full until then: every write fails with `StorageFull`.
+    full_until: Option<u64>,
+    /// Logs whose writes failed full and wait for space (the writer's free-space check).
+    failed_full: std::collections::BTreeSet<LogId>,
+    /// Logs whose writes failed: appends not at the durable end were issued before the core
+    /// saw the failure and are dropped, as the real writer does.
+    dropping: std::collections::BTreeSet<LogId>,
+    full_check_at: u64,
 }
 
 struct Link {
@@ -369,6 +385,10 @@ pub struct Cluster {
     /// Largest `before` any client asked a trim of, per log: no replica may start past it.
     pub trim_asked: BTreeMap<LogId, Offset>,
     pub trims_ok: u64,
+    full_rng: Rng,
+    /// Chance per fault tick that some node's disk fills up (0 on most seeds).
+    full_p: f64,
+    pub disk_fulls: u64,
 }
 
 fn mix(h: &mut u64, x: u64) {
@@ -491,6 +511,11 @@ fn retriable(code: ErrorCode) -> bool {
     code.is_retriable() || matches!(code, ErrorCode::SequenceGap | ErrorCode::LimitExceeded)
 }
 
+/// Retriable here, or a full disk on a run that fills disks (space comes back).
+fn retriable_with(code: ErrorCode, disks_fill: bool) -> bool {
+    retriable(code) || disks_fill && code == ErrorCode::StorageFull
+}
+
 impl Cluster {
     pub fn new(seed: u64, opts: SimOptions) -> Cluster {
         let mut profile = Rng::new(seed, SALT_PROFILE);
@@ -554,6 +579,10 @@ impl Cluster {
                 cfg,
                 sync_delay_us: None,
                 restart_scheduled: false,
+                full_until: None,
+                failed_full: Default::default(),
+                dropping: Default::default(),
+                full_check_at: 0,
             });
         }
         let links = (0..nodes_n.saturating_sub(1))
@@ -591,6 +620,12 @@ impl Cluster {
             30..=69 => TrimMode::Sometimes,
             _ => TrimMode::Aggressive,
         });
+        let mut full_rng = Rng::new(seed, SALT_FULL);
+        let full_p = if opts.faults && full_rng.chance(0.3) {
+            full_rng.range(1, 8) as f64 / 1000.0
+        } else {
+            0.0
+        };
         let mut c = Cluster {
             seed,
             faults_on: opts.faults,
@@ -627,6 +662,9 @@ impl Cluster {
             trim_mode,
             trim_asked: BTreeMap::new(),
             trims_ok: 0,
+            full_rng,
+            full_p,
+            disk_fulls: 0,
         };
         for n in 0..nodes_n {
             c.start_node(n);
@@ -730,6 +768,9 @@ impl Cluster {
         node.replica = None;
         node.inc += 1;
         let removed = node.disk.crash(&mut self.disk_rng);
+        // The writer's failure state goes with the process; recovery scans the disk.
+        node.failed_full.clear();
+        node.dropping.clear();
         self.checker.on_removed(&removed, false);
         if flip {
             // Everything it held durably may have been vouched for (an ack still in flight
@@ -911,6 +952,7 @@ impl Cluster {
                     return None;
                 }
                 self.schedule(TICK_US, Ev::Tick { node, inc });
+                self.check_free_space(node, inc);
                 self.with_replica(node, |r, now, out| r.on_tick(now, out))
             }
             Ev::Peer {
@@ -1005,6 +1047,28 @@ impl Cluster {
         }
     }
 
+    /// The writer's free-space check: once space is back, every log that failed full is
+    /// reopened at its durable end.
+    fn check_free_space(&mut self, n: usize, inc: u64) {
+        let now = self.now;
+        let node = &mut self.nodes[n];
+        if node.failed_full.is_empty() || now < node.full_check_at {
+            return;
+        }
+        node.full_check_at = now + FULL_CHECK_US;
+        if node.full_until.is_some_and(|t| now < t) {
+            return;
+        }
+        let logs = std::mem::take(&mut node.failed_full);
+        for log in logs {
+            let Some(l) = self.nodes[n].disk.logs.get(&log) else {
+                continue;
+            };
+            let end = l.synced_end();
+            self.disk_done(n, inc, DiskEvent::Reopened { log, end });
+        }
+    }
+
     fn sync_delay(&mut self, n: usize) -> u64 {
         let (lo, hi) = self.nodes[n]
             .sync_delay_us
@@ -1051,6 +1115,23 @@ impl Cluster {
                     reply,
                 } => self.node_reply(n, client, request_id, reply),
                 Effect::Append { log, base, batches } => {
+                    let node = &mut self.nodes[n];
+                    if node.dropping.contains(&log) {
+                        let end = node.disk.logs.get(&log).map_or(Offset::ZERO, |l| l.end());
+                        if base != end {
+                            continue; // issued before the core saw the failure
+                        }
+                        node.dropping.remove(&log);
+                    }
+                    if node.full_until.is_some_and(|t| self.now < t) {
+                        let (at, removed) = node.disk.fail_writes(log);
+                        node.dropping.insert(log);
+                        node.failed_full.insert(log);
+                        self.checker.on_removed(&removed, false);
+                        let code = ErrorCode::StorageFull;
+                        self.disk_done(n, inc, DiskEvent::WriteFailed { log, at, code });
+                        continue;
+                    }
                     let stored = match self.nodes[n].disk.append(log, base, &batches) {
                         Ok(s) => s,
                         Err(v) => {
@@ -1286,6 +1367,18 @@ impl Cluster {
                         n + 1
                     ))
                 }
+            }
+            (
+                ReqKind::Append { batch, .. },
+                ClientReply::Error {
+                    code: ErrorCode::StorageFull,
+                    ..
+                },
+            ) => {
+                // A storage error is a definite refusal (chainlog-client may give the
+                // sequence to other records): the batch must be stored nowhere.
+                let disks: Vec<&SimDisk> = self.nodes.iter().map(|x| &x.disk).collect();
+                Checker::refused_is_stored_nowhere(batch, &disks)
             }
             (_, ClientReply::Error { .. }) => Ok(()),
             _ => Err(format!("reply {reply:?} does not fit request {rid}")),
@@ -1592,9 +1685,15 @@ impl Cluster {
                 let Some(seq) = seq_of else { return };
                 self.clients[ci].pending.retain(|p| p.seq != seq);
             }
-            (Kind::Producer { .. }, ClientReply::Error { code, message }) => {
-                if !retriable(code) {
+            (Kind::Producer { producer, .. }, ClientReply::Error { code, message }) => {
+                if !retriable_with(code, self.disk_fulls > 0) {
                     self.fail(format!("append got unexpected {code:?}: {message}"));
+                    return;
+                }
+                if code == ErrorCode::StorageFull && producer == 0 {
+                    // Forwarded before the head's write failed, it may still be committed
+                    // from a successor's copy: without dedup, give up rather than duplicate.
+                    self.clients[ci].pending.retain(|p| p.rid != rid);
                     return;
                 }
                 let backoff = self.work.range(500, 5000);
@@ -1697,11 +1796,30 @@ impl Cluster {
                 self.schedule(d, Ev::Heal { link: li });
             }
         }
+        if self.full_p > 0.0 && self.full_rng.chance(self.full_p) {
+            let victim = self.full_rng.index(n);
+            let d = self.full_rng.range(500, 30_000);
+            self.fill_disk(victim, d);
+        }
     }
 
-    /// Stops every fault: heals partitions and restarts crashed nodes now.
+    /// Node `n`'s disk is full for `us`: its writes fail with `StorageFull` until then.
+    fn fill_disk(&mut self, n: usize, us: u64) {
+        if self.verbose {
+            println!("{} n{} DISK FULL for {us} us", self.now, n + 1);
+        }
+        self.disk_fulls += 1;
+        let until = self.now + us;
+        let node = &mut self.nodes[n];
+        node.full_until = Some(node.full_until.map_or(until, |t| t.max(until)));
+    }
+
+    /// Stops every fault: heals partitions, frees disk space and restarts crashed nodes now.
     pub fn heal(&mut self) {
         self.faults_on = false;
+        for n in &mut self.nodes {
+            n.full_until = None;
+        }
         for l in &mut self.links {
             l.partitioned = false;
         }
@@ -1804,7 +1922,9 @@ impl Cluster {
             })?;
             match self.verifier_replies.remove(&rid) {
                 Some(ClientReply::AppendOk { .. }) => acked = true,
-                Some(ClientReply::Error { code, message }) if !retriable(code) => {
+                Some(ClientReply::Error { code, message })
+                    if !retriable_with(code, self.disk_fulls > 0) =>
+                {
                     self.fail(format!("probe append got {code:?}: {message}"));
                     return self.failure();
                 }
@@ -1970,6 +2090,7 @@ impl Cluster {
             bit_flips: self.bit_flips,
             partitions: self.partitions,
             trims: self.trims_ok,
+            disk_fulls: self.disk_fulls,
         }
     }
 
@@ -2012,6 +2133,19 @@ impl NodeCtl<'_> {
         if self.c.nodes[self.n].replica.is_none() {
             self.c.start_node(self.n);
         }
+    }
+
+    /// Fills this node's disk for `us`: writes fail with `StorageFull`, then space returns.
+    pub fn disk_full_for(self, us: u64) {
+        self.c.fill_disk(self.n, us);
+    }
+
+    /// The core's view of the default log on this node.
+    pub fn log_status(&self) -> Option<chainlog_core::LogStatus> {
+        let log = self.c.log;
+        self.c
+            .status(self.n as u32 + 1)
+            .and_then(|s| s.logs.into_iter().find(|l| l.log == log))
     }
 
     /// Makes this node's syncs take `lo..=hi` µs.

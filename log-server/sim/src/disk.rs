@@ -42,6 +42,30 @@ impl LogDisk {
         }
     }
 
+    /// The producer table storage rebuilds from the synced batches (as recovery does).
+    pub fn producers(&self) -> Vec<ProducerBatch> {
+        let mut per: BTreeMap<u64, Vec<ProducerBatch>> = BTreeMap::new();
+        for b in &self.batches[..self.synced] {
+            let Ok(h) = BatchHeader::decode(&b.bytes) else {
+                continue;
+            };
+            if h.producer_id.0 == 0 {
+                continue;
+            }
+            let v = per.entry(h.producer_id.0).or_default();
+            v.push(ProducerBatch {
+                producer: h.producer_id,
+                seq: h.producer_seq,
+                record_count: h.record_count,
+                base_offset: h.base_offset,
+            });
+            if v.len() > PRODUCER_BATCHES_KEPT {
+                v.remove(0);
+            }
+        }
+        per.into_values().flatten().collect()
+    }
+
     /// Index of the batch starting at `base`.
     pub fn find(&self, base: Offset) -> Option<usize> {
         let i = self.batches.partition_point(|b| b.base < base);
@@ -216,6 +240,25 @@ impl SimDisk {
         removed.into_iter().map(|b| (log, b)).collect()
     }
 
+    /// A write of `log` failed (disk full): like the real writer once its in-flight groups
+    /// came back failed, every unsynced batch of the log is discarded (the failed range is
+    /// zeroed there), and the running sync no longer covers them. Returns what went and the
+    /// durable end the log is back at.
+    pub fn fail_writes(&mut self, log: LogId) -> (Offset, Removed) {
+        let Some(l) = self.logs.get_mut(&log) else {
+            return (Offset::ZERO, vec![]);
+        };
+        let keep = l.synced;
+        let removed = l.batches.split_off(keep);
+        if let Some((count, _)) = self.sync_in_flight.as_mut().and_then(|m| m.get_mut(&log)) {
+            *count = (*count).min(keep);
+        }
+        (
+            l.synced_end(),
+            removed.into_iter().map(|b| (log, b)).collect(),
+        )
+    }
+
     /// Drops whole batches entirely below `before`; returns the new start and what went.
     /// `before` past the end empties the log and restarts it at `before` (a replica whose
     /// predecessor trimmed past everything it holds). Durable at once, like the real
@@ -311,31 +354,12 @@ impl SimDisk {
             removed.extend(cut.into_iter().map(|b| (*id, b)));
             // What survived is on the platter: durable from now on.
             l.synced = l.batches.len();
-            let mut per: BTreeMap<u64, Vec<ProducerBatch>> = BTreeMap::new();
-            for b in &l.batches {
-                let Ok(h) = BatchHeader::decode(&b.bytes) else {
-                    continue;
-                };
-                if h.producer_id.0 == 0 {
-                    continue;
-                }
-                let v = per.entry(h.producer_id.0).or_default();
-                v.push(ProducerBatch {
-                    producer: h.producer_id,
-                    seq: h.producer_seq,
-                    record_count: h.record_count,
-                    base_offset: h.base_offset,
-                });
-                if v.len() > PRODUCER_BATCHES_KEPT {
-                    v.remove(0);
-                }
-            }
             out.push(RecoveredLog {
                 log: *id,
                 name: l.name.clone(),
                 start: l.start,
                 end: l.end(),
-                producers: per.into_values().flatten().collect(),
+                producers: l.producers(),
                 committed_hint: l.hint_saved,
             });
         }

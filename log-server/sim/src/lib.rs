@@ -23,6 +23,8 @@ pub struct BatchSummary {
     pub partitions: u64,
     /// Trims acknowledged (`TrimOk`).
     pub trims: u64,
+    /// Disk-full windows injected.
+    pub disk_fulls: u64,
     pub failures: Vec<Failure>,
 }
 
@@ -39,6 +41,7 @@ pub fn run_seeds(from: u64, to: u64, opts: &SimOptions) -> BatchSummary {
                 s.bit_flips += r.bit_flips;
                 s.partitions += r.partitions;
                 s.trims += r.trims;
+                s.disk_fulls += r.disk_fulls;
             }
             Err(f) => {
                 s.steps += f.step;

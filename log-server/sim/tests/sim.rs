@@ -22,7 +22,7 @@ fn a_batch_of_seeds_passes_every_checker() {
     let secs = started.elapsed().as_secs_f64();
     println!(
         "chainlog-sim: {} seeds run, {} steps, {:.0} steps/s, acked {}, crashes {}, bit flips {}, \
-         partitions {}, trims {}",
+         partitions {}, trims {}, disk fulls {}",
         s.seeds,
         s.steps,
         s.steps as f64 / secs.max(1e-9),
@@ -30,7 +30,8 @@ fn a_batch_of_seeds_passes_every_checker() {
         s.crashes,
         s.bit_flips,
         s.partitions,
-        s.trims
+        s.trims,
+        s.disk_fulls
     );
     for f in &s.failures {
         println!("{f}");
@@ -42,6 +43,7 @@ fn a_batch_of_seeds_passes_every_checker() {
         "faults must actually happen"
     );
     assert!(s.trims > n, "the workload must actually trim");
+    assert!(s.disk_fulls > 0, "disks must actually fill");
 }
 
 #[test]
@@ -107,6 +109,43 @@ fn head_crash_mid_stream() {
         .checker
         .acked_end(chainlog_core::LogId::from_name("default"));
     assert!(after > before, "the chain accepts appends again");
+}
+
+/// Each position of a three-node chain in turn: its disk fills mid-stream, the log fails
+/// there and the chain stops committing; once space returns it takes appends again in place
+/// (no node restarts), and everything acknowledged survives.
+#[test]
+fn a_full_disk_stalls_the_chain_until_space_returns_without_a_restart() {
+    let log = chainlog_core::LogId::from_name("default");
+    for node in 1..=3u32 {
+        let mut cluster = quiet_cluster(21, 3);
+        cluster.run_for(20_000).unwrap();
+        cluster.node(node).disk_full_for(30_000);
+        cluster.run_for(15_000).unwrap();
+        let st = cluster.node(node).log_status().unwrap();
+        assert_eq!(
+            st.failed,
+            Some(chainlog_core::ErrorCode::StorageFull),
+            "node {node}"
+        );
+        let stalled = cluster.checker.acked_end(log);
+        cluster.run_for(10_000).unwrap();
+        assert_eq!(
+            cluster.checker.acked_end(log),
+            stalled,
+            "node {node}: nothing commits while a replica cannot write"
+        );
+        // Space returns 30 ms after it filled; the writer's check reopens the log.
+        cluster.run_for(30_000).unwrap();
+        assert_eq!(cluster.node(node).log_status().unwrap().failed, None);
+        assert!(
+            cluster.checker.acked_end(log) > stalled,
+            "node {node}: appends commit again"
+        );
+        cluster.run_liveness().unwrap();
+        let r = cluster.report();
+        assert_eq!((r.crashes, r.disk_fulls), (0, 1), "node {node}");
+    }
 }
 
 #[test]

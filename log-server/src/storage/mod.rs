@@ -308,6 +308,8 @@ pub struct Failpoints {
     pub write_eio: AtomicU64,
     /// Next N writes report only half their bytes written (the rest is written again).
     pub short_write: AtomicU64,
+    /// Next N free-space checks of a log that failed full find no room (it stays failed).
+    pub no_free_space: AtomicU64,
 }
 
 impl Failpoints {

@@ -479,6 +479,66 @@ fn enospc_reports_storage_full_and_the_log_recovers() {
     }
 }
 
+/// A log that failed full is reopened at its durable end by the writer's once-a-second
+/// free-space check, only once the check finds room; one that failed with EIO is not.
+#[test]
+fn a_log_that_failed_full_is_reopened_once_space_is_free() {
+    for (i, mode) in modes().into_iter().enumerate() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = small_cfg(dir.path(), mode);
+        let n = Node::open(&cfg);
+        let log = LogId::from_name("r");
+        n.create(log, "r");
+        let e1 = n.append(log, Offset(0), vec![batch(log, Offset(0), 2, 50, (0, 0))]);
+        // The first check finds the disk still full.
+        n.st()
+            .failpoints()
+            .no_free_space
+            .store(1, Ordering::Release);
+        n.st().failpoints().write_enospc.store(1, Ordering::Release);
+        n.st().append(log, e1, vec![batch(log, e1, 3, 50, (0, 0))]);
+        match n.next() {
+            DiskEvent::WriteFailed { log: l, at, code } => {
+                assert_eq!((l, at, code), (log, e1, ErrorCode::StorageFull));
+            }
+            e => panic!("unexpected {e:?}"),
+        }
+        match n.next() {
+            DiskEvent::Reopened { log: l, end } => assert_eq!((l, end), (log, e1), "{mode:?}"),
+            e => panic!("unexpected {e:?}"),
+        }
+        assert_eq!(
+            n.st().failpoints().no_free_space.load(Ordering::Acquire),
+            0,
+            "{mode:?}: reopened before the check that found no room"
+        );
+        // Appends continue at the reopened end and survive a restart.
+        let c = batch(log, e1, 1, 77, (0, 0));
+        let ec = n.append(log, e1, vec![c.clone()]);
+        assert_eq!(n.read(log, e1, ec, 1 << 20).unwrap(), vec![c]);
+        // An I/O error is not a full disk: the log stays failed however much room there is.
+        n.st().failpoints().write_eio.store(1, Ordering::Release);
+        n.st().append(log, ec, vec![batch(log, ec, 1, 10, (0, 0))]);
+        match n.next() {
+            DiskEvent::WriteFailed { at, code, .. } => {
+                assert_eq!((at, code), (ec, ErrorCode::StorageError));
+            }
+            e => panic!("unexpected {e:?}"),
+        }
+        // (Two free-space ticks; once is enough, the check does not depend on the mode.)
+        if i == 0 {
+            match n.rx.recv_timeout(Duration::from_millis(2500)) {
+                Err(RecvTimeoutError::Timeout) => {}
+                other => panic!("{mode:?}: after EIO: {other:?}"),
+            }
+        }
+        n.shutdown();
+        let n = Node::open(&cfg);
+        assert_eq!(n.recovered(log).end, ec, "{mode:?}");
+        n.shutdown();
+    }
+}
+
 /// Several groups of one log in flight: all become durable in order; then a write error in
 /// one of them fails the log at the end of the groups before it, and nothing after that end
 /// survives a reopen (the writes still in flight were waited for before the range was zeroed).

@@ -37,6 +37,10 @@ use std::time::{Duration, Instant, SystemTime};
 const TICK: Duration = Duration::from_secs(1);
 /// Short writes are continued this many times before the group is reported failed.
 const SHORT_WRITE_RETRIES_MAX: u32 = 8;
+/// A log that failed full is reopened once this many segment sizes are free: the next roll
+/// needs one for its segment (made inline when no spare is ready) and the spare preparer
+/// another right after; with less, the reopened log would likely fail again at once.
+const REOPEN_FREE_SEGMENTS: u64 = 2;
 
 enum Item {
     Batch(Bytes, BatchHeader),
@@ -98,6 +102,9 @@ struct LogW {
     failed: bool,
     /// A failure we could not clean up after (zeroing the failed range failed): refuse writes.
     broken: bool,
+    /// Failed with `StorageFull`: the tick reopens it (`DiskEvent::Reopened`) once space is
+    /// free. Other failures stay until a restart (the device is suspect).
+    full: bool,
     must_roll: bool,
     producers: ProducerTable,
     hint: Offset,
@@ -303,6 +310,7 @@ impl Writer {
             dir_sync_pending: false,
             failed: false,
             broken: false,
+            full: false,
             must_roll,
             producers: rec.producers,
             hint,
@@ -454,6 +462,8 @@ impl Writer {
             l.accepted_end
         );
         l.failed = false;
+        // The caller resumed from the durable end on its own: nothing left to reopen.
+        l.full = false;
         for b in batches {
             let h = match record::verify(&b) {
                 Ok(h) => h,
@@ -914,6 +924,7 @@ impl Writer {
         l.queue.retain(|i| !matches!(i, Item::Batch(..)));
         l.accepted_end = at;
         l.failed = true;
+        l.full = code == ErrorCode::StorageFull;
         if let (Some(to), Some(seg)) = (dirty_to, l.segs.last()) {
             let from = seg.end_pos;
             let r = std::fs::OpenOptions::new()
@@ -1386,7 +1397,49 @@ impl Writer {
         }
     }
 
+    /// Reopens every log that failed full, at its durable end, once the filesystem has room
+    /// again (one `statvfs` a tick, and only while some log is full).
+    fn reopen_if_space(&mut self) {
+        if !self.logs.values().any(|l| l.full) {
+            return;
+        }
+        let free = if Failpoints::take(&self.failpoints.no_free_space) {
+            Ok(0)
+        } else {
+            disk::free_bytes(&self.logs_dir)
+        };
+        let need = REOPEN_FREE_SEGMENTS.saturating_mul(self.cfg.segment_bytes);
+        match free {
+            Ok(free) if free >= need => {}
+            Ok(free) => {
+                tracing::debug!(free, need, "disk still full; logs stay failed");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!("checking free space: {e}");
+                return;
+            }
+        }
+        for l in self.logs.values_mut() {
+            // Only once the failure is fully handled: nothing in flight, nothing queued but
+            // what the failure left (the next append then starts at the durable end).
+            let idle = l.inflight.is_empty()
+                && !l.dir_sync_pending
+                && l.failing.is_none()
+                && !l.queue.iter().any(|i| matches!(i, Item::Batch(..)))
+                && l.accepted_end == l.durable_end;
+            if !l.full || l.broken || !idle {
+                continue;
+            }
+            l.full = false;
+            let end = l.durable_end;
+            tracing::info!(log = %l.id, name = %l.name, %end, free = ?free, "space is free again; log reopened");
+            emit(&self.events, DiskEvent::Reopened { log: l.id, end });
+        }
+    }
+
     fn tick(&mut self) {
+        self.reopen_if_space();
         let ids: Vec<LogId> = self.logs.keys().copied().collect();
         for id in ids {
             if self.cfg.retention_ms.is_some() {

@@ -67,7 +67,7 @@ fn main() -> ExitCode {
                 let secs = started.elapsed().as_secs_f64();
                 println!(
                     "seed {} ok: nodes {} steps {} sim_time_us {} acked {} crashes {} bit_flips {} \
-                     partitions {} trims {} trace {:016x} ({:.0} steps/s)",
+                     partitions {} trims {} disk_fulls {} trace {:016x} ({:.0} steps/s)",
                     r.seed,
                     r.nodes,
                     r.steps,
@@ -77,6 +77,7 @@ fn main() -> ExitCode {
                     r.bit_flips,
                     r.partitions,
                     r.trims,
+                    r.disk_fulls,
                     r.trace_hash,
                     r.steps as f64 / secs.max(1e-9)
                 );
@@ -103,7 +104,7 @@ fn main() -> ExitCode {
     }
     println!(
         "seeds {}..{}: {} run, {} failed, {} steps, {:.0} steps/s, {:.0} seeds/min, acked {} \
-         crashes {} bit_flips {} partitions {} trims {}",
+         crashes {} bit_flips {} partitions {} trims {} disk_fulls {}",
         from,
         to,
         s.seeds,
@@ -115,7 +116,8 @@ fn main() -> ExitCode {
         s.crashes,
         s.bit_flips,
         s.partitions,
-        s.trims
+        s.trims,
+        s.disk_fulls
     );
     if s.failures.is_empty() {
         ExitCode::SUCCESS
