@@ -372,8 +372,9 @@ fn storage_failure(code: ErrorCode, log: &str) -> String {
     match code {
         ErrorCode::StorageFull => format!(
             "disk full: log '{log}' cannot store more on this node; appends are refused until \
-             space is freed, then resume within seconds without a restart (nothing \
-             acknowledged is affected; retry with the same producer sequence)"
+             space is freed, then resume within seconds without a restart unless the node's \
+             log says the log could not be repaired (then restart it). Nothing acknowledged is \
+             affected; retry with the same producer sequence"
         ),
         _ => format!(
             "storage failed for log '{log}' on this node ({code:?}); appends are refused until \

@@ -936,7 +936,7 @@ impl Writer {
                     disk::fdatasync(&f)
                 });
             if let Err(e) = r {
-                tracing::error!(log = %id, "could not zero the range of a failed write ({e}); log refuses further writes");
+                tracing::error!(log = %id, "could not zero the range of a failed write ({e}); the log refuses writes until the node is restarted");
                 l.broken = true;
             }
         }
@@ -1138,7 +1138,7 @@ impl Writer {
                     },
                 ),
                 Err(e) => {
-                    tracing::error!(log = %id, "restarting the log at {before} failed: {e}");
+                    tracing::error!(log = %id, "restarting the log at {before} failed: {e}; the log refuses writes until the node is restarted");
                     if let Some(l) = self.logs.get_mut(&id) {
                         l.broken = true;
                         let at = l.durable_end.min(before);
@@ -1246,7 +1246,7 @@ impl Writer {
                 );
             }
             Err(e) => {
-                tracing::error!(log = %id, "truncate failed: {e}");
+                tracing::error!(log = %id, "truncate failed: {e}; the log refuses writes until the node is restarted");
                 l.broken = true;
                 let at = l.durable_end;
                 emit(
