@@ -1215,19 +1215,35 @@ impl Writer {
         let dir = l.dir.clone();
         let queue = std::mem::take(&mut l.queue);
         tracing::info!(log = %id, %start, "log restarted at its predecessor's start");
-        let rec = recovery::recover_log(&dir, align, self.cfg.index_interval_bytes)?;
+        // The log is one empty segment at `start` now: it recovers ending there.
+        self.reinstall(id, &dir, queue)?;
+        Ok(())
+    }
+
+    /// Re-reads a log whose files were just rewritten under it (truncate, restart) and puts it
+    /// back with the appends queued meanwhile; those were accepted against the new end, so the
+    /// accepted end follows them. Returns the log's new end.
+    fn reinstall(
+        &mut self,
+        id: LogId,
+        dir: &Path,
+        queue: VecDeque<Item>,
+    ) -> Result<Offset, StorageError> {
+        let rec = recovery::recover_log(dir, self.align, self.cfg.index_interval_bytes)?;
+        let new_end = rec.end;
         self.install(rec, queue)?;
         if let Some(l) = self.logs.get_mut(&id) {
-            // Appends queued behind the restart were accepted against it.
-            let mut e = start;
-            for i in &l.queue {
-                if let Item::Batch(_, h) = i {
-                    e = h.end_offset();
-                }
-            }
-            l.accepted_end = e;
+            l.accepted_end = l
+                .queue
+                .iter()
+                .rev()
+                .find_map(|i| match i {
+                    Item::Batch(_, h) => Some(h.end_offset()),
+                    _ => None,
+                })
+                .unwrap_or(new_end);
         }
-        Ok(())
+        Ok(new_end)
     }
 
     fn truncate(&mut self, id: LogId, end: Offset) {
@@ -1295,20 +1311,7 @@ impl Writer {
             (l.dir.clone(), std::mem::take(&mut l.queue), cut)
         };
         tracing::info!(log = %id, %end, cut, "truncated");
-        let rec = recovery::recover_log(&dir, self.align, self.cfg.index_interval_bytes)?;
-        let new_end = rec.end;
-        self.install(rec, queue)?;
-        if let Some(l) = self.logs.get_mut(&id) {
-            // Appends queued behind the truncate were accepted against the requested end.
-            let mut e = new_end;
-            for i in &l.queue {
-                if let Item::Batch(_, h) = i {
-                    e = h.end_offset();
-                }
-            }
-            l.accepted_end = e;
-        }
-        Ok(new_end)
+        self.reinstall(id, &dir, queue)
     }
 
     fn create_log(&mut self, log: LogId, name: &str) -> Result<(), ErrorCode> {
