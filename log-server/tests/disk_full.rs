@@ -349,36 +349,6 @@ async fn a_log_that_failed_full_takes_appends_again_once_space_is_freed() {
     drop(fs);
 }
 
-/// Every committed record of "default" as node `node` (index in the client's list) serves it.
-async fn read_node(client: &Client, node: usize) -> Vec<(u64, Vec<u8>)> {
-    use chainlog_client::{Offset, ReadOptions};
-    let mut out = vec![];
-    let mut from = Offset(0);
-    loop {
-        let r = client
-            .read_with(
-                "default",
-                from,
-                &ReadOptions {
-                    max_records: 10_000,
-                    wait: Duration::from_secs(5),
-                    node: Some(node),
-                    ..ReadOptions::default()
-                },
-            )
-            .await
-            .expect("read");
-        if r.records.is_empty() {
-            assert_eq!(from, r.committed_end, "node {node} stopped early");
-            return out;
-        }
-        for rec in r.records {
-            out.push((rec.offset.0, rec.payload.to_vec()));
-            from = rec.offset.plus(1);
-        }
-    }
-}
-
 /// A chain of two whose head's disk fills: the head fails the log, the tail may hold batches
 /// the head forwarded but could not store; once space is freed the head reopens, adopts what
 /// the tail kept, and the chain takes appends again with both replicas identical.
@@ -490,8 +460,8 @@ async fn a_full_head_of_a_chain_resumes_once_space_is_freed() {
             .expect("append after reopen");
         assert!(acked.insert(off.0, p).is_none(), "{off} acked twice");
     }
-    let head = read_node(&client, 0).await;
-    let tail = read_node(&client, 1).await;
+    let head = common::read_everything_from(&client, Some(0)).await;
+    let tail = common::read_everything_from(&client, Some(1)).await;
     check_log(&head, &acked, "head after space was freed");
     check_log(&tail, &acked, "tail after space was freed");
     let n = head.len().min(tail.len());

@@ -203,25 +203,37 @@ impl Raw {
 /// Every committed record of the log "default", read from offset 0 through `client` until a read
 /// comes back empty exactly at the committed end.
 pub async fn read_everything(client: &chainlog_client::Client) -> Vec<(u64, Vec<u8>)> {
+    read_everything_from(client, None).await
+}
+
+/// [`read_everything`] as one node serves it (`Some(index)` into the client's node list; a
+/// pinned read waits up to 5 s for that node to learn the commit).
+#[allow(dead_code)] // not every test binary reads from a pinned node
+pub async fn read_everything_from(
+    client: &chainlog_client::Client,
+    node: Option<usize>,
+) -> Vec<(u64, Vec<u8>)> {
     use chainlog_client::{Offset, ReadOptions};
     let mut out = vec![];
     let mut from = Offset(0);
+    let opts = ReadOptions {
+        max_records: 10_000,
+        node,
+        wait: match node {
+            Some(_) => std::time::Duration::from_secs(5),
+            None => std::time::Duration::ZERO,
+        },
+        ..ReadOptions::default()
+    };
     loop {
         let r = client
-            .read_with(
-                "default",
-                from,
-                &ReadOptions {
-                    max_records: 10_000,
-                    ..ReadOptions::default()
-                },
-            )
+            .read_with("default", from, &opts)
             .await
             .expect("read");
         if r.records.is_empty() {
             assert_eq!(
                 from, r.committed_end,
-                "read stopped before the committed end"
+                "read stopped before the committed end (node {node:?})"
             );
             return out;
         }
