@@ -244,6 +244,21 @@ async fn full_disk_gives_storage_full_and_loses_nothing_acknowledged() {
     drop(fs);
 }
 
+/// A 24 MiB tmpfs with a filler file of `bytes` in it (deleting the filler is "the operator
+/// frees space"), or None with a printed reason when it cannot be mounted here.
+fn filled_tmpfs(bytes: usize, test: &str) -> Option<(Tmpfs, PathBuf)> {
+    let fs = match Tmpfs::mount("24m") {
+        Ok(fs) => fs,
+        Err(why) => {
+            eprintln!("SKIPPED full_disk {test} test: {why}");
+            return None;
+        }
+    };
+    let filler = fs.path().join("filler");
+    std::fs::write(&filler, vec![0x5au8; bytes]).expect("write filler");
+    Some((fs, filler))
+}
+
 /// Bytes of the filler file that takes most of the tmpfs before the server starts; deleting
 /// it is "the operator frees space".
 const FILLER_BYTES: usize = 12 << 20;
@@ -251,15 +266,9 @@ const FILLER_BYTES: usize = 12 << 20;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_log_that_failed_full_takes_appends_again_once_space_is_freed() {
     let outside = tempfile::tempdir().expect("tempdir");
-    let fs = match Tmpfs::mount("24m") {
-        Ok(fs) => fs,
-        Err(why) => {
-            eprintln!("SKIPPED full_disk reopen test: {why}");
-            return;
-        }
+    let Some((fs, filler)) = filled_tmpfs(FILLER_BYTES, "reopen") else {
+        return;
     };
-    let filler = fs.path().join("filler");
-    std::fs::write(&filler, vec![0x5au8; FILLER_BYTES]).expect("write filler");
     let data: PathBuf = fs.path().join("n1");
     let addr: SocketAddr = format!("127.0.0.1:{}", common::free_port())
         .parse()
@@ -355,16 +364,10 @@ async fn a_log_that_failed_full_takes_appends_again_once_space_is_freed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_head_of_a_chain_resumes_once_space_is_freed() {
     let outside = tempfile::tempdir().expect("tempdir");
-    let fs = match Tmpfs::mount("24m") {
-        Ok(fs) => fs,
-        Err(why) => {
-            eprintln!("SKIPPED full_disk chain test: {why}");
-            return;
-        }
-    };
     // Leaves a few MiB: this chain fills them one append at a time.
-    let filler = fs.path().join("filler");
-    std::fs::write(&filler, vec![0x5au8; 18 << 20]).expect("write filler");
+    let Some((fs, filler)) = filled_tmpfs(18 << 20, "chain") else {
+        return;
+    };
     let addrs: Vec<SocketAddr> = (0..2)
         .map(|_| {
             format!("127.0.0.1:{}", common::free_port())

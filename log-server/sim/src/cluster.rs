@@ -1858,6 +1858,32 @@ impl Cluster {
         self.failure()
     }
 
+    /// The verifier reads `log` at `from` on node `n` (`limits`: most records, most bytes,
+    /// wait ms) and waits for the answer.
+    fn verifier_read(
+        &mut self,
+        n: usize,
+        (log, from): (LogId, Offset),
+        (max_records, max_bytes, wait_ms): (u32, u32, u32),
+        what: &str,
+        budget: &mut u64,
+    ) -> Result<Option<ClientReply>, Failure> {
+        let rid = self.send_request(
+            VERIFIER,
+            n,
+            ReqKind::Read { log, from },
+            ClientRequest::Read {
+                log,
+                from,
+                max_records,
+                max_bytes,
+                wait_ms,
+            },
+        );
+        self.run_until(what, budget, |c| c.verifier_replies.contains_key(&rid))?;
+        Ok(self.verifier_replies.remove(&rid))
+    }
+
     fn run_until(
         &mut self,
         what: &str,
@@ -1954,22 +1980,14 @@ impl Cluster {
                 }
                 if start > Offset::ZERO {
                     let from = Offset(start.0 - 1);
-                    let rid = self.send_request(
-                        VERIFIER,
+                    let reply = self.verifier_read(
                         n,
-                        ReqKind::Read { log, from },
-                        ClientRequest::Read {
-                            log,
-                            from,
-                            max_records: 10,
-                            max_bytes: 4096,
-                            wait_ms: 0,
-                        },
-                    );
-                    self.run_until("a verifier read below the start", &mut budget, |c| {
-                        c.verifier_replies.contains_key(&rid)
-                    })?;
-                    match self.verifier_replies.remove(&rid) {
+                        (log, from),
+                        (10, 4096, 0),
+                        "a verifier read below the start",
+                        &mut budget,
+                    )?;
+                    match reply {
                         Some(ClientReply::Error {
                             code: ErrorCode::OffsetTrimmed,
                             ..
@@ -1986,22 +2004,14 @@ impl Cluster {
                 let mut from = start;
                 let mut first = true;
                 while from < end {
-                    let rid = self.send_request(
-                        VERIFIER,
+                    let reply = self.verifier_read(
                         n,
-                        ReqKind::Read { log, from },
-                        ClientRequest::Read {
-                            log,
-                            from,
-                            max_records: 10_000,
-                            max_bytes: 64 * 1024,
-                            wait_ms: if first { 1000 } else { 20 },
-                        },
-                    );
-                    self.run_until("a verifier read", &mut budget, |c| {
-                        c.verifier_replies.contains_key(&rid)
-                    })?;
-                    match self.verifier_replies.remove(&rid) {
+                        (log, from),
+                        (10_000, 64 * 1024, if first { 1000 } else { 20 }),
+                        "a verifier read",
+                        &mut budget,
+                    )?;
+                    match reply {
                         Some(ClientReply::ReadOk { batches, .. }) => {
                             match batches
                                 .last()
