@@ -35,8 +35,8 @@ enum Cmd {
         #[arg(long)]
         flushes_in_flight: Option<usize>,
     },
-    /// Run a local chain of N nodes in this process (client ports PORT, PORT+1, ...), one data
-    /// directory each under DIR. Ctrl-C stops every node cleanly.
+    /// Run a local chain of N nodes in this process, each on a thread of its own (client ports
+    /// PORT, PORT+1, ...), one data directory each under DIR. Ctrl-C stops every node cleanly.
     Dev {
         #[arg(long, default_value_t = 3)]
         nodes: u32,
@@ -52,6 +52,9 @@ enum Cmd {
         /// Write + fdatasync groups per log in flight (1..=16; default from the config, 4).
         #[arg(long)]
         flushes_in_flight: Option<usize>,
+        /// Bytes per segment file (default from the config, 64 MiB).
+        #[arg(long)]
+        segment_bytes: Option<u64>,
     },
 }
 
@@ -73,117 +76,215 @@ fn main() -> anyhow::Result<()> {
         )
         .with_writer(std::io::stderr)
         .init();
-    let cli = Cli::parse();
-    // One thread runs every socket and the replica; the storage thread owns io_uring. On the
-    // small machines we target, a work-stealing pool mostly added cross-thread wake-ups (futex,
-    // epoll) to every append.
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the tokio runtime")?;
-    rt.block_on(async move {
-        match cli.cmd {
-            Cmd::Run {
-                config,
-                dir,
-                listen,
-                io_mode,
-                flushes_in_flight,
-            } => {
-                let mut cfg = match config {
-                    Some(path) => {
-                        let text = std::fs::read_to_string(&path)
-                            .with_context(|| format!("reading {}", path.display()))?;
-                        NodeConfig::from_toml(&text)?
-                    }
-                    None => NodeConfig::single(dir, listen),
-                };
-                if let Some(m) = parse_io_mode(&io_mode)? {
-                    cfg.storage.io_mode = m;
+    match Cli::parse().cmd {
+        Cmd::Run {
+            config,
+            dir,
+            listen,
+            io_mode,
+            flushes_in_flight,
+        } => {
+            let mut cfg = match config {
+                Some(path) => {
+                    let text = std::fs::read_to_string(&path)
+                        .with_context(|| format!("reading {}", path.display()))?;
+                    NodeConfig::from_toml(&text)?
                 }
-                if let Some(n) = flushes_in_flight {
-                    cfg.storage.flushes_in_flight_max = n;
-                }
-                let h = node::start(cfg).await?;
-                println!(
-                    "node {} listening on {} (cluster {:016x})",
-                    h.node, h.listen, h.cluster_id.0
-                );
-                wait_for_signal().await;
-                eprintln!("shutting down");
-                h.shutdown().await;
-                Ok(())
+                None => NodeConfig::single(dir, listen),
+            };
+            if let Some(m) = parse_io_mode(&io_mode)? {
+                cfg.storage.io_mode = m;
             }
-            Cmd::Dev {
-                nodes,
-                dir,
-                port,
-                host,
-                io_mode,
-                flushes_in_flight,
-            } => {
-                anyhow::ensure!((1..=16).contains(&nodes), "--nodes must be 1..=16");
-                let cluster = load_or_create_cluster_id(&dir)
-                    .with_context(|| format!("cluster id in {}", dir.display()))?;
-                let chain: Vec<ChainNode> = (0..nodes)
-                    .map(|i| ChainNode {
-                        id: i + 1,
-                        addr: format!("{host}:{}", u32::from(port) + i),
-                    })
-                    .collect();
-                let io = parse_io_mode(&io_mode)?;
-                let mut handles = Vec::new();
-                // Start the tail first so each predecessor finds its successor listening.
-                for n in chain.iter().rev() {
-                    let mut cfg = NodeConfig {
-                        cluster_id: cluster.0,
-                        node_id: n.id,
-                        listen: n.addr.clone(),
-                        dir: dir.join(format!("node-{}", n.id)),
-                        ..NodeConfig::default()
-                    };
-                    cfg.chain.nodes = chain.clone();
-                    if let Some(m) = io {
-                        cfg.storage.io_mode = m;
-                    }
-                    if let Some(n) = flushes_in_flight {
-                        cfg.storage.flushes_in_flight_max = n;
-                    }
-                    handles.push(node::start(cfg).await?);
-                }
-                handles.reverse();
-                println!(
-                    "chainlog dev chain of {nodes} (cluster {:016x}):",
-                    cluster.0
-                );
-                for (i, h) in handles.iter().enumerate() {
-                    let role = if nodes == 1 {
-                        "head+tail"
-                    } else if i == 0 {
-                        "head"
-                    } else if i + 1 == handles.len() {
-                        "tail"
-                    } else {
-                        "middle"
-                    };
-                    println!(
-                        "  node {} {:<9} {}  data {}",
-                        h.node,
-                        role,
-                        h.listen,
-                        dir.join(format!("node-{}", h.node)).display()
-                    );
-                }
-                println!("try: chainlog append <<< 'hello'   then: chainlog read --from 0");
-                wait_for_signal().await;
-                eprintln!("shutting down");
+            if let Some(n) = flushes_in_flight {
+                cfg.storage.flushes_in_flight_max = n;
+            }
+            run_node(cfg)
+        }
+        Cmd::Dev {
+            nodes,
+            dir,
+            port,
+            host,
+            io_mode,
+            flushes_in_flight,
+            segment_bytes,
+        } => run_dev(
+            nodes,
+            dir,
+            port,
+            host,
+            io_mode,
+            flushes_in_flight,
+            segment_bytes,
+        ),
+    }
+}
+
+/// `log-server run`: one node on this thread's current-thread runtime. One thread runs every
+/// socket, the replica and the storage writer; on the small machines we target, a
+/// work-stealing pool mostly added cross-thread wake-ups (futex, epoll) to every append.
+fn run_node(cfg: NodeConfig) -> anyhow::Result<()> {
+    current_thread_runtime()?.block_on(async move {
+        let h = node::start(cfg).await?;
+        println!(
+            "node {} listening on {} (cluster {:016x})",
+            h.node, h.listen, h.cluster_id.0
+        );
+        wait_for_signal().await;
+        eprintln!("shutting down");
+        h.shutdown().await;
+        Ok(())
+    })
+}
+
+/// `log-server dev`: every node on a thread of its own with its own current-thread runtime, as
+/// separate machines would run them (one runtime for all of them serialised every hop's work on
+/// one core, and a 2-core machine has two).
+#[allow(clippy::too_many_arguments)]
+fn run_dev(
+    nodes: u32,
+    dir: PathBuf,
+    port: u16,
+    host: String,
+    io_mode: Option<String>,
+    flushes_in_flight: Option<usize>,
+    segment_bytes: Option<u64>,
+) -> anyhow::Result<()> {
+    anyhow::ensure!((1..=16).contains(&nodes), "--nodes must be 1..=16");
+    let cluster = load_or_create_cluster_id(&dir)
+        .with_context(|| format!("cluster id in {}", dir.display()))?;
+    let chain: Vec<ChainNode> = (0..nodes)
+        .map(|i| ChainNode {
+            id: i + 1,
+            addr: format!("{host}:{}", u32::from(port) + i),
+        })
+        .collect();
+    let io = parse_io_mode(&io_mode)?;
+    let mut handles = Vec::new();
+    // Start the tail first so each predecessor finds its successor listening.
+    for n in chain.iter().rev() {
+        let mut cfg = NodeConfig {
+            cluster_id: cluster.0,
+            node_id: n.id,
+            listen: n.addr.clone(),
+            dir: dir.join(format!("node-{}", n.id)),
+            ..NodeConfig::default()
+        };
+        cfg.chain.nodes = chain.clone();
+        if let Some(m) = io {
+            cfg.storage.io_mode = m;
+        }
+        if let Some(n) = flushes_in_flight {
+            cfg.storage.flushes_in_flight_max = n;
+        }
+        if let Some(b) = segment_bytes {
+            cfg.storage.segment_bytes = b;
+        }
+        match NodeThread::spawn(cfg) {
+            Ok(h) => handles.push(h),
+            Err(e) => {
                 for h in handles {
-                    h.shutdown().await;
+                    h.shutdown();
                 }
-                Ok(())
+                return Err(e);
             }
         }
-    })
+    }
+    handles.reverse();
+    println!(
+        "chainlog dev chain of {nodes} (cluster {:016x}):",
+        cluster.0
+    );
+    for (i, h) in handles.iter().enumerate() {
+        let role = if nodes == 1 {
+            "head+tail"
+        } else if i == 0 {
+            "head"
+        } else if i + 1 == handles.len() {
+            "tail"
+        } else {
+            "middle"
+        };
+        println!(
+            "  node {} {:<9} {}  data {}",
+            h.node,
+            role,
+            h.listen,
+            dir.join(format!("node-{}", h.node)).display()
+        );
+    }
+    println!("try: chainlog append <<< 'hello'   then: chainlog read --from 0");
+    current_thread_runtime()?.block_on(wait_for_signal());
+    eprintln!("shutting down");
+    for h in handles {
+        h.shutdown();
+    }
+    Ok(())
+}
+
+fn current_thread_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the tokio runtime")
+}
+
+/// One node of the dev chain, running on its own thread until `shutdown`.
+struct NodeThread {
+    node: chainlog_core::NodeId,
+    listen: std::net::SocketAddr,
+    stop: tokio::sync::oneshot::Sender<()>,
+    thread: std::thread::JoinHandle<()>,
+}
+
+impl NodeThread {
+    /// Starts the node and returns once it listens (or failed to start).
+    fn spawn(cfg: NodeConfig) -> anyhow::Result<NodeThread> {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let thread = std::thread::Builder::new()
+            .name(format!("node-{}", cfg.node_id))
+            .spawn(move || {
+                let rt = match current_thread_runtime() {
+                    Ok(rt) => rt,
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                rt.block_on(async move {
+                    match node::start(cfg).await {
+                        Ok(h) => {
+                            let _ = ready_tx.send(Ok((h.node, h.listen)));
+                            // A dropped sender (the main thread is gone) stops the node too.
+                            let _ = stop_rx.await;
+                            h.shutdown().await;
+                        }
+                        Err(e) => {
+                            let _ = ready_tx.send(Err(e));
+                        }
+                    }
+                });
+            })
+            .context("spawning a node thread")?;
+        let (node, listen) = ready_rx
+            .recv()
+            .context("the node thread exited before starting")??;
+        Ok(NodeThread {
+            node,
+            listen,
+            stop,
+            thread,
+        })
+    }
+
+    /// Stops the node and waits until everything it wrote is durable.
+    fn shutdown(self) {
+        let _ = self.stop.send(());
+        if self.thread.join().is_err() {
+            eprintln!("node {} panicked while stopping", self.node);
+        }
+    }
 }
 
 async fn wait_for_signal() {
