@@ -130,6 +130,31 @@ pub fn create_prezeroed(path: &Path, len: u64, direct: bool) -> Result<()> {
     Ok(())
 }
 
+/// Puts the calling thread's disk I/O in the idle class: the scheduler (mq-deadline, bfq)
+/// then serves its writes only when nothing else waits, so pre-zeroing a spare does not queue
+/// ahead of the appends' writes and flushes. Best effort: with no I/O scheduler it changes
+/// nothing, and a failure is only logged.
+fn lower_io_priority() {
+    const IOPRIO_WHO_PROCESS: libc::c_int = 1;
+    const IOPRIO_CLASS_IDLE: libc::c_int = 3;
+    const IOPRIO_CLASS_SHIFT: libc::c_int = 13;
+    // SAFETY: ioprio_set takes three integers and no pointers; who = 0 is the calling thread.
+    let r = unsafe {
+        libc::syscall(
+            libc::SYS_ioprio_set,
+            IOPRIO_WHO_PROCESS,
+            0,
+            IOPRIO_CLASS_IDLE << IOPRIO_CLASS_SHIFT,
+        )
+    };
+    if r != 0 {
+        tracing::debug!(
+            "could not lower the spare preparer's I/O priority: {}",
+            io::Error::last_os_error()
+        );
+    }
+}
+
 /// Keeps pre-zeroed spare files of one size ready in a directory, prepared by a background
 /// thread, so rolling a segment costs a rename instead of writing a whole file of zeros.
 pub struct SpareFiles {
@@ -284,6 +309,7 @@ impl SpareShared {
     }
 
     fn run(&self) {
+        lower_io_priority();
         loop {
             {
                 let mut st = self.lock.lock().unwrap_or_else(|e| e.into_inner());
