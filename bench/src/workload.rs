@@ -226,9 +226,11 @@ pub async fn run_append(client: &Client, load: &AppendLoad) -> anyhow::Result<Ap
             let mut lag = LatencyHist::new();
             let mut done_in_window = 0u64;
             let mut done = 0u64;
+            // Closed loop: each append starts when the previous one ended (one clock read each).
+            let mut last_end = Instant::now();
             while !shared.stop.load(Ordering::Relaxed) {
                 let t0 = match &slots {
-                    None => Instant::now(),
+                    None => last_end,
                     Some(rx) => {
                         let next = rx.lock().await.recv().await;
                         match next {
@@ -247,6 +249,7 @@ pub async fn run_append(client: &Client, load: &AppendLoad) -> anyhow::Result<Ap
                 }
                 let r = producer.append(body.clone()).await;
                 let t1 = Instant::now();
+                last_end = t1;
                 match r {
                     Ok(_) => {
                         done += 1;

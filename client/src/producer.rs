@@ -368,6 +368,8 @@ struct Pipeline {
     resend: VecDeque<Batch>,
     /// Lowest sequence of a batch the server refused: later unsent batches move down to it.
     rewind: Option<u64>,
+    /// Bytes of the last batch sealed: the next one's buffer starts that large.
+    last_batch_bytes: usize,
 }
 
 async fn wait_front(window: &mut VecDeque<InFlight>) -> Result<ClientReply> {
@@ -482,6 +484,7 @@ async fn run(weak: Weak<Inner>, log: LogId, rx: mpsc::Receiver<Item>) {
         window: VecDeque::new(),
         resend: VecDeque::new(),
         rewind: None,
+        last_batch_bytes: 0,
     };
     loop {
         if p.window.is_empty() {
@@ -524,7 +527,10 @@ async fn run(weak: Weak<Inner>, log: LogId, rx: mpsc::Receiver<Item>) {
                     continue;
                 };
                 let cfg = &inner.cfg;
-                let mut acc = Accum::new(first.bytes.max(cfg.batch_bytes_max.min(64 << 10)) + HEADER_LEN);
+                // Sized like the last batch: a buffer that grows by doubling copies what it
+                // holds each time (twice per batch of 128 KiB records from 64 KiB).
+                let hint = p.last_batch_bytes.max(64 << 10).min(cfg.batch_bytes_max);
+                let mut acc = Accum::new(first.bytes.max(hint) + HEADER_LEN);
                 if let Err(i) = acc.try_add(first, cfg.batch_bytes_max) {
                     // Unreachable: an empty batch takes any checked group.
                     let _ = i.tx.send(Err(Error::InvalidArgument("group does not fit".into())));
@@ -533,6 +539,7 @@ async fn run(weak: Weak<Inner>, log: LogId, rx: mpsc::Receiver<Item>) {
                 input.fill(&mut acc, cfg.batch_bytes_max, cfg.linger_us).await;
                 let seq = p.next_seq;
                 let batch = acc.finish(&inner, p.log, seq);
+                p.last_batch_bytes = batch.bytes.len();
                 p.next_seq = seq + u64::from(batch.count);
                 p.launch(&inner, batch).await;
             }
@@ -676,6 +683,7 @@ mod tests {
                 batch(&sem, 9, 1),
             ]),
             rewind: Some(3),
+            last_batch_bytes: 0,
         };
         p.apply_rewind();
         let seqs: Vec<u64> = p.resend.iter().map(|b| b.seq).collect();
@@ -693,6 +701,7 @@ mod tests {
             window: VecDeque::new(),
             resend: VecDeque::new(),
             rewind: Some(6),
+            last_batch_bytes: 0,
         };
         p.apply_rewind();
         assert_eq!(p.next_seq, 6);
