@@ -12,6 +12,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// Receive buffer size: one read syscall picks up many small frames; a frame's body is then a
 /// zero-copy slice of this buffer (the allocation lives until every slice of it is dropped).
 pub const READ_BUFFER_BYTES: usize = 256 * 1024;
+/// How far a peer link reads ahead of what it needs, counted from the start of a frame: its
+/// header plus the smallest fixed part of a batch-carrying peer message. No batch of this frame
+/// or of the next one can start inside that span (a batch follows its frame's header and fixed
+/// part), so the bytes read ahead are headers and control fields, never record payload, and every
+/// batch is still read straight into a buffer of its own. It saves a read per frame part: an ack
+/// arrives in two reads instead of four, a forwarded batch in three instead of five.
+const PEER_READ_AHEAD_BYTES: usize = FRAME_HEADER_LEN + PEER_FIXED_LEN_MIN;
 /// Most iovecs handed to one `writev` (Linux IOV_MAX is 1024).
 const IOVECS_MAX: usize = 1024;
 
@@ -167,7 +174,12 @@ impl<R: AsyncRead + Unpin + Send> FrameRecv for StreamReader<R> {
     async fn recv(&mut self) -> Result<Option<Frame>, NetError> {
         let dedicated = self.policy.dedicated_kind;
         let exact = dedicated.is_some() || self.policy.split_peer_batches;
-        let have_header = self.fill(FRAME_HEADER_LEN, exact).await?;
+        let have_header = if self.reads_ahead() {
+            self.fill_ahead(FRAME_HEADER_LEN, PEER_READ_AHEAD_BYTES)
+                .await?
+        } else {
+            self.fill(FRAME_HEADER_LEN, exact).await?
+        };
         if !have_header {
             return Ok(None);
         }
@@ -189,7 +201,7 @@ impl<R: AsyncRead + Unpin + Send> FrameRecv for StreamReader<R> {
                 return self.read_split_peer(header).await.map(Some);
             }
             // Small control frames: read exactly, still without read-ahead.
-            let body = self.read_dedicated_shared(len).await?;
+            let body = self.read_shared(len, 0).await?;
             return Ok(Some(Frame {
                 header,
                 body,
@@ -217,10 +229,16 @@ impl<R: AsyncRead + Unpin + Send> StreamReader<R> {
     async fn read_split_peer(&mut self, header: FrameHeader) -> Result<Frame, NetError> {
         let len = header.body_len as usize;
         let first = len.min(PEER_FIXED_LEN_MIN);
-        let mut fixed = self.read_dedicated_shared(first).await?;
+        let ahead = if self.reads_ahead() {
+            PEER_READ_AHEAD_BYTES
+        } else {
+            0
+        };
+        let mut fixed = self.read_shared(first, 0).await?;
         let Some(fixed_len) = fixed.first().and_then(|&sub| peer_fixed_len(sub)) else {
-            // No batches in this message: the rest of the body, exactly.
-            let rest = self.read_dedicated_shared(len - first).await?;
+            // No batches in this message: the rest of the body, and the start of the next frame
+            // if it has arrived.
+            let rest = self.read_shared(len - first, ahead).await?;
             let mut whole = BytesMut::with_capacity(len);
             whole.extend_from_slice(&fixed);
             whole.extend_from_slice(&rest);
@@ -236,7 +254,13 @@ impl<R: AsyncRead + Unpin + Send> StreamReader<R> {
             )));
         }
         if fixed_len > first {
-            let more = self.read_dedicated_shared(fixed_len - first).await?;
+            // With the first batch's header, which goes through the shared buffer anyway.
+            let header_ahead = if ahead > 0 {
+                HEADER_LEN.min(len - fixed_len)
+            } else {
+                0
+            };
+            let more = self.read_shared(fixed_len - first, header_ahead).await?;
             let mut f = BytesMut::with_capacity(fixed_len);
             f.extend_from_slice(&fixed);
             f.extend_from_slice(&more);
@@ -251,7 +275,7 @@ impl<R: AsyncRead + Unpin + Send> StreamReader<R> {
                     "peer frame ends inside a batch header".into(),
                 )));
             }
-            let head = self.read_dedicated_shared(HEADER_LEN).await?;
+            let head = self.read_shared(HEADER_LEN, 0).await?;
             let h = BatchHeader::decode(&head)?;
             let blen = h.batch_len();
             if blen > left {
@@ -259,19 +283,29 @@ impl<R: AsyncRead + Unpin + Send> StreamReader<R> {
                     "batch runs past its peer frame".into(),
                 )));
             }
+            // The frame's last batch also asks for the next frame's first bytes.
+            let tail_ahead = if blen == left { ahead } else { 0 };
             let padded = blen.div_ceil(align) * align;
+            let cap = padded.max(blen + tail_ahead);
             let mut b = if align > 1 {
-                aligned_buffer(padded, align)
+                aligned_buffer(cap, align)
             } else {
-                BytesMut::with_capacity(blen)
+                BytesMut::with_capacity(cap)
             };
             b.extend_from_slice(&head);
             while b.len() < blen {
-                let want = blen - b.len();
+                let want = blen + tail_ahead - b.len();
                 let n = self.r.read_buf(&mut (&mut b).limit(want)).await?;
                 if n == 0 {
                     return Err(NetError::Truncated);
                 }
+            }
+            if b.len() > blen {
+                // The next frame's header and fixed part: back to the shared buffer, which the
+                // batch header was the last thing taken from (else the stream would reorder).
+                assert!(self.buf.is_empty(), "bytes pending behind a batch body");
+                self.keep_read_ahead(&b[blen..]);
+                b.truncate(blen);
             }
             if padded > blen {
                 b.resize(padded, 0);
@@ -286,19 +320,63 @@ impl<R: AsyncRead + Unpin + Send> StreamReader<R> {
         })
     }
 
-    /// A body read exactly (no read-ahead) into the shared buffer.
-    async fn read_dedicated_shared(&mut self, len: usize) -> Result<bytes::Bytes, NetError> {
-        if self.buf.capacity() - self.buf.len() < len {
-            self.make_room(self.buf.len() + len);
-        }
-        while self.buf.len() < len {
-            let want = len - self.buf.len();
-            let n = self.r.read_buf(&mut (&mut self.buf).limit(want)).await?;
-            if n == 0 {
-                return Err(NetError::Truncated);
+    /// `len` bytes of a frame's non-batch part through the shared buffer, reading at most
+    /// `ahead` bytes past them (0: exactly).
+    async fn read_shared(&mut self, len: usize, ahead: usize) -> Result<bytes::Bytes, NetError> {
+        if ahead == 0 {
+            if self.buf.capacity() - self.buf.len() < len {
+                self.make_room(self.buf.len() + len);
             }
+            while self.buf.len() < len {
+                let want = len - self.buf.len();
+                let n = self.r.read_buf(&mut (&mut self.buf).limit(want)).await?;
+                if n == 0 {
+                    return Err(NetError::Truncated);
+                }
+            }
+        } else if !self.fill_ahead(len, len + ahead).await? {
+            return Err(NetError::Truncated);
         }
         Ok(self.buf.split_to(len).freeze())
+    }
+
+    /// Whether this reader reads ahead (peer links; see [`PEER_READ_AHEAD_BYTES`]).
+    fn reads_ahead(&self) -> bool {
+        self.policy.split_peer_batches && self.policy.dedicated_kind.is_none()
+    }
+
+    /// Reads until the shared buffer holds `need` bytes, taking at most `upto` (counted from the
+    /// buffer's start) in all. Only for spans that hold no record payload: the bytes pending when
+    /// the buffer must be replaced are moved without being counted as copies.
+    async fn fill_ahead(&mut self, need: usize, upto: usize) -> Result<bool, NetError> {
+        debug_assert!(upto >= need);
+        while self.buf.len() < need {
+            if self.buf.capacity() < upto {
+                let mut fresh = BytesMut::with_capacity(READ_BUFFER_BYTES.max(upto));
+                fresh.extend_from_slice(&self.buf);
+                self.buf = fresh;
+            }
+            let want = upto - self.buf.len();
+            let n = self.r.read_buf(&mut (&mut self.buf).limit(want)).await?;
+            if n == 0 {
+                return if self.buf.is_empty() {
+                    Ok(false)
+                } else {
+                    Err(NetError::Truncated)
+                };
+            }
+        }
+        Ok(true)
+    }
+
+    /// Puts bytes read ahead past a batch (the next frame's first few) into the shared buffer.
+    fn keep_read_ahead(&mut self, b: &[u8]) {
+        if self.buf.capacity() - self.buf.len() < b.len() {
+            let mut fresh = BytesMut::with_capacity(READ_BUFFER_BYTES);
+            fresh.extend_from_slice(&self.buf);
+            self.buf = fresh;
+        }
+        self.buf.extend_from_slice(b);
     }
 }
 
@@ -552,5 +630,148 @@ mod tests {
         a.write_all(&v[..v.len() - 2]).await.expect("write");
         drop(a);
         assert!(matches!(r.recv().await, Err(NetError::Truncated)));
+    }
+    /// A byte source that counts its reads and hands out at most `chunk` bytes per read, like a
+    /// socket whose bytes have arrived (`chunk` large) or dribble in (`chunk` 1).
+    struct Source {
+        data: Vec<u8>,
+        at: usize,
+        chunk: usize,
+        reads: usize,
+    }
+
+    impl AsyncRead for Source {
+        fn poll_read(
+            mut self: std::pin::Pin<&mut Self>,
+            _: &mut std::task::Context<'_>,
+            buf: &mut tokio::io::ReadBuf<'_>,
+        ) -> std::task::Poll<std::io::Result<()>> {
+            let me = &mut *self;
+            me.reads += 1;
+            let n = (me.data.len() - me.at).min(me.chunk).min(buf.remaining());
+            buf.put_slice(&me.data[me.at..me.at + n]);
+            me.at += n;
+            std::task::Poll::Ready(Ok(()))
+        }
+    }
+
+    fn peer_traffic() -> Vec<chainlog_core::wire::PeerMessage> {
+        use chainlog_core::record::build;
+        use chainlog_core::wire::PeerMessage;
+        use chainlog_core::{Epoch, LogId, Offset};
+        let log = LogId(9);
+        let ack = |end: u64| PeerMessage::Ack {
+            epoch: Epoch(1),
+            session: 3,
+            log,
+            seq: end,
+            written_end: Offset(end),
+            ack_end: Offset(end),
+            chain_end: Offset(end),
+            committed_end: Offset(end),
+            resend: false,
+        };
+        let append = |base: u64, n: usize| PeerMessage::Append {
+            epoch: Epoch(1),
+            session: 3,
+            log,
+            base: Offset(base),
+            committed_end: Offset(0),
+            batches: (0..n as u64)
+                .map(|i| {
+                    build(log, Offset(base + i), Epoch(1), &[&[i as u8; 3000][..]]).expect("build")
+                })
+                .collect(),
+        };
+        vec![
+            ack(1),
+            append(0, 1),
+            ack(2),
+            PeerMessage::Commit {
+                epoch: Epoch(1),
+                session: 3,
+                log,
+                committed_end: Offset(1),
+            },
+            append(1, 3),
+            PeerMessage::FetchReply {
+                epoch: Epoch(1),
+                session: 3,
+                log,
+                base: Offset(4),
+                batches: vec![build(log, Offset(4), Epoch(1), &[b"x"]).expect("build")],
+            },
+            ack(5),
+        ]
+    }
+
+    /// Reads every message of `peer_traffic` back through a peer-policy reader; returns the
+    /// reads it took.
+    async fn read_peer_traffic(chunk: usize) -> usize {
+        use chainlog_core::wire::PeerMessage;
+        let msgs = peer_traffic();
+        let mut data = Vec::new();
+        for m in &msgs {
+            data.extend_from_slice(&m.encode().to_vec());
+        }
+        let policy = BodyPolicy {
+            dedicated_kind: None,
+            align: Some(4096),
+            split_peer_batches: true,
+        };
+        let src = Source {
+            data,
+            at: 0,
+            chunk,
+            reads: 0,
+        };
+        let mut r = StreamReader::with_policy(src, policy);
+        for m in &msgs {
+            let f = r.recv().await.expect("recv").expect("frame");
+            for b in &f.batches {
+                assert_eq!(
+                    b.as_ptr() as usize % 4096,
+                    0,
+                    "batch in a buffer of its own"
+                );
+                assert_eq!(b.len() % 4096, 0);
+            }
+            let got = if f.batches.is_empty() {
+                PeerMessage::decode(f.body).expect("decode")
+            } else {
+                PeerMessage::decode_split(f.body, f.batches).expect("decode_split")
+            };
+            match (&got, m) {
+                (
+                    PeerMessage::Append { batches: g, .. },
+                    PeerMessage::Append { batches: want, .. },
+                )
+                | (
+                    PeerMessage::FetchReply { batches: g, .. },
+                    PeerMessage::FetchReply { batches: want, .. },
+                ) => {
+                    assert_eq!(g.len(), want.len());
+                    for (g, w) in g.iter().zip(want) {
+                        assert_eq!(&g[..w.len()], &w[..]);
+                    }
+                }
+                _ => assert_eq!(&got, m),
+            }
+        }
+        assert!(r.recv().await.expect("eof").is_none());
+        assert_eq!(r.copied_bytes(), 0, "no payload copies");
+        r.r.reads
+    }
+
+    #[tokio::test]
+    async fn peer_links_read_ahead_only_headers_and_control_fields() {
+        // All bytes there: each frame part that fits the read-ahead comes with the one before.
+        // 7 frames, 5 batches: exact reads took 30 (header, fixed part, rest or batch header,
+        // each batch body, and the read that finds the end); with the read-ahead, 16.
+        let reads = read_peer_traffic(1 << 20).await;
+        assert!(reads <= 16, "{reads} reads");
+        // Dribbled a byte at a time: same frames, same buffers.
+        read_peer_traffic(1).await;
+        read_peer_traffic(7).await;
     }
 }
