@@ -93,7 +93,7 @@ pub struct ReadResult {
 
 /// A random-enough nonzero producer id without a `rand` dependency: time, pid and a counter
 /// through splitmix64. Two clients colliding would only merge their dedup state.
-fn new_producer_id() -> ProducerId {
+pub(crate) fn new_producer_id() -> ProducerId {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let now = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -166,7 +166,9 @@ impl Client {
         &self.inner.cfg
     }
 
-    /// This client's producer id (0 when not idempotent).
+    /// This client's producer id (0 when not idempotent): every log starts with it. A log
+    /// whose append ended in doubt ([`Error::InDoubt`]) continues under a fresh id, so this
+    /// is then no longer the id in that log's new batches.
     pub fn producer_id(&self) -> ProducerId {
         self.inner.producer_id
     }

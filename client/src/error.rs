@@ -44,6 +44,14 @@ pub enum Error {
     /// The client is shutting down (its handles were dropped while a call was pending).
     #[error("client closed")]
     Closed,
+    /// An append gave up without proof either way: the batch may or may not have been stored
+    /// (the last attempt timed out or lost its connection with no retries left, or the server
+    /// answered with a code that does not prove it stored nothing, see
+    /// [`ErrorCode::proves_not_stored`]). If stored, it may also land after appends that
+    /// were queued behind it. Its producer sequence is never given to other records: later
+    /// appends to the log continue under a fresh producer id. Read the log to find out.
+    #[error("append outcome unknown: the records may or may not have been stored ({cause})")]
+    InDoubt { cause: Box<Error> },
 }
 
 impl Error {
@@ -56,7 +64,19 @@ impl Error {
             Error::Protocol { .. }
             | Error::WrongCluster { .. }
             | Error::InvalidArgument(_)
-            | Error::Closed => false,
+            | Error::Closed
+            // Retrying under the same sequence already ran out (or cannot be trusted).
+            | Error::InDoubt { .. } => false,
+        }
+    }
+
+    /// Whether a failed append attempt that got this error may have stored its batch (the
+    /// request was sent: callers handle errors from before sending themselves). Only a
+    /// server code that proves the request stored nothing says no.
+    pub(crate) fn append_may_be_stored(&self) -> bool {
+        match self {
+            Error::Server { code, .. } => !code.proves_not_stored(),
+            _ => true,
         }
     }
 

@@ -10,9 +10,23 @@
 //! Failures: a retriable failure (lost connection, timeout, `NotHead`, `Unavailable`...) puts
 //! the batch on a resend queue; no new batch is sent until the in-flight ones are answered and
 //! the resend queue has drained, one batch at a time, each with its original bytes and
-//! sequence (so the server deduplicates anything it already stored). A batch the server
-//! definitely refused (any other `Error` reply) fails its callers, and the batches after it
-//! that still need sending are re-sequenced down so the producer's sequence has no gap.
+//! sequence (so the server deduplicates anything it already stored). Each batch remembers
+//! whether any attempt of it may have stored it: one that was sent and not answered with a
+//! code that proves the request stored nothing ([`ErrorCode::proves_not_stored`]). When a
+//! batch gives up:
+//! - if no attempt may have stored it, its callers get the error, and the batches after it
+//!   that still need sending are re-sequenced down so the producer's sequence has no gap;
+//! - otherwise its callers get [`Error::InDoubt`]. Its sequence is never given to other
+//!   records: the server's dedup (producer id + sequence) would answer them with the old
+//!   batch's offsets, losing them silently. The later batches' sequences may now have a hole
+//!   that never fills, so once nothing is in flight the log continues under a fresh producer
+//!   id from sequence 0 (the server takes an unknown producer as a new one). Waiting batches
+//!   that may be stored keep their id and sequence, so dedup still finds them; the others are
+//!   restamped under the new id.
+//!
+//! Order: batches are stored in the order their records were queued, with one exception: an
+//! in-doubt batch that the server did store (or still stores, from a request it had not
+//! finished) may land after batches queued behind it.
 
 use crate::client::{unexpected, Client, Inner};
 use crate::error::{Error, Result};
@@ -20,7 +34,7 @@ use bytes::{Bytes, BytesMut};
 use chainlog_core::limits::{BATCH_BYTES_MAX, BATCH_RECORDS_MAX, RECORD_BYTES_MAX};
 use chainlog_core::record::{BatchBuilder, BatchHeader, HEADER_LEN, RECORD_OVERHEAD};
 use chainlog_core::wire::{ClientReply, ClientRequest};
-use chainlog_core::{ErrorCode, LogId, Offset};
+use chainlog_core::{ErrorCode, LogId, Offset, ProducerId};
 use std::collections::VecDeque;
 use std::future::Future;
 use std::pin::Pin;
@@ -224,27 +238,25 @@ impl Accum {
         Ok(())
     }
 
-    fn finish(self, inner: &Inner, log: LogId, seq: u64) -> Batch {
+    fn finish(self, inner: &Inner, log: LogId, producer: ProducerId, seq: u64) -> Batch {
         let count = self.builder.record_count();
         let timestamp_us = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .map(|d| d.as_micros() as u64)
             .unwrap_or(0);
-        let bytes = self.builder.finish(
-            inner.cluster_id(),
-            log,
-            inner.producer_id,
-            seq,
-            timestamp_us,
-        );
+        let bytes = self
+            .builder
+            .finish(inner.cluster_id(), log, producer, seq, timestamp_us);
         Batch {
             bytes,
+            producer,
             seq,
             count,
             groups: self.groups,
             _permits: self.permits,
             attempts: 0,
             immediate: false,
+            maybe_stored: false,
         }
     }
 }
@@ -252,6 +264,8 @@ impl Accum {
 /// A sealed batch and who waits for it.
 struct Batch {
     bytes: Bytes,
+    /// The producer id and sequence in `bytes`: the batch's identity for the server's dedup.
+    producer: ProducerId,
     seq: u64,
     count: u32,
     groups: Vec<Group>,
@@ -261,6 +275,9 @@ struct Batch {
     attempts: u32,
     /// The last failure named the new head: resend without a pause.
     immediate: bool,
+    /// Some attempt was sent and not refused with proof that it stored nothing: the server
+    /// may hold this batch (now, or later from a request it has not finished).
+    maybe_stored: bool,
 }
 
 impl Batch {
@@ -270,24 +287,37 @@ impl Batch {
         }
     }
 
+    /// Ends the batch with `e`; if the server may hold it, the callers learn the outcome is
+    /// unknown instead (`e` alone would read as a refusal).
+    fn give_up(self, e: Error) {
+        if self.maybe_stored {
+            self.fail(&Error::InDoubt { cause: Box::new(e) });
+        } else {
+            self.fail(&e);
+        }
+    }
+
     fn succeed(self, base: Offset) {
         for g in self.groups {
             let _ = g.tx.send(Ok((base.plus(u64::from(g.start)), g.count)));
         }
     }
 
-    /// Gives the batch another producer sequence (only for batches the server never stored).
-    fn reseq(&mut self, seq: u64) {
-        if seq == self.seq {
+    /// Gives the batch another producer id and sequence (only for batches the server never
+    /// stored: a stored one would then be stored twice).
+    fn restamp(&mut self, producer: ProducerId, seq: u64) {
+        if (producer, seq) == (self.producer, self.seq) {
             return;
         }
         let Ok(mut h) = BatchHeader::decode(&self.bytes) else {
             return;
         };
+        h.producer_id = producer;
         h.producer_seq = seq;
         let mut m = BytesMut::from(&self.bytes[..]);
         h.encode_into(&mut m[..HEADER_LEN]);
         self.bytes = m.freeze();
+        self.producer = producer;
         self.seq = seq;
     }
 }
@@ -296,6 +326,9 @@ struct InFlight {
     batch: Batch,
     /// Which node we took for the head when sending.
     head_index: usize,
+    /// The request reached the connection's writer (`reply` is `Ok`). An error before that
+    /// (no connection, writer stopped, no permit in time) means the server never saw it.
+    sent: bool,
     reply: Result<crate::conn::PendingReply>,
 }
 
@@ -363,11 +396,17 @@ impl Input {
 /// Ordered sending state of one log.
 struct Pipeline {
     log: LogId,
+    /// The producer id new batches get (0: not idempotent, no dedup on the server).
+    producer: ProducerId,
     next_seq: u64,
     window: VecDeque<InFlight>,
     resend: VecDeque<Batch>,
-    /// Lowest sequence of a batch the server refused: later unsent batches move down to it.
+    /// Lowest sequence of a batch of `producer` the server refused with proof it stored
+    /// nothing: later unsent batches move down to it.
     rewind: Option<u64>,
+    /// A batch of `producer` went in doubt: its sequence can never be reused, so once nothing
+    /// is in flight the log moves to a fresh producer id.
+    abandon: bool,
     /// Bytes of the last batch sealed: the next one's buffer starts that large.
     last_batch_bytes: usize,
 }
@@ -381,7 +420,7 @@ async fn wait_front(window: &mut VecDeque<InFlight>) -> Result<ClientReply> {
 
 impl Pipeline {
     fn recovering(&self) -> bool {
-        !self.resend.is_empty() || self.rewind.is_some()
+        !self.resend.is_empty() || self.rewind.is_some() || self.abandon
     }
 
     async fn launch(&mut self, inner: &Inner, batch: Batch) {
@@ -396,6 +435,7 @@ impl Pipeline {
         self.window.push_back(InFlight {
             batch,
             head_index,
+            sent: reply.is_ok(),
             reply,
         });
     }
@@ -417,7 +457,9 @@ impl Pipeline {
                     &addr,
                     format!("AppendOk for {record_count} records, sent {}", batch.count),
                 );
-                batch.fail(&e);
+                // The server stored something for this request: what, we cannot tell.
+                batch.maybe_stored = true;
+                self.give_up(batch, e);
             }
             Ok(other) => {
                 let addr = inner
@@ -425,25 +467,71 @@ impl Pipeline {
                     .get(f.head_index)
                     .map(|s| s.addr.clone())
                     .unwrap_or_default();
-                batch.fail(&unexpected(&addr, "AppendOk", &other));
+                batch.maybe_stored = true;
+                self.give_up(batch, unexpected(&addr, "AppendOk", &other));
             }
             Err(e) => {
                 let immediate = inner.head_failed(f.head_index, &e);
+                if f.sent && e.append_may_be_stored() {
+                    batch.maybe_stored = true;
+                }
+                let gap = e.code() == Some(ErrorCode::SequenceGap);
                 // After a refusal or a failure ahead of it, the server may see this batch's
                 // sequence as a gap: that is cured by resending in order.
-                let gap_expected = e.code() == Some(ErrorCode::SequenceGap) && self.recovering();
-                if (e.is_retriable() || gap_expected) && batch.attempts < inner.cfg.retries_max {
+                let gap_expected = gap && self.recovering();
+                // Unless the hole is a batch in doubt: it may never fill, and this batch may
+                // be stored (so it cannot move to a fresh producer id either).
+                let orphaned = batch.producer != self.producer || self.abandon;
+                let gap_hopeless = gap && orphaned && batch.maybe_stored;
+                if (e.is_retriable() || gap_expected)
+                    && !gap_hopeless
+                    && batch.attempts < inner.cfg.retries_max
+                {
                     batch.attempts += 1;
                     batch.immediate = immediate;
                     self.resend.push_back(batch);
+                } else if gap && orphaned && !batch.maybe_stored {
+                    // Never stored, refused only for the hole behind an in-doubt batch:
+                    // `switch_producer` restamps it under the fresh id (no attempt limit,
+                    // that happens once nothing is in flight).
+                    self.resend.push_back(batch);
                 } else {
-                    if matches!(e, Error::Server { .. }) {
-                        self.rewind = Some(self.rewind.map_or(batch.seq, |r| r.min(batch.seq)));
-                    }
-                    batch.fail(&e);
+                    self.give_up(batch, e);
                 }
             }
         }
+    }
+
+    /// Ends a batch for good: a proven refusal frees its sequence for the batches after it;
+    /// a batch that may be stored retires its producer id instead.
+    fn give_up(&mut self, batch: Batch, e: Error) {
+        if batch.producer == self.producer {
+            if !batch.maybe_stored {
+                self.rewind = Some(self.rewind.map_or(batch.seq, |r| r.min(batch.seq)));
+            } else if self.producer.0 != 0 {
+                // (Without a producer id the server does no dedup and checks no order.)
+                self.abandon = true;
+            }
+        }
+        batch.give_up(e);
+    }
+
+    /// With nothing in flight, after a batch of `producer` went in doubt: continue under
+    /// `fresh` from sequence 0. Waiting batches the server may hold keep their identity, so a
+    /// resend is answered from dedup; the rest were stored nowhere and become new batches.
+    fn switch_producer(&mut self, fresh: ProducerId) {
+        assert!(self.window.is_empty(), "switch with batches in flight");
+        self.abandon = false;
+        self.rewind = None;
+        self.producer = fresh;
+        let mut seq = 0;
+        for b in self.resend.iter_mut() {
+            if !b.maybe_stored {
+                b.restamp(fresh, seq);
+                seq = b.seq + u64::from(b.count);
+            }
+        }
+        self.next_seq = seq;
     }
 
     /// With nothing in flight: close the sequence gap left by refused batches.
@@ -451,9 +539,14 @@ impl Pipeline {
         let Some(mut seq) = self.rewind.take() else {
             return;
         };
-        for b in self.resend.iter_mut() {
+        // Batches of an older producer id (kept, in doubt, for dedup) are not in this sequence.
+        for b in self
+            .resend
+            .iter_mut()
+            .filter(|b| b.producer == self.producer)
+        {
             if b.seq > seq {
-                b.reseq(seq);
+                b.restamp(self.producer, seq);
             }
             if b.seq >= seq {
                 seq = b.seq + u64::from(b.count);
@@ -478,20 +571,30 @@ async fn run(weak: Weak<Inner>, log: LogId, rx: mpsc::Receiver<Item>) {
         carry: None,
         done: false,
     };
+    let producer = weak
+        .upgrade()
+        .map_or(ProducerId(0), |inner| inner.producer_id);
     let mut p = Pipeline {
         log,
+        producer,
         next_seq: 0,
         window: VecDeque::new(),
         resend: VecDeque::new(),
         rewind: None,
+        abandon: false,
         last_batch_bytes: 0,
     };
     loop {
         if p.window.is_empty() {
+            // First close the gaps of proven refusals (a kept batch may take such a sequence
+            // back), then leave a producer id whose sequence holds a batch in doubt.
             p.apply_rewind();
+            if p.abandon {
+                p.switch_producer(crate::client::new_producer_id());
+            }
             if let Some(b) = p.resend.pop_front() {
                 let Some(inner) = weak.upgrade() else {
-                    b.fail(&Error::Closed);
+                    b.give_up(Error::Closed);
                     continue;
                 };
                 if !b.immediate {
@@ -514,7 +617,11 @@ async fn run(weak: Weak<Inner>, log: LogId, rx: mpsc::Receiver<Item>) {
                 let Some(f) = p.window.pop_front() else { continue };
                 match weak.upgrade() {
                     Some(inner) => p.complete(&inner, f, r),
-                    None => f.batch.fail(&Error::Closed),
+                    None => {
+                        let mut b = f.batch;
+                        b.maybe_stored |= f.sent;
+                        b.give_up(Error::Closed);
+                    }
                 }
             }
             first = input.first(), if can_take => {
@@ -538,7 +645,7 @@ async fn run(weak: Weak<Inner>, log: LogId, rx: mpsc::Receiver<Item>) {
                 }
                 input.fill(&mut acc, cfg.batch_bytes_max, cfg.linger_us).await;
                 let seq = p.next_seq;
-                let batch = acc.finish(&inner, p.log, seq);
+                let batch = acc.finish(&inner, p.log, p.producer, seq);
                 p.last_batch_bytes = batch.bytes.len();
                 p.next_seq = seq + u64::from(batch.count);
                 p.launch(&inner, batch).await;
@@ -547,7 +654,7 @@ async fn run(weak: Weak<Inner>, log: LogId, rx: mpsc::Receiver<Item>) {
             // nothing in flight; anything still queued can no longer be sent.
             else => {
                 while let Some(b) = p.resend.pop_front() {
-                    b.fail(&Error::Closed);
+                    b.give_up(Error::Closed);
                 }
                 input.rx.close();
                 while let Ok(i) = input.rx.try_recv() {
@@ -581,25 +688,74 @@ mod tests {
         )
     }
 
+    const P: ProducerId = ProducerId(5);
+
     fn batch(sem: &Arc<Semaphore>, seq: u64, n: usize) -> Batch {
+        batch_rx(sem, seq, n).0
+    }
+
+    /// A batch of producer `P` and the receiver of its (single) caller.
+    fn batch_rx(sem: &Arc<Semaphore>, seq: u64, n: usize) -> (Batch, oneshot::Receiver<Ack>) {
         let mut acc = Accum::new(1024);
-        let (i, _) = item(sem, &vec![&b"x"[..]; n]);
+        let (i, rx) = item(sem, &vec![&b"x"[..]; n]);
         assert!(acc.try_add(i, 1 << 20).is_ok());
-        Batch {
-            bytes: acc.builder.finish(
-                chainlog_core::ClusterId(0),
-                LogId(1),
-                chainlog_core::ProducerId(5),
-                seq,
-                0,
-            ),
+        let b = Batch {
+            bytes: acc
+                .builder
+                .finish(chainlog_core::ClusterId(0), LogId(1), P, seq, 0),
+            producer: P,
             seq,
             count: n as u32,
             groups: acc.groups,
             _permits: acc.permits,
             attempts: 1,
             immediate: false,
+            maybe_stored: false,
+        };
+        (b, rx)
+    }
+
+    fn pipeline(next_seq: u64, resend: Vec<Batch>, rewind: Option<u64>) -> Pipeline {
+        Pipeline {
+            log: LogId(1),
+            producer: P,
+            next_seq,
+            window: VecDeque::new(),
+            resend: VecDeque::from(resend),
+            rewind,
+            abandon: false,
+            last_batch_bytes: 0,
         }
+    }
+
+    fn in_flight(batch: Batch, sent: bool) -> InFlight {
+        InFlight {
+            batch,
+            head_index: 0,
+            sent,
+            reply: Err(Error::Closed),
+        }
+    }
+
+    fn server(code: ErrorCode) -> Error {
+        Error::Server {
+            code,
+            message: "scripted".into(),
+        }
+    }
+
+    fn lost() -> Error {
+        Error::ConnectionLost {
+            addr: "test".into(),
+            reason: "scripted".into(),
+        }
+    }
+
+    /// A client that never connects: `complete` only reads its config and head routing.
+    fn client(retries_max: u32) -> Client {
+        let mut cfg = crate::ClientConfig::new(["127.0.0.1:1"]);
+        cfg.retries_max = retries_max;
+        Client::new(cfg).unwrap()
     }
 
     #[test]
@@ -636,12 +792,14 @@ mod tests {
         }
         let batch = Batch {
             bytes: Bytes::new(),
+            producer: P,
             seq: 0,
             count: acc.builder.record_count(),
             groups: acc.groups,
             _permits: acc.permits,
             attempts: 0,
             immediate: false,
+            maybe_stored: false,
         };
         assert_eq!(
             sem.available_permits(),
@@ -673,18 +831,11 @@ mod tests {
         let sem = Arc::new(Semaphore::new(1 << 20));
         // Sent: seq 0 (3 recs, lost connection -> resend), seq 3 (2 recs, refused),
         // seq 5 (4 recs, SequenceGap -> resend), seq 9 (1 rec, resend).
-        let mut p = Pipeline {
-            log: LogId(1),
-            next_seq: 10,
-            window: VecDeque::new(),
-            resend: VecDeque::from(vec![
-                batch(&sem, 0, 3),
-                batch(&sem, 5, 4),
-                batch(&sem, 9, 1),
-            ]),
-            rewind: Some(3),
-            last_batch_bytes: 0,
-        };
+        let mut p = pipeline(
+            10,
+            vec![batch(&sem, 0, 3), batch(&sem, 5, 4), batch(&sem, 9, 1)],
+            Some(3),
+        );
         p.apply_rewind();
         let seqs: Vec<u64> = p.resend.iter().map(|b| b.seq).collect();
         assert_eq!(seqs, vec![0, 3, 7]);
@@ -695,15 +846,139 @@ mod tests {
         assert_eq!(h.record_count, 4);
 
         // A refusal with nothing left to resend hands its sequence to the next batch.
-        let mut p = Pipeline {
-            log: LogId(1),
-            next_seq: 10,
-            window: VecDeque::new(),
-            resend: VecDeque::new(),
-            rewind: Some(6),
-            last_batch_bytes: 0,
-        };
+        let mut p = pipeline(10, vec![], Some(6));
         p.apply_rewind();
         assert_eq!(p.next_seq, 6);
+    }
+
+    #[tokio::test]
+    async fn a_proven_refusal_frees_its_sequence() {
+        let sem = Arc::new(Semaphore::new(1 << 20));
+        let c = client(3);
+        for code in [ErrorCode::StorageFull, ErrorCode::RecordTooLarge] {
+            let mut p = pipeline(4, vec![], None);
+            let (b, rx) = batch_rx(&sem, 3, 1);
+            p.complete(&c.inner, in_flight(b, true), Err(server(code)));
+            let e = rx.await.unwrap().unwrap_err();
+            assert_eq!(e.code(), Some(code));
+            assert_eq!((p.rewind, p.abandon), (Some(3), false));
+            p.apply_rewind();
+            assert_eq!((p.producer, p.next_seq), (P, 3));
+        }
+        // A request that never reached the server proves it too, whatever the error says.
+        let mut p = pipeline(4, vec![], None);
+        let (mut b, rx) = batch_rx(&sem, 3, 1);
+        b.attempts = 3;
+        p.complete(&c.inner, in_flight(b, false), Err(lost()));
+        assert!(matches!(
+            rx.await.unwrap(),
+            Err(Error::ConnectionLost { .. })
+        ));
+        assert_eq!((p.rewind, p.abandon), (Some(3), false));
+    }
+
+    #[tokio::test]
+    async fn a_batch_that_may_be_stored_is_in_doubt_and_retires_the_producer() {
+        let sem = Arc::new(Semaphore::new(1 << 20));
+        let c = client(3);
+        // Codes that do not prove non-storage, and a lost connection with no retries left.
+        for (e, attempts) in [
+            (server(ErrorCode::Internal), 0),
+            (server(ErrorCode::StorageError), 0),
+            (server(ErrorCode::Unavailable), 3),
+            (lost(), 3),
+        ] {
+            let mut p = pipeline(4, vec![], None);
+            let (mut b, rx) = batch_rx(&sem, 3, 1);
+            b.attempts = attempts;
+            p.complete(&c.inner, in_flight(b, true), Err(e.clone()));
+            let got = rx.await.unwrap().unwrap_err();
+            assert_eq!(got, Error::InDoubt { cause: Box::new(e) });
+            assert!(got.to_string().contains("may or may not have been stored"));
+            assert!(!got.is_retriable());
+            assert_eq!((p.rewind, p.abandon), (None, true));
+        }
+        // A proving refusal does not clear an earlier attempt that may have stored it.
+        let mut p = pipeline(4, vec![], None);
+        let (b, rx) = batch_rx(&sem, 3, 1);
+        p.complete(&c.inner, in_flight(b, true), Err(lost()));
+        let Some(mut b) = p.resend.pop_front() else {
+            panic!("a lost connection is retried")
+        };
+        assert!(b.maybe_stored);
+        b.attempts = 3;
+        p.complete(
+            &c.inner,
+            in_flight(b, true),
+            Err(server(ErrorCode::StorageFull)),
+        );
+        assert!(matches!(rx.await.unwrap(), Err(Error::InDoubt { .. })));
+        assert_eq!((p.rewind, p.abandon), (None, true));
+    }
+
+    #[tokio::test]
+    async fn after_a_batch_in_doubt_the_rest_move_to_a_fresh_producer() {
+        let sem = Arc::new(Semaphore::new(1 << 20));
+        let c = client(3);
+        let mut p = pipeline(10, vec![], None);
+        // In flight: seq 3 (in doubt), seq 4 (refused for the gap: never stored), seq 6 (lost
+        // connection: may be stored), seq 8 (refused for the gap, its retries spent).
+        let (b3, rx3) = batch_rx(&sem, 3, 1);
+        let (b4, _) = batch_rx(&sem, 4, 2);
+        let (b6, _) = batch_rx(&sem, 6, 2);
+        let (mut b8, _) = batch_rx(&sem, 8, 2);
+        b8.attempts = 3;
+        p.complete(
+            &c.inner,
+            in_flight(b3, true),
+            Err(server(ErrorCode::Internal)),
+        );
+        assert!(matches!(rx3.await.unwrap(), Err(Error::InDoubt { .. })));
+        let gap = || Err(server(ErrorCode::SequenceGap));
+        p.complete(&c.inner, in_flight(b4, true), gap());
+        p.complete(&c.inner, in_flight(b6, true), Err(lost()));
+        p.complete(&c.inner, in_flight(b8, true), gap());
+        assert!(p.recovering());
+        p.apply_rewind();
+        p.switch_producer(ProducerId(9));
+        let ids: Vec<(ProducerId, u64)> = p.resend.iter().map(|b| (b.producer, b.seq)).collect();
+        // The never-stored ones are new batches of the fresh id, in order; the one the server
+        // may hold keeps its identity so dedup can still answer it.
+        assert_eq!(ids, vec![(ProducerId(9), 0), (P, 6), (ProducerId(9), 2)]);
+        assert_eq!((p.producer, p.next_seq), (ProducerId(9), 4));
+        assert!(!p.abandon && p.rewind.is_none());
+        for b in &p.resend {
+            let h = chainlog_core::record::verify(&b.bytes).unwrap();
+            assert_eq!((h.producer_id, h.producer_seq), (b.producer, b.seq));
+        }
+
+        // The kept batch then meets the hole again: retrying cannot fill it, so it is in doubt.
+        let Some(mut b6) = p.resend.remove(1) else {
+            panic!("the kept batch")
+        };
+        b6.attempts = 1;
+        let (tx6, rx6) = oneshot::channel();
+        b6.groups[0].tx = tx6;
+        p.complete(&c.inner, in_flight(b6, true), gap());
+        assert!(matches!(rx6.await.unwrap(), Err(Error::InDoubt { .. })));
+        // It was not the fresh producer's: that one stays in use.
+        assert!(!p.abandon);
+    }
+
+    #[tokio::test]
+    async fn without_a_producer_id_nothing_is_retired() {
+        let sem = Arc::new(Semaphore::new(1 << 20));
+        let c = client(3);
+        let mut p = pipeline(4, vec![], None);
+        p.producer = ProducerId(0);
+        let (mut b, rx) = batch_rx(&sem, 3, 1);
+        b.producer = ProducerId(0);
+        p.complete(
+            &c.inner,
+            in_flight(b, true),
+            Err(server(ErrorCode::Internal)),
+        );
+        assert!(matches!(rx.await.unwrap(), Err(Error::InDoubt { .. })));
+        assert!(!p.abandon);
     }
 }

@@ -6,8 +6,9 @@
 #![allow(clippy::unwrap_used)]
 
 use bytes::{Bytes, BytesMut};
-use chainlog_client::{Client, ClientConfig, ClusterId, Error, ErrorCode, Offset};
+use chainlog_client::{Client, ClientConfig, ClusterId, Error, ErrorCode, Offset, ProducerId};
 use chainlog_core::record;
+use chainlog_core::session::{Dedup, ProducerTable};
 use chainlog_core::wire::{
     ClientReply, ClientRequest, Encoded, FrameHeader, Hello, HelloOk, Kind, FRAME_HEADER_LEN,
     PROTOCOL_VERSION,
@@ -687,4 +688,143 @@ async fn pipelined_batches_are_resent_in_order_with_identical_bytes() {
     assert_eq!(offsets, vec![0, 1, 2]);
     drop((c, producer));
     assert_eq!(server.await.unwrap(), 3, "expected three batches in flight");
+}
+
+/// What the dedup head below stored: (producer id, sequence, payloads) per batch, in order.
+type Stored = Vec<(ProducerId, u64, Vec<Bytes>)>;
+
+/// A head with the server's own dedup (`ProducerTable`: producer id + sequence): a retry of a
+/// stored batch is answered with its offsets, an out-of-order one with `SequenceGap`. The
+/// first `refusals` appends are answered with `code`; the first of them is stored before
+/// that when `store_first` (a head whose reply does not prove the batch stored nowhere).
+async fn dedup_head(l: TcpListener, refusals: usize, code: ErrorCode, store_first: bool) -> Stored {
+    let mut p = Peer::accept(&l).await;
+    let mut table = ProducerTable::new(16);
+    let mut stored: Stored = Vec::new();
+    let mut end = 0u64;
+    let mut appends = 0usize;
+    while let Some((id, req)) = p.request().await {
+        let ClientRequest::Append { batch } = req else {
+            panic!("unexpected {req:?}")
+        };
+        let h = record::verify(&batch).unwrap();
+        let (producer, seq, count) = (h.producer_id, h.producer_seq, h.record_count);
+        // Stores the batch; returns its base offset.
+        let mut store = |table: &mut ProducerTable| {
+            let base = Offset(end);
+            table.record(producer, seq, count, base);
+            let payloads = record::records(&batch).unwrap().map(|(_, b)| b).collect();
+            stored.push((producer, seq, payloads));
+            end += u64::from(count);
+            base
+        };
+        appends += 1;
+        if appends <= refusals {
+            if appends == 1 && store_first {
+                let _ = store(&mut table);
+            }
+            let message = "scripted refusal".into();
+            p.reply(id, ClientReply::Error { code, message }).await;
+            continue;
+        }
+        let reply = match table.check(producer, seq, count) {
+            Dedup::Duplicate {
+                base_offset,
+                record_count,
+            } => ClientReply::AppendOk {
+                base_offset,
+                record_count,
+            },
+            Dedup::Gap { expected } => ClientReply::Error {
+                code: ErrorCode::SequenceGap,
+                message: format!("expected {expected}"),
+            },
+            Dedup::New => ClientReply::AppendOk {
+                base_offset: store(&mut table),
+                record_count: count,
+            },
+        };
+        p.reply(id, reply).await;
+    }
+    stored
+}
+
+fn payloads(stored: &Stored) -> Vec<&[u8]> {
+    stored
+        .iter()
+        .flat_map(|(_, _, ps)| ps.iter().map(|p| &p[..]))
+        .collect()
+}
+
+/// The head stored the batch and then answered `Internal`, which proves nothing. Reusing the
+/// batch's sequence for "b" would get "a"'s offset back from dedup and lose "b" silently.
+#[tokio::test]
+async fn a_batch_stored_then_refused_with_internal_is_in_doubt_and_its_sequence_not_reused() {
+    let (l, addr) = listener().await;
+    let server = tokio::spawn(dedup_head(l, 1, ErrorCode::Internal, true));
+    let c = Client::connect(cfg(&[&addr])).await.unwrap();
+    let e = c.append("default", "a").await.unwrap_err();
+    let b = c.append("default", "b").await.unwrap();
+    assert_eq!(
+        b,
+        Offset(1),
+        "\"b\" was answered with \"a\"'s offset: it is lost"
+    );
+    let Error::InDoubt { cause } = &e else {
+        panic!("expected InDoubt, got {e:?}")
+    };
+    assert_eq!(cause.code(), Some(ErrorCode::Internal));
+    assert!(
+        e.to_string().contains("may or may not have been stored"),
+        "{e}"
+    );
+    assert!(!e.is_retriable());
+    assert_eq!(c.append("default", "c").await.unwrap(), Offset(2));
+    let first = c.producer_id();
+    drop(c);
+    let stored = server.await.unwrap();
+    assert_eq!(payloads(&stored), vec![&b"a"[..], b"b", b"c"]);
+    // "b" and "c" continued under a fresh producer id, from sequence 0.
+    assert_eq!(stored[0].0, first);
+    assert_ne!(stored[1].0, first);
+    assert_eq!((stored[1].1, stored[2].0, stored[2].1), (0, stored[1].0, 1));
+}
+
+/// A retriable code that proves nothing (`Unavailable` also answers a retry the log already
+/// holds) until the retries run out: in doubt, like the non-retriable case.
+#[tokio::test]
+async fn a_stored_batch_whose_retries_run_out_is_in_doubt() {
+    let (l, addr) = listener().await;
+    let mut cfg = cfg(&[&addr]);
+    cfg.retries_max = 2;
+    // The first attempt and both retries are refused.
+    let server = tokio::spawn(dedup_head(l, 3, ErrorCode::Unavailable, true));
+    let c = Client::connect(cfg).await.unwrap();
+    let e = c.append("default", "a").await.unwrap_err();
+    let b = c.append("default", "b").await.unwrap();
+    assert_eq!(
+        b,
+        Offset(1),
+        "\"b\" was answered with \"a\"'s offset: it is lost"
+    );
+    assert!(matches!(e, Error::InDoubt { .. }), "{e:?}");
+    drop(c);
+    assert_eq!(payloads(&server.await.unwrap()), vec![&b"a"[..], b"b"]);
+}
+
+/// `StorageFull` proves the batch is stored nowhere: the error is the server's, and the next
+/// records take the same producer id and sequence.
+#[tokio::test]
+async fn a_storage_full_refusal_still_frees_its_sequence() {
+    let (l, addr) = listener().await;
+    let server = tokio::spawn(dedup_head(l, 1, ErrorCode::StorageFull, false));
+    let c = Client::connect(cfg(&[&addr])).await.unwrap();
+    let e = c.append("default", "a").await.unwrap_err();
+    assert_eq!(e.code(), Some(ErrorCode::StorageFull), "{e:?}");
+    assert_eq!(c.append("default", "b").await.unwrap(), Offset(0));
+    let producer = c.producer_id();
+    drop(c);
+    let stored = server.await.unwrap();
+    assert_eq!(payloads(&stored), vec![&b"b"[..]]);
+    assert_eq!((stored[0].0, stored[0].1), (producer, 0));
 }

@@ -85,6 +85,68 @@ impl ErrorCode {
                 | ErrorCode::ShuttingDown
         )
     }
+
+    /// Whether this code, replied to an `Append`, proves that *that request* stored its batch
+    /// on no replica and never will (so a client may give the batch's producer sequence to
+    /// other records). `false` means the batch may be stored, now or later: the client must
+    /// not reuse its sequence. It speaks of the request answered only: an earlier attempt of
+    /// the same batch that timed out or lost its connection is not covered (dedup memory is
+    /// bounded), so the client also tracks its own attempts.
+    ///
+    /// Code by code, from where the server produces it for an append:
+    /// - `BadRequest`, `Corruption`, `RecordTooLarge`, `UnsupportedVersion`: the runtime could
+    ///   not decode the frame or verify the batch (`ClientRequest::decode`) and answered before
+    ///   the core saw it; `Replica::client_append` answers `BadRequest` for a short or
+    ///   undecodable header before anything else. Never sequenced.
+    /// - `WrongCluster`: only the handshake refuses it, before any request is read.
+    /// - `UnknownLog`: the head has no such log (`client_append`, before sequencing).
+    /// - `NotHead`: a non-head refuses every append before looking at it.
+    /// - `SequenceGap`: the head found the sequence out of order when sequencing it and did
+    ///   not append it (`Dedup::Gap`).
+    /// - `StorageFull`: the head refuses only what it can prove is stored nowhere: new appends
+    ///   while it holds the chain's longest log, queued ones never sequenced, a single node's
+    ///   appends above a failed write whose range it zeroed, and in-doubt ones it settled after
+    ///   reopening (ARCHITECTURE.md, "A full disk recovers in place").
+    ///
+    /// Not proof:
+    /// - `Unavailable`: besides never-sequenced refusals (queue full, fenced producer, log
+    ///   being created), "too many retries waiting" answers a retry the log already holds.
+    /// - `LimitExceeded`: a slow consumer's connection is cut with this code *in place of*
+    ///   whatever reply was due, an `AppendOk` included.
+    /// - `StorageError`: replied on the same paths as `StorageFull`, but after EIO the device
+    ///   is suspect, and "stored nowhere" rests on zeroing the failed range on that device
+    ///   (a failed zeroing is only logged, and the bytes may come back at recovery).
+    /// - `Timeout`, `ShuttingDown`: the request may have been sequenced and forwarded before
+    ///   the wait or the node ended (neither is sent for appends today; their meaning is).
+    /// - `WrongEpoch`: not sent to clients today; reconfiguration will fence appends of an
+    ///   older epoch whose fate is unknown.
+    /// - `Internal`: "anything else", and also what a code unknown to this build decodes to.
+    /// - `OffsetTrimmed`, `OffsetOutOfRange`, `LogExists`: not answers to an append; an
+    ///   unexpected answer proves nothing.
+    pub fn proves_not_stored(self) -> bool {
+        // Exhaustive on purpose: a new code must be classified here, not default to "proof".
+        match self {
+            ErrorCode::BadRequest
+            | ErrorCode::Corruption
+            | ErrorCode::RecordTooLarge
+            | ErrorCode::UnsupportedVersion
+            | ErrorCode::WrongCluster
+            | ErrorCode::UnknownLog
+            | ErrorCode::NotHead
+            | ErrorCode::SequenceGap
+            | ErrorCode::StorageFull => true,
+            ErrorCode::Unavailable
+            | ErrorCode::LimitExceeded
+            | ErrorCode::StorageError
+            | ErrorCode::Timeout
+            | ErrorCode::ShuttingDown
+            | ErrorCode::WrongEpoch
+            | ErrorCode::Internal
+            | ErrorCode::OffsetTrimmed
+            | ErrorCode::OffsetOutOfRange
+            | ErrorCode::LogExists => false,
+        }
+    }
 }
 
 /// Errors of the core: decoding and validation of bytes that came from a network or a disk.
@@ -120,3 +182,52 @@ impl Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_refusals_before_storage_prove_not_stored() {
+        let all: Vec<ErrorCode> = (0..=u16::MAX).filter_map(ErrorCode::from_u16).collect();
+        assert_eq!(
+            all.len(),
+            19,
+            "a new code: classify it in proves_not_stored"
+        );
+        let proving: Vec<ErrorCode> = all
+            .iter()
+            .copied()
+            .filter(|c| c.proves_not_stored())
+            .collect();
+        assert_eq!(
+            proving,
+            vec![
+                ErrorCode::BadRequest,
+                ErrorCode::WrongCluster,
+                ErrorCode::UnsupportedVersion,
+                ErrorCode::UnknownLog,
+                ErrorCode::RecordTooLarge,
+                ErrorCode::Corruption,
+                ErrorCode::NotHead,
+                ErrorCode::StorageFull,
+                ErrorCode::SequenceGap,
+            ]
+        );
+        // The server may hold a batch answered with these: reusing its sequence would make
+        // dedup answer other records with its offsets.
+        for c in [
+            ErrorCode::Internal,
+            ErrorCode::StorageError,
+            ErrorCode::Timeout,
+            ErrorCode::ShuttingDown,
+            ErrorCode::Unavailable,
+            ErrorCode::LimitExceeded,
+        ] {
+            assert!(!c.proves_not_stored(), "{c:?}");
+        }
+        // What an unknown (newer) code decodes to is not proof either.
+        assert!(ErrorCode::from_u16(999).is_none());
+        assert!(!ErrorCode::Internal.proves_not_stored());
+    }
+}
