@@ -48,7 +48,9 @@ pub use subscribe::Subscription;
 pub use bytes::Bytes;
 pub use chainlog_core::{ClusterId, ErrorCode, LogId, Offset, ProducerId};
 
-use chainlog_core::limits::{BATCH_BYTES_MAX, CONNECTION_REQUESTS_MAX};
+use chainlog_core::limits::{
+    BATCH_BYTES_MAX, CONNECTION_REQUESTS_MAX, PRODUCER_BATCHES_IN_FLIGHT_MAX,
+};
 use chainlog_core::record::{HEADER_LEN, RECORD_OVERHEAD};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -91,7 +93,8 @@ pub struct ClientConfig {
     /// Target batch size; appends merge until it is reached. A single `append_batch` larger
     /// than this is still sent whole. Default 1 MiB; 84..=4 MiB.
     pub batch_bytes_max: usize,
-    /// Batches in flight per log. Default 8; min 1.
+    /// Batches in flight per log. Default 8; 1..=16 (`PRODUCER_BATCHES_IN_FLIGHT_MAX`: the
+    /// replicas deduplicate a retry of any batch in that window).
     pub batches_in_flight_max: usize,
     /// Payload bytes accepted but not yet acknowledged, over all logs; `append` waits for room.
     /// Default 64 MiB; min 4 MiB (one largest batch).
@@ -171,8 +174,13 @@ impl ClientConfig {
                 "batch_bytes_max must be {batch_min}..={BATCH_BYTES_MAX}"
             ));
         }
-        if self.batches_in_flight_max == 0 {
-            return bad("batches_in_flight_max must be at least 1".into());
+        if self.batches_in_flight_max == 0
+            || self.batches_in_flight_max > PRODUCER_BATCHES_IN_FLIGHT_MAX
+        {
+            return bad(format!(
+                "batches_in_flight_max must be 1..={PRODUCER_BATCHES_IN_FLIGHT_MAX} (the batches \
+                 per producer every replica remembers for deduplicating retries)"
+            ));
         }
         if self.buffer_bytes_max < BATCH_BYTES_MAX || self.buffer_bytes_max > u32::MAX as usize {
             return bad(format!(
@@ -221,6 +229,12 @@ mod tests {
         assert!(c.validate().is_err());
         let c = ClientConfig {
             in_flight_max: 0,
+            ..ClientConfig::default()
+        };
+        assert!(c.validate().is_err());
+        // A window wider than the replicas' dedup memory would turn retries into gaps.
+        let c = ClientConfig {
+            batches_in_flight_max: PRODUCER_BATCHES_IN_FLIGHT_MAX + 1,
             ..ClientConfig::default()
         };
         assert!(c.validate().is_err());

@@ -131,5 +131,7 @@ pub struct RecoveredLog {
     pub committed_hint: Offset,
 }
 
-/// Batches per producer remembered for deduplication of retries.
-pub const PRODUCER_BATCHES_KEPT: usize = 5;
+/// Batches per producer remembered for deduplication of retries: as many as a producer may
+/// have in flight.
+pub const PRODUCER_BATCHES_KEPT: usize = crate::limits::PRODUCER_BATCHES_IN_FLIGHT_MAX;
+const _: () = assert!(PRODUCER_BATCHES_KEPT >= crate::limits::PRODUCER_BATCHES_IN_FLIGHT_MAX);

@@ -26,3 +26,8 @@ pub const CONNECTION_REQUESTS_MAX: usize = 4096;
 pub const CONNECTIONS_MAX: usize = 1024;
 /// Disk alignment used for O_DIRECT segment files (logical block size we require).
 pub const DISK_ALIGN_BYTES: usize = 4096;
+/// Most batches one producer may have sent and not yet had answered, per log. Every replica
+/// remembers that many recent batches per producer, so a retry of any of them (after a lost
+/// connection, say) is answered from dedup; a window wider than the memory made a resend of the
+/// oldest look like a gap (the client had 8 in flight, the replicas kept 5).
+pub const PRODUCER_BATCHES_IN_FLIGHT_MAX: usize = 16;

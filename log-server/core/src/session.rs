@@ -176,12 +176,27 @@ mod tests {
         assert_eq!(t.check(p, 3, 1), Dedup::Gap { expected: 2 });
         assert_eq!(t.check(p, 0, 3), Dedup::Gap { expected: 2 });
         assert_eq!(t.check(ProducerId(0), 0, 2), Dedup::New);
-        for i in 1..10u64 {
+        let kept = PRODUCER_BATCHES_KEPT as u64;
+        for i in 1..kept + 5 {
             t.record(p, 2 * i, 2, Offset(10 + 2 * i));
         }
-        // Only the last PRODUCER_BATCHES_KEPT are remembered: an older retry is out of order.
+        // Only the last PRODUCER_BATCHES_KEPT are remembered: an older retry is out of order...
         assert!(matches!(t.check(p, 0, 2), Dedup::Gap { .. }));
-        assert!(matches!(t.check(p, 18, 2), Dedup::Duplicate { .. }));
+        assert!(matches!(
+            t.check(p, 2 * (kept + 4), 2),
+            Dedup::Duplicate { .. }
+        ));
+        // ... but a retry of every batch of a producer's widest window is answered from dedup.
+        for i in 5..kept + 5 {
+            assert_eq!(
+                t.check(p, 2 * i, 2),
+                Dedup::Duplicate {
+                    base_offset: Offset(10 + 2 * i),
+                    record_count: 2
+                },
+                "batch {i} of a full window"
+            );
+        }
     }
 
     #[test]
