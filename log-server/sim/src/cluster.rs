@@ -271,6 +271,10 @@ pub struct SimNode {
     /// saw the failure and are dropped, as the real writer does.
     dropping: std::collections::BTreeSet<LogId>,
     full_check_at: u64,
+    /// When the last `WriteFailed` of each log is delivered: the real writer reports in order,
+    /// so a reopening it decides later is delivered after it (random disk delays would
+    /// otherwise let `Reopened` overtake the failure and leave the log failed for good).
+    write_failed_due: BTreeMap<LogId, u64>,
 }
 
 struct Link {
@@ -583,6 +587,7 @@ impl Cluster {
                 failed_full: Default::default(),
                 dropping: Default::default(),
                 full_check_at: 0,
+                write_failed_due: BTreeMap::new(),
             });
         }
         let links = (0..nodes_n.saturating_sub(1))
@@ -771,6 +776,7 @@ impl Cluster {
         // The writer's failure state goes with the process; recovery scans the disk.
         node.failed_full.clear();
         node.dropping.clear();
+        node.write_failed_due.clear();
         self.checker.on_removed(&removed, false);
         if flip {
             // Everything it held durably may have been vouched for (an ack still in flight
@@ -1065,7 +1071,13 @@ impl Cluster {
                 continue;
             };
             let end = l.synced_end();
-            self.disk_done(n, inc, DiskEvent::Reopened { log, end });
+            let d = self.io_delay();
+            let after = match self.nodes[n].write_failed_due.remove(&log) {
+                Some(due) => d.max(due.saturating_sub(now) + 1),
+                None => d,
+            };
+            let ev = DiskEvent::Reopened { log, end };
+            self.schedule(after, Ev::Disk { node: n, inc, ev });
         }
     }
 
@@ -1129,7 +1141,10 @@ impl Cluster {
                         node.failed_full.insert(log);
                         self.checker.on_removed(&removed, false);
                         let code = ErrorCode::StorageFull;
-                        self.disk_done(n, inc, DiskEvent::WriteFailed { log, at, code });
+                        let d = self.io_delay();
+                        self.nodes[n].write_failed_due.insert(log, self.now + d);
+                        let ev = DiskEvent::WriteFailed { log, at, code };
+                        self.schedule(d, Ev::Disk { node: n, inc, ev });
                         continue;
                     }
                     let stored = match self.nodes[n].disk.append(log, base, &batches) {
