@@ -358,6 +358,9 @@ pub struct Replica {
     subs: BTreeMap<u64, Subscription>,
     dirty: BTreeSet<LogId>,
     restamp_copy_bytes: u64,
+    /// Set while `on_tick` pumps: acks that only report received (not yet durable) batches go
+    /// out then, or with the next durable ack, whichever comes first.
+    ticking: bool,
 }
 
 fn err(code: ErrorCode, message: impl Into<String>) -> ClientReply {
@@ -456,6 +459,7 @@ impl Replica {
             succ_session: 0,
             pred_session: None,
             ack_seq: 0,
+            ticking: false,
             next_token: 0,
             next_id: 0,
             reads: BTreeMap::new(),
@@ -1829,7 +1833,9 @@ impl Replica {
         }
         let ids: Vec<LogId> = self.logs.keys().copied().collect();
         self.dirty.extend(ids);
+        self.ticking = true;
         self.finish(now, out);
+        self.ticking = false;
     }
 
     // ---------------------------------------------------------------- the pump
@@ -2305,7 +2311,14 @@ impl Replica {
         };
         let ack_end = self.ack_end(l);
         let p = &mut l.pred;
-        if ack_end > p.ack_sent || p.chain_sent != Some(chain_end) || p.force || p.resend {
+        // A chain end that moved only because batches arrived rides on the next durable ack
+        // (one flush away) or the next tick, whichever is first: an ack per received batch
+        // doubled the messages, reads and wake-ups per hop, and the CPU they took on a small
+        // machine delayed the successor's copy. The first ack of a session, and every ack a
+        // gap, duplicate or resend asks for (`force`, `resend`), still go at once.
+        let chain_moved = p.chain_sent != Some(chain_end);
+        let chain_due = chain_moved && (self.ticking || p.chain_sent.is_none());
+        if ack_end > p.ack_sent || chain_due || p.force || p.resend {
             self.ack_seq += 1;
             out.push(Effect::Send {
                 to: pred,

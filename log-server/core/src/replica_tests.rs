@@ -963,3 +963,62 @@ fn a_resend_abandons_the_storage_read_in_flight() {
     assert_eq!(sent_bases(&e), vec![Offset(10)]);
     assert_eq!(reads(&e)[0].1, Offset(13));
 }
+
+fn acks_sent(effects: &[Effect]) -> Vec<(Offset, Offset, Offset)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Send {
+                msg:
+                    PeerMessage::Ack {
+                        written_end,
+                        ack_end,
+                        chain_end,
+                        ..
+                    },
+                ..
+            } => Some((*written_end, *ack_end, *chain_end)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn pred_append(base: u64) -> PeerMessage {
+    PeerMessage::Append {
+        epoch: Epoch(3),
+        session: 5,
+        log: default_log(),
+        base: Offset(base),
+        committed_end: Offset(0),
+        batches: vec![build_stored(base, &[b"x"])],
+    }
+}
+
+/// One ack per batch and hop, not two: a batch that only arrived is reported with the durable
+/// ack that follows it, or at the next tick, whichever comes first; the first ack of a session
+/// still goes at once (the predecessor waits for it to learn the chain).
+#[test]
+fn a_received_batch_is_acknowledged_once_durable_or_at_the_next_tick() {
+    let mut h = in_chain(2, vec![recovered(0, vec![], 0)], |_| {});
+    let e = h.peer(1, pred_append(0));
+    assert_eq!(appends(&e).len(), 1);
+    assert_eq!(
+        acks_sent(&e),
+        vec![(Offset(1), Offset(0), Offset(1))],
+        "the session's first ack at once"
+    );
+    let e = h.peer(1, pred_append(1));
+    assert_eq!(appends(&e).len(), 1);
+    assert!(acks_sent(&e).is_empty(), "arrival alone waits");
+    let e = h.durable(2);
+    assert_eq!(acks_sent(&e), vec![(Offset(2), Offset(2), Offset(2))]);
+    let e = h.peer(1, pred_append(2));
+    assert!(acks_sent(&e).is_empty());
+    let e = h.tick(1000);
+    assert_eq!(
+        acks_sent(&e),
+        vec![(Offset(3), Offset(2), Offset(3))],
+        "the tick reports the arrival"
+    );
+    assert!(acks_sent(&h.tick(1000)).is_empty(), "and only once");
+}
