@@ -41,25 +41,28 @@ enum Cmd {
     },
     /// Run a local chain of N nodes in this process, each on a thread of its own (client ports
     /// PORT, PORT+1, ...), one data directory each under DIR. Ctrl-C stops every node cleanly.
-    Dev {
-        #[arg(long, default_value_t = 3)]
-        nodes: u32,
-        #[arg(long, default_value = "chainlog-dev-data")]
-        dir: PathBuf,
-        #[arg(long, default_value_t = 7400)]
-        port: u16,
-        #[arg(long, default_value = "127.0.0.1")]
-        host: String,
-        /// auto | direct | buffered
-        #[arg(long)]
-        io_mode: Option<String>,
-        /// Write + fdatasync groups per log in flight (1..=16; default from the config, 4).
-        #[arg(long)]
-        flushes_in_flight: Option<usize>,
-        /// Bytes per segment file (default from the config, 64 MiB).
-        #[arg(long)]
-        segment_bytes: Option<u64>,
-    },
+    Dev(DevArgs),
+}
+
+#[derive(clap::Args)]
+struct DevArgs {
+    #[arg(long, default_value_t = 3)]
+    nodes: u32,
+    #[arg(long, default_value = "chainlog-dev-data")]
+    dir: PathBuf,
+    #[arg(long, default_value_t = 7400)]
+    port: u16,
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// auto | direct | buffered
+    #[arg(long)]
+    io_mode: Option<String>,
+    /// Write + fdatasync groups per log in flight (1..=16; default from the config, 4).
+    #[arg(long)]
+    flushes_in_flight: Option<usize>,
+    /// Bytes per segment file (default from the config, 64 MiB).
+    #[arg(long)]
+    segment_bytes: Option<u64>,
 }
 
 fn parse_io_mode(s: &Option<String>) -> anyhow::Result<Option<IoModeSetting>> {
@@ -104,23 +107,7 @@ fn main() -> anyhow::Result<()> {
             }
             run_node(cfg)
         }
-        Cmd::Dev {
-            nodes,
-            dir,
-            port,
-            host,
-            io_mode,
-            flushes_in_flight,
-            segment_bytes,
-        } => run_dev(
-            nodes,
-            dir,
-            port,
-            host,
-            io_mode,
-            flushes_in_flight,
-            segment_bytes,
-        ),
+        Cmd::Dev(args) => run_dev(args),
     }
 }
 
@@ -144,16 +131,16 @@ fn run_node(cfg: NodeConfig) -> anyhow::Result<()> {
 /// `log-server dev`: every node on a thread of its own with its own current-thread runtime, as
 /// separate machines would run them (one runtime for all of them serialised every hop's work on
 /// one core, and a 2-core machine has two).
-#[allow(clippy::too_many_arguments)]
-fn run_dev(
-    nodes: u32,
-    dir: PathBuf,
-    port: u16,
-    host: String,
-    io_mode: Option<String>,
-    flushes_in_flight: Option<usize>,
-    segment_bytes: Option<u64>,
-) -> anyhow::Result<()> {
+fn run_dev(args: DevArgs) -> anyhow::Result<()> {
+    let DevArgs {
+        nodes,
+        dir,
+        port,
+        host,
+        io_mode,
+        flushes_in_flight,
+        segment_bytes,
+    } = args;
     anyhow::ensure!((1..=16).contains(&nodes), "--nodes must be 1..=16");
     let cluster = load_or_create_cluster_id(&dir)
         .with_context(|| format!("cluster id in {}", dir.display()))?;

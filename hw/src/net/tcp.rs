@@ -552,6 +552,38 @@ mod tests {
         assert_eq!(r.copied_bytes(), 0, "no payload copies");
     }
 
+    /// A received peer frame: each batch in a page-aligned buffer of its own, and the message
+    /// the one sent (batches compared without their padding).
+    fn check_peer_frame(f: Frame, want: &chainlog_core::wire::PeerMessage) {
+        use chainlog_core::wire::PeerMessage;
+        for b in &f.batches {
+            assert_eq!(
+                b.as_ptr() as usize % 4096,
+                0,
+                "batch in a buffer of its own"
+            );
+            assert_eq!(b.len() % 4096, 0);
+        }
+        let got = if f.batches.is_empty() {
+            PeerMessage::decode(f.body).expect("decode")
+        } else {
+            PeerMessage::decode_split(f.body, f.batches).expect("decode_split")
+        };
+        match (&got, want) {
+            (PeerMessage::Append { batches: g, .. }, PeerMessage::Append { batches: w, .. })
+            | (
+                PeerMessage::FetchReply { batches: g, .. },
+                PeerMessage::FetchReply { batches: w, .. },
+            ) => {
+                assert_eq!(g.len(), w.len());
+                for (g, w) in g.iter().zip(w) {
+                    assert_eq!(&g[..w.len()], &w[..]);
+                }
+            }
+            _ => assert_eq!(&got, want),
+        }
+    }
+
     #[tokio::test]
     async fn split_peer_batches_each_get_an_aligned_buffer() {
         use chainlog_core::record::build;
@@ -588,26 +620,7 @@ mod tests {
         let writer = tokio::spawn(async move { w.send(&frames).await.expect("send") });
         for m in &msgs {
             let f = r.recv().await.expect("recv").expect("frame");
-            for b in &f.batches {
-                assert_eq!(b.as_ptr() as usize % 4096, 0);
-                assert_eq!(b.len() % 4096, 0);
-            }
-            let got = if f.batches.is_empty() {
-                PeerMessage::decode(f.body).expect("decode")
-            } else {
-                PeerMessage::decode_split(f.body, f.batches).expect("decode_split")
-            };
-            match (&got, m) {
-                (
-                    PeerMessage::Append { batches: g, .. },
-                    PeerMessage::Append { batches: want, .. },
-                ) => {
-                    for (g, w) in g.iter().zip(want) {
-                        assert_eq!(&g[..w.len()], &w[..]);
-                    }
-                }
-                _ => assert_eq!(&got, m),
-            }
+            check_peer_frame(f, m);
         }
         writer.await.expect("join");
         assert_eq!(r.copied_bytes(), 0);
@@ -708,7 +721,6 @@ mod tests {
     /// Reads every message of `peer_traffic` back through a peer-policy reader; returns the
     /// reads it took.
     async fn read_peer_traffic(chunk: usize) -> usize {
-        use chainlog_core::wire::PeerMessage;
         let msgs = peer_traffic();
         let mut data = Vec::new();
         for m in &msgs {
@@ -728,35 +740,7 @@ mod tests {
         let mut r = StreamReader::with_policy(src, policy);
         for m in &msgs {
             let f = r.recv().await.expect("recv").expect("frame");
-            for b in &f.batches {
-                assert_eq!(
-                    b.as_ptr() as usize % 4096,
-                    0,
-                    "batch in a buffer of its own"
-                );
-                assert_eq!(b.len() % 4096, 0);
-            }
-            let got = if f.batches.is_empty() {
-                PeerMessage::decode(f.body).expect("decode")
-            } else {
-                PeerMessage::decode_split(f.body, f.batches).expect("decode_split")
-            };
-            match (&got, m) {
-                (
-                    PeerMessage::Append { batches: g, .. },
-                    PeerMessage::Append { batches: want, .. },
-                )
-                | (
-                    PeerMessage::FetchReply { batches: g, .. },
-                    PeerMessage::FetchReply { batches: want, .. },
-                ) => {
-                    assert_eq!(g.len(), want.len());
-                    for (g, w) in g.iter().zip(want) {
-                        assert_eq!(&g[..w.len()], &w[..]);
-                    }
-                }
-                _ => assert_eq!(&got, m),
-            }
+            check_peer_frame(f, m);
         }
         assert!(r.recv().await.expect("eof").is_none());
         assert_eq!(r.copied_bytes(), 0, "no payload copies");
