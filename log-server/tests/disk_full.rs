@@ -419,12 +419,14 @@ async fn a_full_head_of_a_chain_resumes_once_space_is_freed() {
         }
     }
     // The append whose write hit the full disk was already forwarded: the tail may keep it,
-    // so the head neither commits nor refuses it until it rejoins (the client times out:
-    // outcome unknown). Later appends are refused outright.
+    // so the head neither commits nor refuses it until it rejoins (the client times out and,
+    // its retries spent, says the outcome is unknown). Later appends are refused outright.
     let e = full.expect("the head's disk never filled");
     eprintln!("first error: {e:?}");
+    let in_doubt_after_timeout =
+        matches!(&e, Error::InDoubt { cause } if matches!(**cause, Error::Timeout { .. }));
     assert!(
-        matches!(e, Error::Timeout { .. }) || e.code() == Some(ErrorCode::StorageFull),
+        in_doubt_after_timeout || e.code() == Some(ErrorCode::StorageFull),
         "{e:?}\nhead log:\n{}",
         servers[0].server_log()
     );
