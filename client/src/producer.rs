@@ -886,6 +886,7 @@ mod tests {
             (server(ErrorCode::Internal), 0),
             (server(ErrorCode::StorageError), 0),
             (server(ErrorCode::Unavailable), 3),
+            (server(ErrorCode::RetryPending), 3),
             (lost(), 3),
         ] {
             let mut p = pipeline(4, vec![], None);

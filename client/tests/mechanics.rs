@@ -790,15 +790,15 @@ async fn a_batch_stored_then_refused_with_internal_is_in_doubt_and_its_sequence_
     assert_eq!((stored[1].1, stored[2].0, stored[2].1), (0, stored[1].0, 1));
 }
 
-/// A retriable code that proves nothing (`Unavailable` also answers a retry the log already
-/// holds) until the retries run out: in doubt, like the non-retriable case.
+/// A retriable code that proves nothing (`RetryPending` answers a retry the log already holds)
+/// until the retries run out: in doubt, like the non-retriable case.
 #[tokio::test]
 async fn a_stored_batch_whose_retries_run_out_is_in_doubt() {
     let (l, addr) = listener().await;
     let mut cfg = cfg(&[&addr]);
     cfg.retries_max = 2;
     // The first attempt and both retries are refused.
-    let server = tokio::spawn(dedup_head(l, 3, ErrorCode::Unavailable, true));
+    let server = tokio::spawn(dedup_head(l, 3, ErrorCode::RetryPending, true));
     let c = Client::connect(cfg).await.unwrap();
     let e = c.append("default", "a").await.unwrap_err();
     let b = c.append("default", "b").await.unwrap();

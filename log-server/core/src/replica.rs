@@ -636,7 +636,10 @@ impl Replica {
                     out,
                     client,
                     request_id,
-                    err(ErrorCode::Unavailable, "too many retries waiting"),
+                    err(
+                        ErrorCode::RetryPending,
+                        "already in the log, too many retries waiting for its commit; ask again",
+                    ),
                 );
             }
             l.retry_waiters += 1;

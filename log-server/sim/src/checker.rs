@@ -8,7 +8,7 @@
 use crate::disk::{Removed, SimDisk, StoredBatch};
 use bytes::Bytes;
 use chainlog_core::record::{BatchHeader, HEADER_LEN};
-use chainlog_core::{LogId, Offset, ReplicaStatus};
+use chainlog_core::{ErrorCode, LogId, Offset, ReplicaStatus};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// One offset range as some node holds it; `holders` counts the nodes holding it now.
@@ -307,10 +307,15 @@ impl Checker {
         Ok(())
     }
 
-    /// An append refused outright (`StorageFull`) is held by no replica: the client may give
-    /// its producer sequence to other records, which dedup would then answer with these
+    /// An append refused with a code that proves it stored nothing (`StorageFull`, `NotHead`,
+    /// ...: `ErrorCode::proves_not_stored`) is held by no replica: the client may
+    /// give its producer sequence to other records, which dedup would then answer with these
     /// offsets. (Unsequenced batches carry producer 0 semantics: nothing to check.)
-    pub fn refused_is_stored_nowhere(sent: &Bytes, disks: &[&SimDisk]) -> Result<(), Violation> {
+    pub fn refused_is_stored_nowhere(
+        sent: &Bytes,
+        code: ErrorCode,
+        disks: &[&SimDisk],
+    ) -> Result<(), Violation> {
         let h = BatchHeader::decode(sent).map_err(|e| format!("client batch: {e}"))?;
         if h.producer_id.0 == 0 {
             return Ok(());
@@ -325,7 +330,7 @@ impl Checker {
                 };
                 if s.producer_id == h.producer_id && s.producer_seq == h.producer_seq {
                     return Err(format!(
-                        "append of producer {} seq {} refused with StorageFull while node {} \
+                        "append of producer {} seq {} refused with {code:?} while node {} \
                          holds it at {}",
                         h.producer_id,
                         h.producer_seq,

@@ -1383,17 +1383,14 @@ impl Cluster {
                     ))
                 }
             }
-            (
-                ReqKind::Append { batch, .. },
-                ClientReply::Error {
-                    code: ErrorCode::StorageFull,
-                    ..
-                },
-            ) => {
-                // A storage error is a definite refusal (chainlog-client may give the
-                // sequence to other records): the batch must be stored nowhere.
+            (ReqKind::Append { batch, .. }, ClientReply::Error { code, .. })
+                if code.proves_not_stored() =>
+            {
+                // A definite refusal (chainlog-client may give the sequence to other records):
+                // the batch must be stored nowhere. Checks the core's classification of every
+                // code it answers appends with.
                 let disks: Vec<&SimDisk> = self.nodes.iter().map(|x| &x.disk).collect();
-                Checker::refused_is_stored_nowhere(batch, &disks)
+                Checker::refused_is_stored_nowhere(batch, *code, &disks)
             }
             (_, ClientReply::Error { .. }) => Ok(()),
             _ => Err(format!("reply {reply:?} does not fit request {rid}")),
