@@ -75,6 +75,20 @@ fn parse_io_mode(s: &Option<String>) -> anyhow::Result<Option<IoModeSetting>> {
     })
 }
 
+/// The storage flags both subcommands take, over the node's configuration.
+fn apply_storage_flags(
+    cfg: &mut NodeConfig,
+    io_mode: Option<IoModeSetting>,
+    flushes_in_flight: Option<usize>,
+) {
+    if let Some(m) = io_mode {
+        cfg.storage.io_mode = m;
+    }
+    if let Some(n) = flushes_in_flight {
+        cfg.storage.flushes_in_flight_max = n;
+    }
+}
+
 fn main() -> anyhow::Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(
@@ -99,12 +113,7 @@ fn main() -> anyhow::Result<()> {
                 }
                 None => NodeConfig::single(dir, listen),
             };
-            if let Some(m) = parse_io_mode(&io_mode)? {
-                cfg.storage.io_mode = m;
-            }
-            if let Some(n) = flushes_in_flight {
-                cfg.storage.flushes_in_flight_max = n;
-            }
+            apply_storage_flags(&mut cfg, parse_io_mode(&io_mode)?, flushes_in_flight);
             run_node(cfg)
         }
         Cmd::Dev(args) => run_dev(args),
@@ -162,12 +171,7 @@ fn run_dev(args: DevArgs) -> anyhow::Result<()> {
             ..NodeConfig::default()
         };
         cfg.chain.nodes = chain.clone();
-        if let Some(m) = io {
-            cfg.storage.io_mode = m;
-        }
-        if let Some(n) = flushes_in_flight {
-            cfg.storage.flushes_in_flight_max = n;
-        }
+        apply_storage_flags(&mut cfg, io, flushes_in_flight);
         if let Some(b) = segment_bytes {
             cfg.storage.segment_bytes = b;
         }

@@ -323,18 +323,12 @@ impl<R: AsyncRead + Unpin + Send> StreamReader<R> {
     /// `len` bytes of a frame's non-batch part through the shared buffer, reading at most
     /// `ahead` bytes past them (0: exactly).
     async fn read_shared(&mut self, len: usize, ahead: usize) -> Result<bytes::Bytes, NetError> {
-        if ahead == 0 {
-            if self.buf.capacity() - self.buf.len() < len {
-                self.make_room(self.buf.len() + len);
-            }
-            while self.buf.len() < len {
-                let want = len - self.buf.len();
-                let n = self.r.read_buf(&mut (&mut self.buf).limit(want)).await?;
-                if n == 0 {
-                    return Err(NetError::Truncated);
-                }
-            }
-        } else if !self.fill_ahead(len, len + ahead).await? {
+        let filled = if ahead == 0 {
+            self.fill(len, true).await?
+        } else {
+            self.fill_ahead(len, len + ahead).await?
+        };
+        if !filled {
             return Err(NetError::Truncated);
         }
         Ok(self.buf.split_to(len).freeze())
@@ -351,12 +345,8 @@ impl<R: AsyncRead + Unpin + Send> StreamReader<R> {
     async fn fill_ahead(&mut self, need: usize, upto: usize) -> Result<bool, NetError> {
         debug_assert!(upto >= need);
         while self.buf.len() < need {
-            if self.buf.capacity() < upto {
-                let mut fresh = BytesMut::with_capacity(READ_BUFFER_BYTES.max(upto));
-                fresh.extend_from_slice(&self.buf);
-                self.buf = fresh;
-            }
             let want = upto - self.buf.len();
+            self.reserve_uncounted(want);
             let n = self.r.read_buf(&mut (&mut self.buf).limit(want)).await?;
             if n == 0 {
                 return if self.buf.is_empty() {
@@ -371,12 +361,19 @@ impl<R: AsyncRead + Unpin + Send> StreamReader<R> {
 
     /// Puts bytes read ahead past a batch (the next frame's first few) into the shared buffer.
     fn keep_read_ahead(&mut self, b: &[u8]) {
-        if self.buf.capacity() - self.buf.len() < b.len() {
-            let mut fresh = BytesMut::with_capacity(READ_BUFFER_BYTES);
+        self.reserve_uncounted(b.len());
+        self.buf.extend_from_slice(b);
+    }
+
+    /// Makes room for `n` more bytes in the shared buffer, moving what it holds to a fresh one
+    /// if needed. Not a payload copy: only headers and control fields are pending here (see
+    /// [`PEER_READ_AHEAD_BYTES`]).
+    fn reserve_uncounted(&mut self, n: usize) {
+        if self.buf.capacity() - self.buf.len() < n {
+            let mut fresh = BytesMut::with_capacity(READ_BUFFER_BYTES.max(self.buf.len() + n));
             fresh.extend_from_slice(&self.buf);
             self.buf = fresh;
         }
-        self.buf.extend_from_slice(b);
     }
 }
 

@@ -1071,13 +1071,11 @@ impl Cluster {
                 continue;
             };
             let end = l.synced_end();
-            let d = self.io_delay();
-            let after = match self.nodes[n].write_failed_due.remove(&log) {
-                Some(due) => d.max(due.saturating_sub(now) + 1),
-                None => d,
-            };
-            let ev = DiskEvent::Reopened { log, end };
-            self.schedule(after, Ev::Disk { node: n, inc, ev });
+            let after_failure = self.nodes[n]
+                .write_failed_due
+                .remove(&log)
+                .map_or(0, |due| due + 1);
+            self.disk_done_after(n, inc, DiskEvent::Reopened { log, end }, after_failure);
         }
     }
 
@@ -1094,9 +1092,15 @@ impl Cluster {
     }
 
     /// Delivers `ev` to node `n` (incarnation `inc`) after a random disk delay.
-    fn disk_done(&mut self, n: usize, inc: u64, ev: DiskEvent) {
-        let d = self.io_delay();
-        self.schedule(d, Ev::Disk { node: n, inc, ev });
+    fn disk_done(&mut self, n: usize, inc: u64, ev: DiskEvent) -> u64 {
+        self.disk_done_after(n, inc, ev, 0)
+    }
+
+    /// [`Cluster::disk_done`], delivered no earlier than time `not_before`; returns when.
+    fn disk_done_after(&mut self, n: usize, inc: u64, ev: DiskEvent, not_before: u64) -> u64 {
+        let at = (self.now + self.io_delay()).max(not_before);
+        self.schedule(at - self.now, Ev::Disk { node: n, inc, ev });
+        at
     }
 
     /// Carries out a node's effects on the simulated disk, network and clients.
@@ -1141,10 +1145,8 @@ impl Cluster {
                         node.failed_full.insert(log);
                         self.checker.on_removed(&removed, false);
                         let code = ErrorCode::StorageFull;
-                        let d = self.io_delay();
-                        self.nodes[n].write_failed_due.insert(log, self.now + d);
-                        let ev = DiskEvent::WriteFailed { log, at, code };
-                        self.schedule(d, Ev::Disk { node: n, inc, ev });
+                        let due = self.disk_done(n, inc, DiskEvent::WriteFailed { log, at, code });
+                        self.nodes[n].write_failed_due.insert(log, due);
                         continue;
                     }
                     let stored = match self.nodes[n].disk.append(log, base, &batches) {
