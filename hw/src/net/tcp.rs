@@ -17,7 +17,7 @@ pub const READ_BUFFER_BYTES: usize = 256 * 1024;
 /// or of the next one can start inside that span (a batch follows its frame's header and fixed
 /// part), so the bytes read ahead are headers and control fields, never record payload, and every
 /// batch is still read straight into a buffer of its own. It saves a read per frame part: an ack
-/// arrives in two reads instead of four, a forwarded batch in three instead of five.
+/// arrives in two reads instead of three, a forwarded batch in three instead of five.
 const PEER_READ_AHEAD_BYTES: usize = FRAME_HEADER_LEN + PEER_FIXED_LEN_MIN;
 /// Most iovecs handed to one `writev` (Linux IOV_MAX is 1024).
 const IOVECS_MAX: usize = 1024;
