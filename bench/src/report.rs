@@ -64,19 +64,30 @@ pub struct Meta {
     pub client_threads: usize,
 }
 
+/// Serde default for a figure a report written by an older version did not have.
+fn nan() -> f64 {
+    f64::NAN
+}
+
 /// Medians over rounds at one in-flight level.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 pub struct LevelSummary {
     pub inflight: usize,
     pub floor_records_per_s: f64,
     pub floor_p50_us: f64,
-    /// The two layouts' own medians (NaN where a layout was not measured).
+    /// The layouts' own medians (NaN where a layout was not measured).
     pub floor_per_batch_records_per_s: f64,
     pub floor_per_batch_p50_us: f64,
     pub floor_packed_records_per_s: f64,
     pub floor_packed_p50_us: f64,
     pub floor_per_batch_cpu_us_per_record: f64,
     pub floor_packed_cpu_us_per_record: f64,
+    #[serde(default = "nan")]
+    pub floor_packed_dsync_records_per_s: f64,
+    #[serde(default = "nan")]
+    pub floor_packed_dsync_p50_us: f64,
+    #[serde(default = "nan")]
+    pub floor_packed_dsync_cpu_us_per_record: f64,
     pub single_records_per_s: f64,
     pub single_mb_per_s: f64,
     pub single_p50_us: f64,
@@ -271,6 +282,15 @@ pub fn summarize(
             floor_packed_cpu_us_per_record: median(&col(&|r| {
                 layout_run(r, i, Layout::Packed).and_then(|f| f.cpu_us_per_record)
             })),
+            floor_packed_dsync_records_per_s: median(&col(&|r| {
+                layout_run(r, i, Layout::PackedDsync).map(|f| f.records_per_s)
+            })),
+            floor_packed_dsync_p50_us: median(&col(&|r| {
+                layout_run(r, i, Layout::PackedDsync).map(|f| f.p50_us)
+            })),
+            floor_packed_dsync_cpu_us_per_record: median(&col(&|r| {
+                layout_run(r, i, Layout::PackedDsync).and_then(|f| f.cpu_us_per_record)
+            })),
             single_records_per_s: median(&col(&single)),
             single_mb_per_s: median(&col(&|r| at(&r.single, i).map(|a| a.mb_per_s))),
             single_p50_us: median(&col(&|r| at(&r.single, i).map(|a| a.latency.p50_us))),
@@ -418,29 +438,32 @@ impl SuiteReport {
         }
         let _ = writeln!(
             s,
-            "\nDisk floor at N in flight: N single-record batches ({} B each) made durable by one fdatasync; the floor is the better of N page-aligned writes and one packed write (both below). The chain's floor is it ÷ {nodes} (all replicas share the disk). Each round runs, per level, the floor, a fresh single node and a fresh chain back to back (order rotated per round); ratios are medians of per-round ratios.",
+            "\nDisk floor at N in flight: N single-record batches ({} B each) made durable at once; the floor is the best of N page-aligned writes + fdatasync, one packed write + fdatasync, and (O_DIRECT) one packed RWF_DSYNC write, the server's own way (all below). The chain's floor is it ÷ {nodes} (all replicas share the disk). Each round runs, per level, the floor, a fresh single node and a fresh chain back to back (order rotated per round); ratios are medians of per-round ratios.",
             m.record_bytes + HEADER_LEN + RECORD_OVERHEAD
         );
         let _ = writeln!(
             s,
-            "\n## Disk floor by layout (records/s; p50 µs per fdatasync round; CPU µs per record of the floor process)\n"
+            "\n## Disk floor by layout (records/s; p50 µs per durable round; CPU µs per record of the floor process)\n"
         );
         let _ = writeln!(
             s,
-            "| in flight | N writes | p50 | CPU µs/rec | 1 packed write | p50 | CPU µs/rec |"
+            "| in flight | N writes + fdatasync | p50 | CPU µs/rec | 1 packed write + fdatasync | p50 | CPU µs/rec | 1 packed RWF_DSYNC write | p50 | CPU µs/rec |"
         );
-        let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|");
+        let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
         for l in &self.levels {
             let _ = writeln!(
                 s,
-                "| {} | {} | {} | {} | {} | {} | {} |",
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
                 l.inflight,
                 n(l.floor_per_batch_records_per_s),
                 n(l.floor_per_batch_p50_us),
                 n(l.floor_per_batch_cpu_us_per_record),
                 n(l.floor_packed_records_per_s),
                 n(l.floor_packed_p50_us),
-                n(l.floor_packed_cpu_us_per_record)
+                n(l.floor_packed_cpu_us_per_record),
+                n(l.floor_packed_dsync_records_per_s),
+                n(l.floor_packed_dsync_p50_us),
+                n(l.floor_packed_dsync_cpu_us_per_record)
             );
         }
         if self

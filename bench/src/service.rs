@@ -1,6 +1,6 @@
 //! The service floor: the smallest durable append service that can exist on this machine — a
 //! blocking thread that reads requests from a loopback TCP socket, group-commits them with one
-//! io_uring write + fdatasync, and acknowledges them — driven by a closed loop of the same
+//! io_uring durable write (`RWF_DSYNC` with O_DIRECT, else write + fdatasync), and acknowledges them — driven by a closed loop of the same
 //! appends in flight. No protocol, no checks, no event loop: what is left is the disk, the
 //! socket round trip and the wake-ups between them, which any implementation pays. For a
 //! chain, such services stand in a line: each forwards what it read before its own write, and
@@ -177,8 +177,8 @@ fn drive(
     }
 }
 
-/// The service: read what has arrived, forward it to the successor (if any) at once, write +
-/// fdatasync every complete request in it as one group, wait for the successor's
+/// The service: read what has arrived, forward it to the successor (if any) at once, make
+/// every complete request in it durable as one group (one write), wait for the successor's
 /// acknowledgements of them, acknowledge them, repeat. Returns (requests served, group commits).
 fn serve(
     listener: TcpListener,
@@ -261,26 +261,31 @@ fn serve_loop(
         cur.set_len(if direct { padded } else { used });
         let write = std::mem::replace(&mut cur, next);
         filled = tail;
-        ring.push_chain(vec![
-            (
-                0,
-                Op::Write {
-                    file: file.clone(),
-                    offset: pos,
-                    buf: write,
-                },
-            ),
-            (
+        // With O_DIRECT one RWF_DSYNC write, as the server's storage does; else write +
+        // fdatasync.
+        let mut ops = vec![(
+            0,
+            Op::Write {
+                file: file.clone(),
+                offset: pos,
+                buf: write,
+                dsync: direct,
+            },
+        )];
+        if !direct {
+            ops.push((
                 1,
                 Op::Sync {
                     file: file.clone(),
                     datasync: true,
                 },
-            ),
-        ])?;
+            ));
+        }
+        let expected = ops.len();
+        ring.push_chain(ops)?;
         ring.submit()?;
         let mut got = 0;
-        while got < 2 {
+        while got < expected {
             ring.wait(None)?;
             done.clear();
             ring.complete(&mut done)?;

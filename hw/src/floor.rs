@@ -1,5 +1,6 @@
-//! The disk's durable-write floor: io_uring writes of a batch plus one fdatasync per round on a
-//! pre-zeroed file, with nothing else in the way. Benchmarks report storage against this.
+//! The disk's durable-write floor: io_uring writes of a batch plus one fdatasync per round (or
+//! one `RWF_DSYNC` write per round) on a pre-zeroed file, with nothing else in the way.
+//! Benchmarks report storage against this.
 
 use crate::buf::{round_up_page, AlignedBuf};
 use crate::disk;
@@ -14,11 +15,22 @@ use std::time::Instant;
 /// Largest scratch file; rounds wrap around inside it.
 const FLOOR_FILE_BYTES_MAX: u64 = 64 << 20;
 
+/// How a floor round makes its writes durable.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub enum FloorSync {
+    /// The round's writes, then one `fdatasync`.
+    Fdatasync,
+    /// One write carrying `RWF_DSYNC` (the kernel flushes before completing it): O_DIRECT and
+    /// one write per round only, as the server's storage writes a group.
+    DsyncWrite,
+}
+
 /// What one floor measurement found.
 #[derive(Clone, Debug, Serialize)]
 pub struct FloorResult {
     pub batch_bytes: usize,
     pub writes_per_sync: usize,
+    pub sync: FloorSync,
     pub rounds: usize,
     /// O_DIRECT was used (probe said it works), else buffered writes.
     pub direct: bool,
@@ -32,13 +44,14 @@ pub struct FloorResult {
     pub max_us: u64,
 }
 
-/// Measures `rounds` rounds of `writes_per_sync` writes of `batch_bytes` each, then one
-/// fdatasync, on a pre-zeroed scratch file in `dir` (removed afterwards).
+/// Measures `rounds` rounds of `writes_per_sync` writes of `batch_bytes` each, made durable as
+/// `sync` says, on a pre-zeroed scratch file in `dir` (removed afterwards).
 pub fn durable_write_floor(
     dir: &Path,
     batch_bytes: usize,
     writes_per_sync: usize,
     rounds: usize,
+    sync: FloorSync,
 ) -> Result<FloorResult> {
     if batch_bytes == 0 || writes_per_sync == 0 || rounds == 0 {
         return Err(HwError::Invalid("floor needs non-zero sizes".into()));
@@ -48,6 +61,12 @@ pub fn durable_write_floor(
         return Err(HwError::UringUnavailable(why.to_string()));
     }
     let direct = caps.direct_ok;
+    let dsync = sync == FloorSync::DsyncWrite;
+    if dsync && (writes_per_sync != 1 || !direct) {
+        return Err(HwError::Invalid(
+            "an RWF_DSYNC floor takes one O_DIRECT write per round".into(),
+        ));
+    }
     // O_DIRECT writes whole pages; buffered writes the exact batch.
     let stride = if direct {
         round_up_page(batch_bytes)
@@ -90,6 +109,7 @@ pub fn durable_write_floor(
                             file: file.clone(),
                             offset: base + (w + i) as u64 * stride,
                             bufs: vec![payload.clone()],
+                            dsync,
                         },
                     )?;
                 }
@@ -109,6 +129,10 @@ pub fn durable_write_floor(
                     got += done.len();
                 }
                 w += n;
+            }
+            if dsync {
+                lat_us.push(start.elapsed().as_micros() as u64);
+                continue;
             }
             let c = ring.run_chain(vec![(
                 0,
@@ -132,6 +156,7 @@ pub fn durable_write_floor(
         Ok(FloorResult {
             batch_bytes,
             writes_per_sync,
+            sync,
             rounds,
             direct,
             ops_per_s: ops / secs,
@@ -158,11 +183,22 @@ mod tests {
             eprintln!("skipping floor: {why}");
             return;
         }
-        let r = durable_write_floor(dir.path(), 4096, 4, 5).unwrap();
+        let r = durable_write_floor(dir.path(), 4096, 4, 5, FloorSync::Fdatasync).unwrap();
         assert_eq!(r.rounds, 5);
         assert!(r.ops_per_s > 0.0);
         assert!(r.p50_us <= r.p99_us && r.p99_us <= r.max_us);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
         eprintln!("{r:?}");
+        // RWF_DSYNC takes exactly one O_DIRECT write per round.
+        assert!(durable_write_floor(dir.path(), 4096, 4, 5, FloorSync::DsyncWrite).is_err());
+        let d = durable_write_floor(dir.path(), 4096, 1, 5, FloorSync::DsyncWrite);
+        if caps.direct_ok {
+            let d = d.unwrap();
+            assert_eq!((d.rounds, d.sync), (5, FloorSync::DsyncWrite));
+            assert!(d.ops_per_s > 0.0);
+        } else {
+            assert!(d.is_err());
+        }
+        assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
     }
 }

@@ -22,17 +22,20 @@ pub const RING_ENTRIES_MAX: u32 = 4096;
 /// An operation and the resources it owns until completion.
 #[derive(Debug)]
 pub enum Op {
-    /// Writes `bufs` back to back starting at `offset` (at most [`IOV_MAX`] buffers).
+    /// Writes `bufs` back to back starting at `offset` (at most [`IOV_MAX`] buffers); with
+    /// `dsync` as `RWF_DSYNC` (durable, device cache flushed, when it completes).
     Writev {
         file: Arc<File>,
         offset: u64,
         bufs: Vec<Bytes>,
+        dsync: bool,
     },
-    /// Writes `buf.as_slice()` at `offset`.
+    /// Writes `buf.as_slice()` at `offset`; with `dsync` as `RWF_DSYNC`.
     Write {
         file: Arc<File>,
         offset: u64,
         buf: AlignedBuf,
+        dsync: bool,
     },
     /// Reads up to `len` bytes at `offset` into the start of `buf`; the completion's buffer has
     /// `len()` set to the bytes read.
@@ -251,7 +254,12 @@ impl Ring {
         };
         let mut iovecs = None;
         let entry = match &mut op {
-            Op::Writev { file, offset, bufs } => {
+            Op::Writev {
+                file,
+                offset,
+                bufs,
+                dsync,
+            } => {
                 assert!(bufs.len() <= IOV_MAX, "writev of {} buffers", bufs.len());
                 let v: Vec<libc::iovec> = bufs
                     .iter()
@@ -263,15 +271,22 @@ impl Ring {
                 let e =
                     opcode::Writev::new(types::Fd(file.as_raw_fd()), v.as_ptr(), v.len() as u32)
                         .offset(*offset)
+                        .rw_flags(if *dsync { libc::RWF_DSYNC } else { 0 })
                         .build();
                 iovecs = Some(IoVecs(v));
                 e
             }
-            Op::Write { file, offset, buf } => {
+            Op::Write {
+                file,
+                offset,
+                buf,
+                dsync,
+            } => {
                 let len = u32::try_from(buf.len())
                     .map_err(|_| HwError::Invalid(format!("write of {} bytes", buf.len())))?;
                 opcode::Write::new(types::Fd(file.as_raw_fd()), buf.as_ptr(), len)
                     .offset(*offset)
+                    .rw_flags(if *dsync { libc::RWF_DSYNC } else { 0 })
                     .build()
             }
             Op::Read {
@@ -550,6 +565,7 @@ mod tests {
                         file: f.clone(),
                         offset: 10,
                         bufs: vec![a, b],
+                        dsync: false,
                     },
                 ),
                 (
@@ -628,6 +644,7 @@ mod tests {
                         file: f.clone(),
                         offset: 0,
                         bufs: vec![Bytes::from_static(b"abc")],
+                        dsync: false,
                     },
                 ),
                 (
