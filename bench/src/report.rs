@@ -503,12 +503,12 @@ impl SuiteReport {
             }
             let _ = writeln!(
                 s,
-                "\nService floor: one blocking thread reads the in-flight appends' batch bytes from a loopback TCP socket straight into an aligned buffer, writes them with one io_uring write + linked fdatasync and acknowledges; the load is a blocking closed loop with all appends in flight in one request. No protocol, no checks, no event loop: only the disk, the round trip and the wake-ups between them. The service chain puts such services in a line (each forwards before its own write and acknowledges once durable and acknowledged by its successor; files on the same disk). When floor ÷ service is above 1.5, no service with a network hop can meet a 1.5× target against the disk floor on this machine."
+                "\nService floor: one blocking thread reads the in-flight appends' batch bytes from a loopback TCP socket straight into an aligned buffer, makes them durable with one io_uring write (RWF_DSYNC with O_DIRECT, as the server does; else write + linked fdatasync) and acknowledges; the load is a blocking closed loop with all appends in flight in one request. No protocol, no checks, no event loop: only the disk, the round trip and the wake-ups between them. The service chain puts such services in a line (each forwards before its own write and acknowledges once durable and acknowledged by its successor; files on the same disk). When floor ÷ service is above 1.5, no service with a network hop can meet a 1.5× target against the disk floor on this machine."
             );
         }
         let _ = writeln!(
             s,
-            "\n## Latency (µs, closed loop; floor = one round of writes + fdatasync)\n"
+            "\n## Latency (µs, closed loop; floor = one durable round of the best layout)\n"
         );
         let _ = writeln!(
             s,

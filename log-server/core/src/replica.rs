@@ -40,6 +40,9 @@ pub const SUBSCRIPTIONS_MAX: usize = 4096;
 pub const SUBSCRIPTION_READ_BYTES: usize = 1 << 20;
 /// Clients waiting on one `CreateLog` or `Trim`.
 pub const WAITERS_PER_LOG_MAX: usize = 256;
+/// Arrivals not yet covered by a durable ack are reported at the first tick at least this long
+/// after them (a flush normally acks them sooner).
+pub const ARRIVAL_ACK_DELAY_US: u64 = 1_000;
 
 /// Tunables of one replica. Defaults come from [`ReplicaConfig::new`].
 #[derive(Clone, Debug)]
@@ -212,6 +215,8 @@ struct SuccLog {
 struct PredLog {
     ack_sent: Offset,
     chain_sent: Option<Offset>,
+    /// When the chain end first moved past `chain_sent` (arrivals not yet reported).
+    chain_moved_at: Option<Instant>,
     force: bool,
     resend: bool,
     serving_fetch: Option<ReadToken>,
@@ -1920,7 +1925,7 @@ impl Replica {
             self.pump_succ(l, now, out);
         }
         if self.place.pred.is_some() && self.pred_session.is_some() {
-            self.pump_ack(l, out);
+            self.pump_ack(l, now, out);
         }
     }
 
@@ -2299,7 +2304,7 @@ impl Replica {
     }
 
     /// Tells the predecessor how far this node and everything after it are durable.
-    fn pump_ack(&mut self, l: &mut LogState, out: &mut Vec<Effect>) {
+    fn pump_ack(&mut self, l: &mut LogState, now: Instant, out: &mut Vec<Effect>) {
         let (Some(pred), Some(session)) = (self.place.pred, self.pred_session) else {
             return;
         };
@@ -2315,12 +2320,23 @@ impl Replica {
         let ack_end = self.ack_end(l);
         let p = &mut l.pred;
         // A chain end that moved only because batches arrived rides on the next durable ack
-        // (one flush away) or the next tick, whichever is first: an ack per received batch
-        // doubled the messages, reads and wake-ups per hop, and the CPU they took on a small
-        // machine delayed the successor's copy. The first ack of a session, and every ack a
-        // gap, duplicate or resend asks for (`force`, `resend`), still go at once.
+        // (one flush away), or goes with the first tick at least `ARRIVAL_ACK_DELAY_US` after
+        // the arrival, whichever is first: an ack per received batch doubled the messages,
+        // reads and wake-ups per hop, and the CPU they took on a small machine delayed the
+        // successor's copy. (Any tick was not enough: the runtime's millisecond timer is
+        // nearly always due when a batch wakes the node, so arrivals were still acked at once
+        // in most cycles.) The first ack of a session, and every ack a gap, duplicate or
+        // resend asks for (`force`, `resend`), still go at once.
         let chain_moved = p.chain_sent != Some(chain_end);
-        let chain_due = chain_moved && (self.ticking || p.chain_sent.is_none());
+        if !chain_moved {
+            p.chain_moved_at = None;
+        } else if p.chain_moved_at.is_none() {
+            p.chain_moved_at = Some(now);
+        }
+        let arrival_old = p
+            .chain_moved_at
+            .is_some_and(|t| now.saturating_since(t) >= ARRIVAL_ACK_DELAY_US);
+        let chain_due = chain_moved && ((self.ticking && arrival_old) || p.chain_sent.is_none());
         if ack_end > p.ack_sent || chain_due || p.force || p.resend {
             self.ack_seq += 1;
             out.push(Effect::Send {
@@ -2339,6 +2355,7 @@ impl Replica {
             });
             p.ack_sent = p.ack_sent.max(ack_end);
             p.chain_sent = Some(chain_end);
+            p.chain_moved_at = None;
             p.force = false;
             p.resend = false;
         }

@@ -1014,11 +1014,26 @@ fn a_received_batch_is_acknowledged_once_durable_or_at_the_next_tick() {
     assert_eq!(acks_sent(&e), vec![(Offset(2), Offset(2), Offset(2))]);
     let e = h.peer(1, pred_append(2));
     assert!(acks_sent(&e).is_empty());
-    let e = h.tick(1000);
+    // The runtime's timer is nearly always due when a batch arrives: a tick right after the
+    // arrival must not report it (the flush about to finish will).
+    assert!(
+        acks_sent(&h.tick(1)).is_empty(),
+        "a tick just after the arrival waits"
+    );
+    assert!(acks_sent(&h.tick(ARRIVAL_ACK_DELAY_US - 2)).is_empty());
+    let e = h.tick(1);
     assert_eq!(
         acks_sent(&e),
         vec![(Offset(3), Offset(2), Offset(3))],
-        "the tick reports the arrival"
+        "the first tick a delay after the arrival reports it"
     );
     assert!(acks_sent(&h.tick(1000)).is_empty(), "and only once");
+    // The delay counts from the arrival not yet reported, not from the last ack.
+    let e = h.peer(1, pred_append(3));
+    assert!(acks_sent(&e).is_empty());
+    assert!(acks_sent(&h.tick(ARRIVAL_ACK_DELAY_US - 1)).is_empty());
+    assert_eq!(
+        acks_sent(&h.tick(1)),
+        vec![(Offset(4), Offset(2), Offset(4))]
+    );
 }
