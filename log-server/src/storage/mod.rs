@@ -310,6 +310,8 @@ pub struct Failpoints {
     pub short_write: AtomicU64,
     /// Next N free-space checks of a log that failed full find no room (it stays failed).
     pub no_free_space: AtomicU64,
+    /// Next N zeroings of a failed write's range fail (its bytes stay on disk).
+    pub zero_fail: AtomicU64,
 }
 
 impl Failpoints {

@@ -479,6 +479,49 @@ fn enospc_reports_storage_full_and_the_log_recovers() {
     }
 }
 
+/// A full disk whose failed range cannot be zeroed is a storage error, not `StorageFull`: the
+/// failed write's bytes stay on disk and come back after a restart, so the failure is no
+/// proof that the append is stored nowhere.
+#[test]
+fn a_failed_range_that_cannot_be_zeroed_is_no_proof_of_storing_nothing() {
+    for mode in modes() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = small_cfg(dir.path(), mode);
+        let n = Node::open(&cfg);
+        let log = LogId::from_name("z");
+        n.create(log, "z");
+        let e1 = n.append(log, Offset(0), vec![batch(log, Offset(0), 2, 50, (0, 0))]);
+        // The injected ENOSPC replaces the result of a write that did reach the file.
+        n.st().failpoints().zero_fail.store(1, Ordering::Release);
+        n.st().failpoints().write_enospc.store(1, Ordering::Release);
+        let a = batch(log, e1, 3, 50, (0, 0));
+        let ea = end_of(e1, std::slice::from_ref(&a));
+        n.st().append(log, e1, vec![a.clone()]);
+        match n.next() {
+            DiskEvent::WriteFailed { log: l, at, code } => {
+                assert_eq!(
+                    (l, at, code),
+                    (log, e1, ErrorCode::StorageError),
+                    "{mode:?}"
+                );
+            }
+            e => panic!("unexpected {e:?}"),
+        }
+        // The log stays failed (no reopening: it is not merely full).
+        n.st().append(log, e1, vec![batch(log, e1, 1, 10, (0, 0))]);
+        match n.next() {
+            DiskEvent::WriteFailed { at, .. } => assert_eq!(at, e1),
+            e => panic!("unexpected {e:?}"),
+        }
+        n.shutdown();
+        // After a restart the batch the failure was reported for is there after all.
+        let n = Node::open(&cfg);
+        assert_eq!(n.recovered(log).end, ea, "{mode:?}");
+        assert_eq!(n.read(log, e1, ea, 1 << 20).unwrap(), vec![a], "{mode:?}");
+        n.shutdown();
+    }
+}
+
 /// A log that failed full is reopened at its durable end by the writer's once-a-second
 /// free-space check, only once the check finds room; one that failed with EIO is not.
 #[test]

@@ -945,22 +945,36 @@ impl Writer {
         l.queue.retain(|i| !matches!(i, Item::Batch(..)));
         l.accepted_end = at;
         l.failed = true;
-        l.full = code == ErrorCode::StorageFull;
+        let mut code = code;
         if let (Some(to), Some(seg)) = (dirty_to, l.segs.last()) {
             let from = seg.end_pos;
-            let r = std::fs::OpenOptions::new()
-                .write(true)
-                .open(&seg.path)
-                .map_err(|e| HwError::io("open segment", e))
-                .and_then(|f| {
-                    disk::write_zeros(&f, from, to.saturating_sub(from))?;
-                    disk::fdatasync(&f)
-                });
+            let r = if Failpoints::take(&self.failpoints.zero_fail) {
+                Err(HwError::io(
+                    "zero a failed range",
+                    io::Error::other("injected"),
+                ))
+            } else {
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .open(&seg.path)
+                    .map_err(|e| HwError::io("open segment", e))
+                    .and_then(|f| {
+                        disk::write_zeros(&f, from, to.saturating_sub(from))?;
+                        disk::fdatasync(&f)
+                    })
+            };
             if let Err(e) = r {
                 tracing::error!(log = %id, "could not zero the range of a failed write ({e}); the log refuses writes until the node is restarted");
                 l.broken = true;
+                // What the failed writes put on disk stays there, and recovery may find it
+                // intact after a restart: the failure no longer proves those appends stored
+                // nowhere, which is what `StorageFull` tells a client.
+                if code == ErrorCode::StorageFull {
+                    code = ErrorCode::StorageError;
+                }
             }
         }
+        l.full = code == ErrorCode::StorageFull;
         if !l.queue.is_empty() {
             self.pending.insert(id);
         }
