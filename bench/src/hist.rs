@@ -13,10 +13,17 @@ const LATENCY_NS_MAX: u64 = 60_000_000_000;
 /// Three significant digits: 0.1% resolution at every magnitude.
 const SIGFIG: u8 = 3;
 
-/// A latency histogram in nanoseconds.
+/// Samples a histogram holds back before recording them as one block.
+const PENDING_MAX: usize = 1024;
+
+/// A latency histogram in nanoseconds. Samples are recorded a block at a time: a closed loop
+/// of 128 tasks has 128 histograms of ~220 KiB each, and recording into them one sample at a
+/// time in turn missed the cache on nearly every sample (7% of the load generator's CPU,
+/// inside its turnaround between a reply and the next batch).
 #[derive(Clone, Debug)]
 pub struct LatencyHist {
     h: Histogram<u64>,
+    pending: Vec<u64>,
 }
 
 impl Default for LatencyHist {
@@ -31,15 +38,29 @@ impl LatencyHist {
         // sigfig <= 5), so construction cannot fail.
         let h = Histogram::new_with_bounds(LATENCY_NS_MIN, LATENCY_NS_MAX, SIGFIG)
             .unwrap_or_else(|e| panic!("histogram bounds are constants: {e}"));
-        LatencyHist { h }
+        LatencyHist {
+            h,
+            pending: Vec::new(),
+        }
     }
 
     /// Records one latency; values past the tracked range are clamped, never dropped, so a stall
     /// still shows up as the maximum.
     pub fn record(&mut self, d: Duration) {
         let ns = u64::try_from(d.as_nanos()).unwrap_or(u64::MAX);
-        self.h
-            .saturating_record(ns.clamp(LATENCY_NS_MIN, LATENCY_NS_MAX));
+        if self.pending.capacity() == 0 {
+            self.pending.reserve_exact(PENDING_MAX);
+        }
+        self.pending.push(ns.clamp(LATENCY_NS_MIN, LATENCY_NS_MAX));
+        if self.pending.len() >= PENDING_MAX {
+            self.flush();
+        }
+    }
+
+    fn flush(&mut self) {
+        for ns in self.pending.drain(..) {
+            self.h.saturating_record(ns);
+        }
     }
 
     pub fn record_us(&mut self, us: u64) {
@@ -47,14 +68,18 @@ impl LatencyHist {
     }
 
     pub fn count(&self) -> u64 {
-        self.h.len()
+        self.h.len() + self.pending.len() as u64
     }
 
     /// Adds `other`'s counts to this one (same bounds, so it cannot fail).
     pub fn merge(&mut self, other: &LatencyHist) {
+        self.flush();
         self.h
             .add(&other.h)
             .unwrap_or_else(|e| panic!("histograms share constant bounds: {e}"));
+        for &ns in &other.pending {
+            self.h.saturating_record(ns);
+        }
     }
 
     /// Merges per-task histograms into one.
@@ -73,6 +98,11 @@ impl LatencyHist {
     pub fn summary(&self) -> LatencySummary {
         if self.count() == 0 {
             return LatencySummary::default();
+        }
+        if !self.pending.is_empty() {
+            let mut all = self.clone();
+            all.flush();
+            return all.summary();
         }
         LatencySummary {
             count: self.count(),
@@ -148,6 +178,30 @@ mod tests {
         h.record(Duration::ZERO);
         assert_eq!(h.count(), 2);
         assert!(h.summary().max_us >= 59_000_000.0);
+    }
+
+    /// Samples held back (fewer than a block, or a block and some) count everywhere: in the
+    /// count, the summary and a merge.
+    #[test]
+    fn held_back_samples_count_everywhere() {
+        let mut a = LatencyHist::new();
+        let mut exact =
+            Histogram::<u64>::new_with_bounds(LATENCY_NS_MIN, LATENCY_NS_MAX, SIGFIG).unwrap();
+        for us in 1..=(PENDING_MAX as u64 + 10) {
+            a.record_us(us);
+            exact.record(us * 1000).unwrap();
+        }
+        assert_eq!(a.count(), PENDING_MAX as u64 + 10);
+        assert!(!a.pending.is_empty(), "the test needs samples held back");
+        let s = a.summary();
+        assert_eq!(s.count, exact.len());
+        assert_eq!(s.max_us, exact.max() as f64 / 1000.0);
+        assert_eq!(s.p50_us, exact.value_at_quantile(0.5) as f64 / 1000.0);
+        let mut b = LatencyHist::new();
+        b.record_us(5);
+        b.merge(&a);
+        assert_eq!(b.count(), PENDING_MAX as u64 + 11);
+        assert_eq!(LatencyHist::merged([&a, &a]).count(), 2 * a.count());
     }
 
     #[test]

@@ -195,7 +195,9 @@ struct Group {
 pub(crate) struct Accum {
     builder: BatchBuilder,
     groups: Vec<Group>,
-    permits: Vec<OwnedSemaphorePermit>,
+    /// Every group's share of the buffer budget, merged: one release when the batch ends
+    /// (a permit per record took the semaphore's lock once per record).
+    permits: Option<OwnedSemaphorePermit>,
 }
 
 impl Accum {
@@ -203,7 +205,7 @@ impl Accum {
         Accum {
             builder: BatchBuilder::with_capacity(capacity),
             groups: Vec::new(),
-            permits: Vec::new(),
+            permits: None,
         }
     }
 
@@ -234,7 +236,11 @@ impl Accum {
             start,
             count,
         });
-        self.permits.push(item.permit);
+        match &mut self.permits {
+            // All permits come from the client's one buffer semaphore.
+            Some(p) => p.merge(item.permit),
+            None => self.permits = Some(item.permit),
+        }
         Ok(())
     }
 
@@ -270,7 +276,7 @@ struct Batch {
     count: u32,
     groups: Vec<Group>,
     /// Buffer budget, returned when the batch is answered.
-    _permits: Vec<OwnedSemaphorePermit>,
+    _permits: Option<OwnedSemaphorePermit>,
     /// Failed attempts so far.
     attempts: u32,
     /// The last failure named the new head: resend without a pause.
