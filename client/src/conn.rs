@@ -168,6 +168,12 @@ impl Conn {
             .map_err(|_| timeout())?
             .map_err(|e| Error::io(addr, &e))?;
         stream.set_nodelay(true).map_err(|e| Error::io(addr, &e))?;
+        // Room for a whole batch each way (see `limits::SOCKET_BUFFER_BYTES`); only speed
+        // depends on it, so a refusal is not an error.
+        let sock = socket2::SockRef::from(&stream);
+        let _ = sock
+            .set_send_buffer_size(chainlog_core::limits::SOCKET_BUFFER_BYTES)
+            .and_then(|()| sock.set_recv_buffer_size(chainlog_core::limits::SOCKET_BUFFER_BYTES));
         let (rd, mut wr) = stream.into_split();
         let mut reader = FrameReader::new(rd);
         let hello = Hello {

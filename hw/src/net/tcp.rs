@@ -434,6 +434,23 @@ impl<W: AsyncWrite + Unpin + Send> FrameSend for StreamWriter<W> {
     }
 }
 
+/// Socket options every chainlog TCP connection gets: no Nagle (small frames such as acks and
+/// commits must not wait) and send/receive buffers of `limits::SOCKET_BUFFER_BYTES`. Failures
+/// only cost speed, so they are logged, not returned.
+pub fn tune(stream: &tokio::net::TcpStream) {
+    if let Err(e) = stream.set_nodelay(true) {
+        tracing::debug!("TCP_NODELAY: {e}");
+    }
+    let s = socket2::SockRef::from(stream);
+    let bytes = chainlog_core::limits::SOCKET_BUFFER_BYTES;
+    if let Err(e) = s
+        .set_send_buffer_size(bytes)
+        .and_then(|()| s.set_recv_buffer_size(bytes))
+    {
+        tracing::debug!("socket buffer sizes: {e}");
+    }
+}
+
 /// A TCP connection split into a frame reader (with `policy`) and a frame writer.
 pub fn split_with(
     stream: tokio::net::TcpStream,
@@ -442,7 +459,7 @@ pub fn split_with(
     StreamReader<tokio::net::tcp::OwnedReadHalf>,
     StreamWriter<tokio::net::tcp::OwnedWriteHalf>,
 ) {
-    let _ = stream.set_nodelay(true);
+    tune(&stream);
     let (r, w) = stream.into_split();
     (StreamReader::with_policy(r, policy), StreamWriter::new(w))
 }
@@ -454,8 +471,7 @@ pub fn split(
     StreamReader<tokio::net::tcp::OwnedReadHalf>,
     StreamWriter<tokio::net::tcp::OwnedWriteHalf>,
 ) {
-    // Small frames (acks, commits) must not wait for Nagle.
-    let _ = stream.set_nodelay(true);
+    tune(&stream);
     let (r, w) = stream.into_split();
     (StreamReader::new(r), StreamWriter::new(w))
 }
@@ -463,6 +479,43 @@ pub fn split(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Both ends of a split connection ask for buffers the size of the largest frame (as far
+    /// as the kernel's maximum allows), instead of autotuning from a few KiB.
+    #[tokio::test]
+    async fn split_connections_get_whole_frame_socket_buffers() {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (c, s) = tokio::join!(tokio::net::TcpStream::connect(addr), l.accept());
+        let (c, (s, _)) = (c.unwrap(), s.unwrap());
+        let untuned = socket2::SockRef::from(&c).recv_buffer_size().unwrap();
+        let kernel_max = |f: &str| -> usize {
+            std::fs::read_to_string(f)
+                .ok()
+                .and_then(|v| v.trim().parse().ok())
+                .unwrap_or(0)
+        };
+        let want_recv = chainlog_core::limits::SOCKET_BUFFER_BYTES
+            .min(kernel_max("/proc/sys/net/core/rmem_max"));
+        let want_send = chainlog_core::limits::SOCKET_BUFFER_BYTES
+            .min(kernel_max("/proc/sys/net/core/wmem_max"));
+        tune(&c);
+        let (r, w) = split(s);
+        for sock in [
+            socket2::SockRef::from(&c),
+            socket2::SockRef::from(r.r.as_ref()),
+        ] {
+            // Linux reports twice what was granted (it counts its bookkeeping).
+            let recv = sock.recv_buffer_size().unwrap();
+            let send = sock.send_buffer_size().unwrap();
+            assert!(
+                recv >= want_recv && recv >= untuned,
+                "recv {recv}, want {want_recv}"
+            );
+            assert!(send >= want_send, "send {send}, want {want_send}");
+        }
+        drop(w);
+    }
     use bytes::Bytes;
     use chainlog_core::wire::encode_frame;
 

@@ -22,6 +22,14 @@ pub const PIPELINE_BYTES_DEFAULT: usize = 32 << 20;
 /// Most requests one client connection may have in flight; further frames are not read until
 /// replies drain (TCP backpressure).
 pub const CONNECTION_REQUESTS_MAX: usize = 4096;
+/// Send and receive buffer every TCP connection asks for (client and peer, both ends): room
+/// for the largest frame, so a forwarded batch goes out in one piece instead of in
+/// window-sized parts sent later from the receiver's acknowledgements. Fixed sizes turn off
+/// the kernel's autotuning, which starts connections at 16 KiB send / 128 KiB receive; the
+/// kernel caps the request at `net.core.{w,r}mem_max`. On the dev chain at 128 in flight a
+/// forwarded batch's `writev` took 26-29 µs instead of 37-52 and the chain won 5 of 6
+/// interleaved pairs.
+pub const SOCKET_BUFFER_BYTES: usize = 4 << 20;
 /// Most client connections a node accepts at once.
 pub const CONNECTIONS_MAX: usize = 1024;
 /// Disk alignment used for O_DIRECT segment files (logical block size we require).
