@@ -191,6 +191,11 @@ pub struct StorageStats {
     pub padding_bytes: u64,
     pub writes: u64,
     pub fsyncs: u64,
+    /// Of `fsyncs`, groups made durable by a whole-file fdatasync after their write rather
+    /// than by the write itself (`RWF_DSYNC`): every group in buffered mode; with O_DIRECT the
+    /// first group of a new segment and of each start-up, whose header went through the page
+    /// cache and which `RWF_DSYNC` would not sync.
+    pub file_syncs: u64,
     /// Batches made durable.
     pub batches: u64,
     /// Write + fdatasync groups completed (batches / groups is the group-commit factor).
@@ -212,6 +217,7 @@ pub(crate) struct Counters {
     pub padding_bytes: AtomicU64,
     pub writes: AtomicU64,
     pub fsyncs: AtomicU64,
+    pub file_syncs: AtomicU64,
     pub batches: AtomicU64,
     pub groups: AtomicU64,
     pub copy_bytes: AtomicU64,
@@ -567,6 +573,7 @@ impl Storage {
             padding_bytes: l(&c.padding_bytes),
             writes: l(&c.writes),
             fsyncs: l(&c.fsyncs),
+            file_syncs: l(&c.file_syncs),
             batches: l(&c.batches),
             groups: l(&c.groups),
             copy_bytes: l(&c.copy_bytes),

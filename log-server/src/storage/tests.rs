@@ -701,6 +701,56 @@ fn rolls_and_groups_of_many_logs_share_a_small_ring() {
     }
 }
 
+/// `RWF_DSYNC` syncs only the bytes it writes, and a roll writes the new segment's header
+/// through the page cache: the first group of every segment (and of a start-up) must be made
+/// durable by a whole-file fdatasync, or a crash could leave acknowledged batches behind a
+/// blank header, which recovery takes for an unused segment. The others need not be.
+#[test]
+fn the_first_group_of_each_segment_syncs_the_whole_file() {
+    for mode in modes() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = small_cfg(dir.path(), mode);
+        let n = Node::open(&cfg);
+        let log = LogId::from_name("h");
+        n.create(log, "h");
+        let mut end = Offset(0);
+        // One group at a time, 64 KiB each: 16 per 1 MiB segment, about 4 segments.
+        for _ in 0..60 {
+            end = n.append(log, end, vec![batch(log, end, 8, 8000, (0, 0))]);
+        }
+        let s = n.st().stats();
+        assert!(s.segments_created >= 3, "{s:?}");
+        if mode == IoMode::Buffered {
+            assert_eq!(s.file_syncs, s.fsyncs, "buffered groups all use fdatasync");
+        } else {
+            assert!(
+                s.file_syncs >= s.segments_created,
+                "{mode:?}: {} whole-file syncs for {} segments",
+                s.file_syncs,
+                s.segments_created
+            );
+            assert!(
+                s.file_syncs < s.fsyncs / 4,
+                "{mode:?}: {} of {} groups synced the whole file",
+                s.file_syncs,
+                s.fsyncs
+            );
+        }
+        n.shutdown();
+        let n = Node::open(&cfg);
+        assert_eq!(n.recovered(log).end, end, "{mode:?}");
+        let before = n.st().stats().file_syncs;
+        let e2 = n.append(log, end, vec![batch(log, end, 1, 10, (0, 0))]);
+        assert!(e2 > end);
+        assert_eq!(
+            n.st().stats().file_syncs,
+            before + 1,
+            "{mode:?}: the first group after a start-up syncs the whole file"
+        );
+        n.shutdown();
+    }
+}
+
 #[test]
 fn short_write_is_completed() {
     for mode in modes() {

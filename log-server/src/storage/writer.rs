@@ -73,6 +73,9 @@ struct Group {
     sync_result: Option<io::Result<usize>>,
     bufs_back: Vec<Bytes>,
     retries: u32,
+    /// Made durable by a whole-file fdatasync after the write, not by the write's own
+    /// `RWF_DSYNC` (which syncs only the bytes it wrote): see `LogW::header_unsynced`.
+    full_sync: bool,
     /// Written in full and synced: waits only for older groups to finish.
     synced: bool,
 }
@@ -106,6 +109,11 @@ struct LogW {
     /// free. Other failures stay until a restart (the device is suspect).
     full: bool,
     must_roll: bool,
+    /// The active segment's header was written through the page cache by a roll and is not
+    /// durable yet. An `RWF_DSYNC` group write syncs only its own range, so until a whole-file
+    /// fdatasync has succeeded, groups use one: else a crash could leave acknowledged batches
+    /// behind a blank header, which recovery takes for an unused segment.
+    header_unsynced: bool,
     producers: ProducerTable,
     hint: Offset,
     hint_saved: Offset,
@@ -312,6 +320,9 @@ impl Writer {
             broken: false,
             full: false,
             must_roll,
+            // Recovery may have read the header from the page cache (a crash without power
+            // loss): the first group after start-up syncs the whole file.
+            header_unsynced: true,
             producers: rec.producers,
             hint,
             hint_saved: rec.committed_hint,
@@ -569,7 +580,6 @@ impl Writer {
         let group_max = self.cfg.group_commit_bytes_max as u64;
         let align = self.align;
         let direct = self.direct;
-        let ops_per_group = self.ops_per_group();
         let seq = self.next_group;
         self.next_group += 1;
         let Some(l) = self.logs.get_mut(&id) else {
@@ -638,6 +648,7 @@ impl Writer {
         );
         Counters::add(&self.counters.copy_bytes, copied);
         Counters::add(&self.counters.padding_bytes, padding);
+        let full_sync = !direct || l.header_unsynced;
         l.inflight.push_back(Group {
             seq,
             start_pos,
@@ -646,40 +657,46 @@ impl Writer {
             batches,
             write_pos: start_pos,
             write_len: pos - start_pos,
-            ops_pending: ops_per_group,
+            ops_pending: if full_sync { 2 } else { 1 },
             write_result: None,
             sync_result: None,
             bufs_back: Vec::new(),
             retries: 0,
+            full_sync,
             synced: false,
         });
-        self.submit_write(id, seq, file, start_pos, bufs);
+        self.submit_write(id, seq, file, start_pos, bufs, full_sync);
         true
     }
 
-    /// Operations one group's write takes: with O_DIRECT a single `RWF_DSYNC` write, else a
-    /// write and an `fdatasync` linked after it.
+    /// Submits a group's write: with `full_sync` a write and an `fdatasync` of the whole file
+    /// linked after it (buffered mode, and a segment whose header is not durable yet), else
+    /// one O_DIRECT `RWF_DSYNC` write.
     ///
-    /// Both make the group durable before they complete (the kernel flushes the device cache
-    /// either way). With O_DIRECT the flush follows the write inside the kernel; a linked
-    /// fdatasync starts only after the write's completion has run on this thread (io_uring task
-    /// work) and then waits for an io-wq worker: two wake-ups on the critical path that cost
-    /// more on this two-core VM than the flush itself. On buffered files `RWF_DSYNC` writes
-    /// back and flushes per write and measured an order of magnitude slower (platform notes).
-    fn ops_per_group(&self) -> usize {
-        if self.direct {
-            1
-        } else {
-            2
-        }
-    }
-
-    fn submit_write(&mut self, id: LogId, seq: u64, file: Arc<File>, pos: u64, bufs: Vec<Bytes>) {
+    /// Both make the written bytes durable before they complete (the kernel flushes the
+    /// device cache either way), but `RWF_DSYNC` covers only its own range. With O_DIRECT the
+    /// flush follows the write inside the kernel; a linked fdatasync starts only after the
+    /// write's completion has run on this thread (io_uring task work) and then waits for an
+    /// io-wq worker: two wake-ups on the critical path that cost more on this two-core VM than
+    /// the flush itself. On buffered files `RWF_DSYNC` writes back and flushes per write and
+    /// measured an order of magnitude slower (platform notes).
+    fn submit_write(
+        &mut self,
+        id: LogId,
+        seq: u64,
+        file: Arc<File>,
+        pos: u64,
+        bufs: Vec<Bytes>,
+        full_sync: bool,
+    ) {
         let n: u64 = bufs.iter().map(|b| b.len() as u64).sum();
         Counters::add(&self.counters.bytes_written, n);
         Counters::add(&self.counters.writes, 1);
         Counters::add(&self.counters.fsyncs, 1);
-        let dsync = self.ops_per_group() == 1;
+        if full_sync {
+            Counters::add(&self.counters.file_syncs, 1);
+        }
+        let dsync = !full_sync;
         let tw = self.tag(id, OpKind::GroupWrite, seq);
         let mut ops = vec![(
             tw,
@@ -783,7 +800,6 @@ impl Writer {
     /// on an error, or mark it synced and finish every synced group at the front, in order.
     fn group_done(&mut self, id: LogId, seq: u64) {
         let direct = self.direct;
-        let ops_per_group = self.ops_per_group();
         let Some(l) = self.logs.get_mut(&id) else {
             return;
         };
@@ -809,7 +825,13 @@ impl Writer {
                 },
             };
             match outcome {
-                Ok(None) => g.synced = true,
+                Ok(None) => {
+                    g.synced = true;
+                    if g.full_sync {
+                        // A whole-file fdatasync: the segment's header is durable now.
+                        l.header_unsynced = false;
+                    }
+                }
                 Ok(Some(wrote)) => {
                     // Short write: the linked sync was cancelled. Continue with the rest.
                     g.retries += 1;
@@ -836,14 +858,15 @@ impl Writer {
                         }
                         g.write_pos += wrote;
                         g.write_len -= wrote;
-                        g.ops_pending = ops_per_group;
+                        g.ops_pending = if g.full_sync { 2 } else { 1 };
                         g.write_result = None;
                         g.sync_result = None;
                         let pos = g.write_pos;
                         let Some(file) = l.active_file.clone() else {
                             return;
                         };
-                        self.submit_write(id, seq, file, pos, rest);
+                        let full_sync = g.full_sync;
+                        self.submit_write(id, seq, file, pos, rest, full_sync);
                         return;
                     }
                 }
@@ -1061,6 +1084,7 @@ impl Writer {
         l.segs.push(seg);
         l.active_file = Some(wfile);
         l.must_roll = false;
+        l.header_unsynced = true;
         Counters::add(&self.counters.segments_created, 1);
         // A roll is followed at once by its first group's write and sync: keep their slots.
         if self.ring.has_room(3) {
@@ -1234,7 +1258,9 @@ impl Writer {
             log: id,
             align,
         };
-        recovery::write_segment_header(&src, &header, false)?;
+        // Durable at once (a rare path): the groups that follow may be RWF_DSYNC writes, which
+        // would not sync it.
+        recovery::write_segment_header(&src, &header, true)?;
         let path = l.dir.join(format::segment_name(start));
         std::fs::rename(&src, &path).map_err(|e| StorageError::io("rename spare", &path, e))?;
         disk::fsync_dir(&l.dir)?;
