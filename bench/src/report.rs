@@ -1,7 +1,7 @@
 //! The suite's report: per-round results, medians over rounds, the ratios to the floors measured
 //! in the same rounds, and the markdown/JSON renderings with revision, host and configuration.
 
-use crate::floor::{DiskFloor, Layout};
+use crate::floor::{DiskFloor, FloorRun, Layout};
 use crate::loopback::LoopbackResult;
 use crate::service::ServiceFloor;
 use crate::storage_stats::StorageCounters;
@@ -199,7 +199,7 @@ fn at<T>(v: &[T], i: usize) -> Option<&T> {
     v.get(i)
 }
 
-fn layout_run(r: &RoundResult, i: usize, layout: Layout) -> Option<&crate::floor::FloorRun> {
+fn layout_run(r: &RoundResult, i: usize, layout: Layout) -> Option<&FloorRun> {
     at(&r.floors, i)?.runs.iter().find(|f| f.layout == layout)
 }
 
@@ -260,37 +260,31 @@ pub fn summarize(
         let svs: Vec<f64> = col(&|r| Some(slowdown(service(r)?, single(r)?)));
         let service_chain = |r: &RoundResult| at(&r.service_chain, i).map(|f| f.records_per_s);
         let cvs: Vec<f64> = col(&|r| Some(slowdown(service_chain(r)?, chain(r)?)));
+        // One figure of one floor layout, median over rounds.
+        let layout_median = |layout: Layout, f: &dyn Fn(&FloorRun) -> Option<f64>| {
+            median(&col(&|r| layout_run(r, i, layout).and_then(f)))
+        };
         out.push(LevelSummary {
             inflight,
             floor_records_per_s: median(&col(&floor)),
             floor_p50_us: median(&col(&|r| at(&r.floors, i).map(|f| f.p50_us))),
-            floor_per_batch_records_per_s: median(&col(&|r| {
-                layout_run(r, i, Layout::PerBatch).map(|f| f.records_per_s)
-            })),
-            floor_per_batch_p50_us: median(&col(&|r| {
-                layout_run(r, i, Layout::PerBatch).map(|f| f.p50_us)
-            })),
-            floor_packed_records_per_s: median(&col(&|r| {
-                layout_run(r, i, Layout::Packed).map(|f| f.records_per_s)
-            })),
-            floor_packed_p50_us: median(&col(&|r| {
-                layout_run(r, i, Layout::Packed).map(|f| f.p50_us)
-            })),
-            floor_per_batch_cpu_us_per_record: median(&col(&|r| {
-                layout_run(r, i, Layout::PerBatch).and_then(|f| f.cpu_us_per_record)
-            })),
-            floor_packed_cpu_us_per_record: median(&col(&|r| {
-                layout_run(r, i, Layout::Packed).and_then(|f| f.cpu_us_per_record)
-            })),
-            floor_packed_dsync_records_per_s: median(&col(&|r| {
-                layout_run(r, i, Layout::PackedDsync).map(|f| f.records_per_s)
-            })),
-            floor_packed_dsync_p50_us: median(&col(&|r| {
-                layout_run(r, i, Layout::PackedDsync).map(|f| f.p50_us)
-            })),
-            floor_packed_dsync_cpu_us_per_record: median(&col(&|r| {
-                layout_run(r, i, Layout::PackedDsync).and_then(|f| f.cpu_us_per_record)
-            })),
+            floor_per_batch_records_per_s: layout_median(Layout::PerBatch, &|f| {
+                Some(f.records_per_s)
+            }),
+            floor_per_batch_p50_us: layout_median(Layout::PerBatch, &|f| Some(f.p50_us)),
+            floor_packed_records_per_s: layout_median(Layout::Packed, &|f| Some(f.records_per_s)),
+            floor_packed_p50_us: layout_median(Layout::Packed, &|f| Some(f.p50_us)),
+            floor_per_batch_cpu_us_per_record: layout_median(Layout::PerBatch, &|f| {
+                f.cpu_us_per_record
+            }),
+            floor_packed_cpu_us_per_record: layout_median(Layout::Packed, &|f| f.cpu_us_per_record),
+            floor_packed_dsync_records_per_s: layout_median(Layout::PackedDsync, &|f| {
+                Some(f.records_per_s)
+            }),
+            floor_packed_dsync_p50_us: layout_median(Layout::PackedDsync, &|f| Some(f.p50_us)),
+            floor_packed_dsync_cpu_us_per_record: layout_median(Layout::PackedDsync, &|f| {
+                f.cpu_us_per_record
+            }),
             single_records_per_s: median(&col(&single)),
             single_mb_per_s: median(&col(&|r| at(&r.single, i).map(|a| a.mb_per_s))),
             single_p50_us: median(&col(&|r| at(&r.single, i).map(|a| a.latency.p50_us))),

@@ -140,7 +140,7 @@ fn drive(
     duration: Duration,
 ) -> anyhow::Result<(u64, f64, LatencyHist)> {
     let mut s = TcpStream::connect(addr).context("connecting to the service floor")?;
-    tune(&s)?;
+    chainlog_hw::net::tcp::tune(&s);
     let mut msg = vec![0x5au8; PREFIX_BYTES + request_bytes];
     msg[..PREFIX_BYTES].copy_from_slice(&(request_bytes as u32).to_le_bytes());
     let warmup = duration.min(Duration::from_millis(500)) / 2;
@@ -213,13 +213,13 @@ fn serve_loop(
     let mut down = match succ {
         Some(a) => {
             let d = TcpStream::connect(a).context("connecting to the successor")?;
-            tune(&d)?;
+            chainlog_hw::net::tcp::tune(&d);
             Some(d)
         }
         None => None,
     };
     let (mut s, _) = listener.accept()?;
-    tune(&s)?;
+    chainlog_hw::net::tcp::tune(&s);
     let mut acks = vec![0u8; PREFIX_BYTES * ACKS_MAX];
     let file = Arc::new(chainlog_hw::disk::open_rw(path, direct)?);
     let mut ring = Ring::new(8)?;
@@ -315,15 +315,6 @@ fn serve_loop(
             s.write_all(&ACKS[..PREFIX_BYTES])?;
         }
     }
-}
-
-/// The socket options chainlog's own connections get (`hw::net::tcp::tune`), so the floor
-/// does not lose to the server on a setting.
-fn tune(s: &TcpStream) -> std::io::Result<()> {
-    s.set_nodelay(true)?;
-    let r = socket2::SockRef::from(s);
-    r.set_send_buffer_size(chainlog_core::limits::SOCKET_BUFFER_BYTES)?;
-    r.set_recv_buffer_size(chainlog_core::limits::SOCKET_BUFFER_BYTES)
 }
 
 /// Acknowledgements written with one call (more than this in one group are written singly).

@@ -434,14 +434,14 @@ impl<W: AsyncWrite + Unpin + Send> FrameSend for StreamWriter<W> {
     }
 }
 
-/// Socket options every chainlog TCP connection gets: no Nagle (small frames such as acks and
-/// commits must not wait) and send/receive buffers of `limits::SOCKET_BUFFER_BYTES`. Failures
-/// only cost speed, so they are logged, not returned.
-pub fn tune(stream: &tokio::net::TcpStream) {
-    if let Err(e) = stream.set_nodelay(true) {
+/// Socket options every chainlog TCP connection gets (tokio's or std's): no Nagle (small
+/// frames such as acks and commits must not wait) and send/receive buffers of
+/// `limits::SOCKET_BUFFER_BYTES`. Failures only cost speed, so they are logged, not returned.
+pub fn tune(stream: &impl std::os::fd::AsFd) {
+    let s = socket2::SockRef::from(stream);
+    if let Err(e) = s.set_tcp_nodelay(true) {
         tracing::debug!("TCP_NODELAY: {e}");
     }
-    let s = socket2::SockRef::from(stream);
     let bytes = chainlog_core::limits::SOCKET_BUFFER_BYTES;
     if let Err(e) = s
         .set_send_buffer_size(bytes)
@@ -480,6 +480,9 @@ pub fn split(
 mod tests {
     use super::*;
 
+    use bytes::Bytes;
+    use chainlog_core::wire::encode_frame;
+
     /// Both ends of a split connection ask for buffers the size of the largest frame (as far
     /// as the kernel's maximum allows), instead of autotuning from a few KiB.
     #[tokio::test]
@@ -516,8 +519,6 @@ mod tests {
         }
         drop(w);
     }
-    use bytes::Bytes;
-    use chainlog_core::wire::encode_frame;
 
     #[tokio::test]
     async fn frames_cross_a_pipe_intact() {
@@ -694,6 +695,7 @@ mod tests {
         drop(a);
         assert!(matches!(r.recv().await, Err(NetError::Truncated)));
     }
+
     /// A byte source that counts its reads and hands out at most `chunk` bytes per read, like a
     /// socket whose bytes have arrived (`chunk` large) or dribble in (`chunk` 1).
     struct Source {

@@ -95,6 +95,14 @@ impl Node {
         }
     }
 
+    /// The next event, which must be a `WriteFailed`: (log, at, code).
+    fn next_failed(&self) -> (LogId, Offset, ErrorCode) {
+        match self.next() {
+            DiskEvent::WriteFailed { log, at, code } => (log, at, code),
+            e => panic!("unexpected {e:?}"),
+        }
+    }
+
     /// Appends and waits until durable; returns the new end.
     fn append(&self, log: LogId, base: Offset, batches: Vec<Bytes>) -> Offset {
         let end = end_of(base, &batches);
@@ -452,12 +460,7 @@ fn enospc_reports_storage_full_and_the_log_recovers() {
         n.st().append(log, e1, vec![a]);
         // Sent before the failure was seen: dropped with it.
         n.st().append(log, ea, vec![batch(log, ea, 1, 50, (0, 0))]);
-        match n.next() {
-            DiskEvent::WriteFailed { log: l, at, code } => {
-                assert_eq!((l, at, code), (log, e1, ErrorCode::StorageFull));
-            }
-            e => panic!("unexpected {e:?}"),
-        }
+        assert_eq!(n.next_failed(), (log, e1, ErrorCode::StorageFull));
         // The caller retries from the durable end.
         let c = batch(log, e1, 1, 77, (0, 0));
         let ec = n.append(log, e1, vec![c.clone()]);
@@ -465,12 +468,8 @@ fn enospc_reports_storage_full_and_the_log_recovers() {
         // EIO is a storage error.
         n.st().failpoints().write_eio.store(1, Ordering::Release);
         n.st().append(log, ec, vec![batch(log, ec, 1, 10, (0, 0))]);
-        match n.next() {
-            DiskEvent::WriteFailed { at, code, .. } => {
-                assert_eq!((at, code), (ec, ErrorCode::StorageError));
-            }
-            e => panic!("unexpected {e:?}"),
-        }
+        let (_, at, code) = n.next_failed();
+        assert_eq!((at, code), (ec, ErrorCode::StorageError));
         n.shutdown();
         // Nothing of the failed writes comes back.
         let n = Node::open(&cfg);
@@ -497,22 +496,14 @@ fn a_failed_range_that_cannot_be_zeroed_is_no_proof_of_storing_nothing() {
         let a = batch(log, e1, 3, 50, (0, 0));
         let ea = end_of(e1, std::slice::from_ref(&a));
         n.st().append(log, e1, vec![a.clone()]);
-        match n.next() {
-            DiskEvent::WriteFailed { log: l, at, code } => {
-                assert_eq!(
-                    (l, at, code),
-                    (log, e1, ErrorCode::StorageError),
-                    "{mode:?}"
-                );
-            }
-            e => panic!("unexpected {e:?}"),
-        }
+        assert_eq!(
+            n.next_failed(),
+            (log, e1, ErrorCode::StorageError),
+            "{mode:?}"
+        );
         // The log stays failed (no reopening: it is not merely full).
         n.st().append(log, e1, vec![batch(log, e1, 1, 10, (0, 0))]);
-        match n.next() {
-            DiskEvent::WriteFailed { at, .. } => assert_eq!(at, e1),
-            e => panic!("unexpected {e:?}"),
-        }
+        assert_eq!(n.next_failed().1, e1);
         n.shutdown();
         // After a restart the batch the failure was reported for is there after all.
         let n = Node::open(&cfg);
@@ -540,12 +531,7 @@ fn a_log_that_failed_full_is_reopened_once_space_is_free() {
             .store(1, Ordering::Release);
         n.st().failpoints().write_enospc.store(1, Ordering::Release);
         n.st().append(log, e1, vec![batch(log, e1, 3, 50, (0, 0))]);
-        match n.next() {
-            DiskEvent::WriteFailed { log: l, at, code } => {
-                assert_eq!((l, at, code), (log, e1, ErrorCode::StorageFull));
-            }
-            e => panic!("unexpected {e:?}"),
-        }
+        assert_eq!(n.next_failed(), (log, e1, ErrorCode::StorageFull));
         match n.next() {
             DiskEvent::Reopened { log: l, end } => assert_eq!((l, end), (log, e1), "{mode:?}"),
             e => panic!("unexpected {e:?}"),
@@ -562,12 +548,8 @@ fn a_log_that_failed_full_is_reopened_once_space_is_free() {
         // An I/O error is not a full disk: the log stays failed however much room there is.
         n.st().failpoints().write_eio.store(1, Ordering::Release);
         n.st().append(log, ec, vec![batch(log, ec, 1, 10, (0, 0))]);
-        match n.next() {
-            DiskEvent::WriteFailed { at, code, .. } => {
-                assert_eq!((at, code), (ec, ErrorCode::StorageError));
-            }
-            e => panic!("unexpected {e:?}"),
-        }
+        let (_, at, code) = n.next_failed();
+        assert_eq!((at, code), (ec, ErrorCode::StorageError));
         // (Two free-space ticks; once is enough, the check does not depend on the mode.)
         if i == 0 {
             match n.rx.recv_timeout(Duration::from_millis(2500)) {

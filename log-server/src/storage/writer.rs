@@ -657,7 +657,7 @@ impl Writer {
             batches,
             write_pos: start_pos,
             write_len: pos - start_pos,
-            ops_pending: if full_sync { 2 } else { 1 },
+            ops_pending: group_ops(full_sync),
             write_result: None,
             sync_result: None,
             bufs_back: Vec::new(),
@@ -696,7 +696,6 @@ impl Writer {
         if full_sync {
             Counters::add(&self.counters.file_syncs, 1);
         }
-        let dsync = !full_sync;
         let tw = self.tag(id, OpKind::GroupWrite, seq);
         let mut ops = vec![(
             tw,
@@ -704,10 +703,10 @@ impl Writer {
                 file: file.clone(),
                 offset: pos,
                 bufs,
-                dsync,
+                dsync: !full_sync,
             },
         )];
-        if !dsync {
+        if full_sync {
             let ts = self.tag(id, OpKind::GroupSync, seq);
             ops.push((
                 ts,
@@ -858,7 +857,7 @@ impl Writer {
                         }
                         g.write_pos += wrote;
                         g.write_len -= wrote;
-                        g.ops_pending = if g.full_sync { 2 } else { 1 };
+                        g.ops_pending = group_ops(g.full_sync);
                         g.write_result = None;
                         g.sync_result = None;
                         let pos = g.write_pos;
@@ -1543,6 +1542,15 @@ impl Writer {
                 }
             }
         }
+    }
+}
+
+/// Operations a group's write takes: the write, and with `full_sync` its linked fdatasync.
+fn group_ops(full_sync: bool) -> usize {
+    if full_sync {
+        2
+    } else {
+        1
     }
 }
 
