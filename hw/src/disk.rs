@@ -169,6 +169,8 @@ struct SpareShared {
     keep: usize,
     stop: AtomicBool,
     seq: AtomicU64,
+    /// Spares written full of zeros (by the preparer or inline), since start.
+    zeroed: AtomicU64,
     lock: std::sync::Mutex<SpareState>,
     cv: std::sync::Condvar,
 }
@@ -226,6 +228,7 @@ impl SpareFiles {
             keep,
             stop: AtomicBool::new(false),
             seq: AtomicU64::new(seq),
+            zeroed: AtomicU64::new(0),
             lock: std::sync::Mutex::new(SpareState {
                 wanted: keep.saturating_sub(ready.len()),
                 ready,
@@ -272,6 +275,41 @@ impl SpareFiles {
         st.ready.pop()
     }
 
+    /// Where a file about to be recycled is renamed to (in the spare directory, under a spare's
+    /// name). The caller renames it there, makes that rename durable, then hands it over with
+    /// [`SpareFiles::add_recycled`]; a crash in between leaves it as a spare that
+    /// [`SpareFiles::start`] reuses, which is right: a spare's content never matters, because
+    /// a segment's header is rewritten when it is taken and recovery reads only batches that
+    /// continue the log (offsets and log id).
+    pub fn recycle_path(&self) -> PathBuf {
+        let n = self.shared.seq.fetch_add(1, Ordering::Relaxed);
+        self.shared.dir.join(format!("{n:020}{SPARE_SUFFIX}"))
+    }
+
+    /// Takes a whole-length file renamed to [`SpareFiles::recycle_path`] (the rename durable)
+    /// as a ready spare, so the next roll needs no zeroing. Keeps at most one more than the
+    /// number kept (a spare being zeroed at the moment may arrive too); beyond that, or if
+    /// the length is wrong, deletes it. Returns whether it was kept. Call
+    /// [`SpareFiles::replenish`] afterwards as usual: it then asks for no new zeroing.
+    pub fn add_recycled(&self, path: PathBuf) -> bool {
+        let len_ok = std::fs::metadata(&path).is_ok_and(|m| m.len() == self.shared.len);
+        let mut st = self.shared.lock.lock().unwrap_or_else(|e| e.into_inner());
+        if !len_ok || st.ready.len() > self.shared.keep {
+            drop(st);
+            let _ = std::fs::remove_file(&path);
+            return false;
+        }
+        st.ready.push(path);
+        self.shared.cv.notify_all();
+        true
+    }
+
+    /// Spares written full of zeros since start (inline or by the preparer): what recycling
+    /// saves shows here.
+    pub fn zeroed(&self) -> u64 {
+        self.shared.zeroed.load(Ordering::Relaxed)
+    }
+
     /// Lets the preparer make spares again up to the number kept.
     pub fn replenish(&self) {
         let mut st = self.shared.lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -304,6 +342,8 @@ impl SpareShared {
         });
         if r.is_err() {
             let _ = std::fs::remove_file(&tmp);
+        } else {
+            self.zeroed.fetch_add(1, Ordering::Relaxed);
         }
         r.map(|()| done)
     }

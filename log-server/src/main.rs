@@ -63,6 +63,10 @@ struct DevArgs {
     /// Bytes per segment file (default from the config, 64 MiB).
     #[arg(long)]
     segment_bytes: Option<u64>,
+    /// Keep about this many bytes per log, deleting (recycling) the oldest segments beyond it
+    /// (default from the config: keep everything).
+    #[arg(long)]
+    retention_bytes: Option<u64>,
 }
 
 fn parse_io_mode(s: &Option<String>) -> anyhow::Result<Option<IoModeSetting>> {
@@ -149,6 +153,7 @@ fn run_dev(args: DevArgs) -> anyhow::Result<()> {
         io_mode,
         flushes_in_flight,
         segment_bytes,
+        retention_bytes,
     } = args;
     anyhow::ensure!((1..=16).contains(&nodes), "--nodes must be 1..=16");
     let cluster = load_or_create_cluster_id(&dir)
@@ -174,6 +179,9 @@ fn run_dev(args: DevArgs) -> anyhow::Result<()> {
         apply_storage_flags(&mut cfg, io, flushes_in_flight);
         if let Some(b) = segment_bytes {
             cfg.storage.segment_bytes = b;
+        }
+        if let Some(b) = retention_bytes {
+            cfg.storage.retention_bytes = Some(b);
         }
         match NodeThread::spawn(cfg) {
             Ok(h) => handles.push(h),

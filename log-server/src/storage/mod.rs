@@ -208,6 +208,10 @@ pub struct StorageStats {
     pub segments_created: u64,
     /// Segments deleted by trim, retention or truncation.
     pub segments_deleted: u64,
+    /// Deleted segments kept as the next spare (no zeroing needed for the roll that takes it).
+    pub segments_recycled: u64,
+    /// Spare segments written full of zeros (what recycling saves).
+    pub spares_zeroed: u64,
     pub logs: Vec<LogStats>,
 }
 
@@ -225,6 +229,8 @@ pub(crate) struct Counters {
     pub read_bytes: AtomicU64,
     pub segments_created: AtomicU64,
     pub segments_deleted: AtomicU64,
+    pub segments_recycled: AtomicU64,
+    pub spares_zeroed: AtomicU64,
 }
 
 impl Counters {
@@ -581,6 +587,8 @@ impl Storage {
             read_bytes: l(&c.read_bytes),
             segments_created: l(&c.segments_created),
             segments_deleted: l(&c.segments_deleted),
+            segments_recycled: l(&c.segments_recycled),
+            spares_zeroed: l(&c.spares_zeroed),
             logs,
         }
     }

@@ -137,16 +137,17 @@ pub(crate) struct ScanOut {
 }
 
 /// Verifies batches from `pos` (where offset `off` starts) until the first one that does not
-/// verify, does not continue the offsets, or does not fit before `cap`.
+/// verify, does not continue the offsets or this log, or does not fit before `cap`.
 pub(crate) fn scan(
     file: &File,
+    log: LogId,
     align: u32,
     cap: u64,
     mut pos: u64,
     mut off: Offset,
     interval: u32,
-    mut last_index_pos: Option<u64>,
 ) -> io::Result<ScanOut> {
+    let mut last_index_pos: Option<u64> = None;
     let mut r = ChunkReader::new(file, cap);
     let mut entries = Vec::new();
     let mut batches = Vec::new();
@@ -154,7 +155,9 @@ pub(crate) fn scan(
         let Ok(h) = BatchHeader::decode(hb) else {
             break;
         };
-        if h.base_offset != off {
+        // A recycled segment still holds another log's batches, or this log's older ones,
+        // after the end: only a batch that continues this log counts.
+        if h.base_offset != off || h.log_id != log {
             break;
         }
         let len = h.batch_len();
@@ -398,6 +401,17 @@ pub(crate) fn recover_log(
         };
         let header = match header {
             Ok(h) if h.base == base && h.log == log => h,
+            Ok(h) if is_last => {
+                // A recycled segment (an old one of this or another log) whose roll crashed
+                // before its new header was durable: the roll's first group syncs the whole
+                // file before anything in it is reported durable, so nothing was ever
+                // acknowledged in it. Use it empty; the scan below stops at once (its batches
+                // do not continue this log) and the stale rest is zeroed.
+                tracing::warn!(log = %log, segment = %path.display(), old = ?h, "newest segment still has the header of its previous use; using it empty");
+                let h = SegmentHeader { base, log, align };
+                write_segment_header(&path, &h, true)?;
+                h
+            }
             Ok(h) => {
                 tracing::error!(log = %log, segment = %path.display(), ?h, "segment header names another log or base; dropping it and every later segment");
                 cut_at = Some(i);
@@ -446,12 +460,12 @@ pub(crate) fn recover_log(
             } else {
                 let s = scan(
                     &seg.read_file,
+                    log,
                     seg.align,
                     cap,
                     SEGMENT_HEADER_BYTES,
                     base,
                     interval,
-                    None,
                 )
                 .map_err(|e| StorageError::io("scan segment", &path, e))?;
                 seg.end = s.end;
@@ -475,7 +489,8 @@ pub(crate) fn recover_log(
                 let ok = {
                     let mut r = ChunkReader::new(&seg.read_file, cap);
                     match r.get(p, HEADER_LEN) {
-                        Ok(Some(hb)) => BatchHeader::decode(hb).is_ok_and(|h| h.base_offset == o),
+                        Ok(Some(hb)) => BatchHeader::decode(hb)
+                            .is_ok_and(|h| h.base_offset == o && h.log_id == log),
                         _ => false,
                     }
                 };
@@ -490,12 +505,12 @@ pub(crate) fn recover_log(
         }
         let s = scan(
             &seg.read_file,
+            log,
             seg.align,
             cap,
             start.0,
             start.1,
             interval,
-            None,
         )
         .map_err(|e| StorageError::io("scan segment", &path, e))?;
         seg.index.extend(s.entries);

@@ -114,6 +114,13 @@ struct LogW {
     /// fdatasync has succeeded, groups use one: else a crash could leave acknowledged batches
     /// behind a blank header, which recovery takes for an unused segment.
     header_unsynced: bool,
+    /// Segments retention took off the log while the roll's directory fsync was in flight:
+    /// their files (renamed into the spare directory) join the spare pool, and `Trimmed` is
+    /// reported, once that fsync has made the renames durable. A file is written again only
+    /// after the rename that took it out of the log is durable, so a crash can never bring
+    /// back an old segment name holding a new header.
+    trim_unsynced: bool,
+    recycled_unsynced: Vec<PathBuf>,
     producers: ProducerTable,
     hint: Offset,
     hint_saved: Offset,
@@ -296,6 +303,12 @@ impl Writer {
             .logs
             .get(&rec.log)
             .map_or((Offset::ZERO, 0), |l| (l.hint, l.hint_seq));
+        // Renames out of the log not yet known durable stay out of the pool (see `LogW`).
+        let recycled_unsynced = self
+            .logs
+            .get_mut(&rec.log)
+            .map(|l| std::mem::take(&mut l.recycled_unsynced))
+            .unwrap_or_default();
         let active_file = match rec.segs.last() {
             Some(s) if s.align == self.align => {
                 Some(Arc::new(disk::open_rw(&s.path, self.direct)?))
@@ -323,6 +336,8 @@ impl Writer {
             // Recovery may have read the header from the page cache (a crash without power
             // loss): the first group after start-up syncs the whole file.
             header_unsynced: true,
+            trim_unsynced: false,
+            recycled_unsynced,
             producers: rec.producers,
             hint,
             hint_saved: rec.committed_hint,
@@ -753,14 +768,21 @@ impl Writer {
                 }
             }
             OpKind::DirSync => {
-                self.spares.replenish();
                 let Some(l) = self.logs.get_mut(&id) else {
+                    self.spares.replenish();
                     return;
                 };
                 l.dir_sync_pending = false;
+                let ok = c.result.is_ok();
                 if let Err(e) = c.result {
                     tracing::error!(log = %id, "fsync of the log directory failed: {e}");
                     l.failing.get_or_insert(code_of(&e));
+                }
+                let trimmed = std::mem::take(&mut l.trim_unsynced).then(|| l.start());
+                self.take_recycled(id, ok);
+                self.spares.replenish();
+                if let Some(start) = trimmed {
+                    emit(&self.events, DiskEvent::Trimmed { log: id, start });
                 }
                 self.settle(id);
             }
@@ -1085,6 +1107,7 @@ impl Writer {
         l.must_roll = false;
         l.header_unsynced = true;
         Counters::add(&self.counters.segments_created, 1);
+        self.note_spares();
         // A roll is followed at once by its first group's write and sync: keep their slots.
         if self.ring.has_room(3) {
             let t = self.tag(id, OpKind::DirSync, 0);
@@ -1114,11 +1137,27 @@ impl Writer {
         Ok(())
     }
 
+    /// Hands the files retention renamed out of log `id` to the spare pool once those renames
+    /// are durable (`durable`), or deletes them.
+    fn take_recycled(&mut self, id: LogId, durable: bool) {
+        let Some(l) = self.logs.get_mut(&id) else {
+            return;
+        };
+        for p in std::mem::take(&mut l.recycled_unsynced) {
+            if durable && self.spares.add_recycled(p.clone()) {
+                Counters::add(&self.counters.segments_recycled, 1);
+            } else if !durable {
+                let _ = std::fs::remove_file(&p);
+            }
+        }
+    }
+
     fn fsync_dir_inline(&mut self, id: LogId) -> Result<(), StorageError> {
         if let Some(l) = self.logs.get(&id) {
             disk::fsync_dir(&l.dir)?;
         }
         // The next spare's zeroing would have slowed that fsync (ext4 ordered mode).
+        self.take_recycled(id, true);
         self.spares.replenish();
         Ok(())
     }
@@ -1138,19 +1177,46 @@ impl Writer {
             v.start = l.segs[0].base;
         }
         let _ = std::fs::remove_file(l.dir.join(format::index_name(s.base)));
-        if let Err(e) = std::fs::remove_file(&s.path) {
-            tracing::error!(log = %id, "removing segment {}: {e}", s.path.display());
+        // A whole-size segment becomes the next spare instead of zeroing a new one: a
+        // growing file, or zeroing one, costs as much disk time again as the appends.
+        let mut recycled = false;
+        if s.cap == self.cfg.segment_bytes {
+            let to = self.spares.recycle_path();
+            match std::fs::rename(&s.path, &to) {
+                Ok(()) => {
+                    l.recycled_unsynced.push(to);
+                    recycled = true;
+                }
+                Err(e) => {
+                    tracing::warn!(log = %id, "could not recycle segment {}: {e}", s.path.display())
+                }
+            }
+        }
+        if !recycled {
+            if let Err(e) = std::fs::remove_file(&s.path) {
+                tracing::error!(log = %id, "removing segment {}: {e}", s.path.display());
+            }
         }
         Counters::add(&self.counters.segments_deleted, 1);
         true
     }
 
     fn finish_deletes(&mut self, id: LogId) {
-        let Some(l) = self.logs.get(&id) else { return };
-        if let Err(e) = disk::fsync_dir(&l.dir) {
+        let Some(l) = self.logs.get_mut(&id) else {
+            return;
+        };
+        if l.dir_sync_pending {
+            // A roll's directory fsync is in flight and covers these renames too.
+            l.trim_unsynced = true;
+            return;
+        }
+        let r = disk::fsync_dir(&l.dir);
+        if let Err(e) = &r {
             tracing::error!(log = %id, "fsync of log dir after deleting segments: {e}");
         }
         let start = l.start();
+        self.take_recycled(id, r.is_ok());
+        self.spares.replenish();
         emit(&self.events, DiskEvent::Trimmed { log: id, start });
     }
 
@@ -1501,8 +1567,16 @@ impl Writer {
         }
     }
 
+    fn note_spares(&self) {
+        let n = self.spares.zeroed();
+        self.counters
+            .spares_zeroed
+            .store(n, std::sync::atomic::Ordering::Relaxed);
+    }
+
     fn tick(&mut self) {
         self.reopen_if_space();
+        self.note_spares();
         let ids: Vec<LogId> = self.logs.keys().copied().collect();
         for id in ids {
             if self.cfg.retention_ms.is_some() {
