@@ -37,6 +37,12 @@ pub struct RoundResult {
     /// The head's status document after each run (None if the server did not answer).
     pub single_status: Vec<Option<serde_json::Value>>,
     pub chain_status: Vec<Option<serde_json::Value>>,
+    /// The chain at the top level in the steady state of a log under retention (filled past
+    /// it first, so its rolls recycle segments instead of zeroing new ones).
+    #[serde(default)]
+    pub chain_retained: Option<AppendResult>,
+    #[serde(default)]
+    pub chain_retained_storage: Option<StorageCounters>,
 }
 
 /// Revision, host and configuration of a run.
@@ -163,11 +169,36 @@ pub struct LatencyTarget {
     pub ratio_rounds: Vec<f64>,
 }
 
+/// The chain at the top level in the steady state of a log under retention, next to the
+/// growing log's chain of the same rounds.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+pub struct RetainedSummary {
+    pub inflight: usize,
+    pub records_per_s: f64,
+    pub mb_per_s: f64,
+    pub p50_us: f64,
+    pub p99_us: f64,
+    pub p999_us: f64,
+    /// Median over rounds of (disk floor / nodes) ÷ this chain (records/s).
+    pub vs_floor: f64,
+    pub vs_floor_rounds: Vec<f64>,
+    /// Median over rounds of this chain ÷ the growing log's chain (records/s).
+    pub vs_growing: f64,
+    /// Medians over rounds of the head's spare segments zeroed during the measured run: the
+    /// growing log's chain, and this one (and the segments this one recycled).
+    pub growing_spares_zeroed: f64,
+    pub spares_zeroed: f64,
+    pub segments_recycled: f64,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SuiteReport {
     pub meta: Meta,
     pub levels: Vec<LevelSummary>,
     pub latency_target: Option<LatencyTarget>,
+    /// Absent in reports from before the steady-state run existed.
+    #[serde(default)]
+    pub retained: Option<RetainedSummary>,
     pub rounds: Vec<RoundResult>,
 }
 
@@ -366,6 +397,48 @@ pub fn summarize(
     (out, target)
 }
 
+/// Medians of the steady-state chain runs (at the top level); None if no round has one.
+pub fn summarize_retained(
+    levels: &[usize],
+    nodes: usize,
+    rounds: &[RoundResult],
+) -> Option<RetainedSummary> {
+    let (i, &inflight) = levels.iter().enumerate().max_by_key(|(_, &l)| l)?;
+    let col = |f: &dyn Fn(&RoundResult) -> Option<f64>| -> Vec<f64> {
+        rounds.iter().filter_map(f).collect()
+    };
+    let ret = |r: &RoundResult| r.chain_retained.as_ref().map(|a| a.records_per_s);
+    if col(&ret).is_empty() {
+        return None;
+    }
+    let floor = |r: &RoundResult| at(&r.floors, i).map(|f| f.records_per_s);
+    let growing = |r: &RoundResult| at(&r.chain, i).map(|a| a.records_per_s);
+    let vs_floor_rounds = col(&|r| Some(slowdown(floor(r)? / nodes as f64, ret(r)?)));
+    let lat = |f: fn(&AppendResult) -> f64| {
+        median(&col(&|r: &RoundResult| r.chain_retained.as_ref().map(f)))
+    };
+    Some(RetainedSummary {
+        inflight,
+        records_per_s: median(&col(&ret)),
+        mb_per_s: lat(|a| a.mb_per_s),
+        p50_us: lat(|a| a.latency.p50_us),
+        p99_us: lat(|a| a.latency.p99_us),
+        p999_us: lat(|a| a.latency.p999_us),
+        vs_floor: median(&vs_floor_rounds),
+        vs_floor_rounds,
+        vs_growing: median(&col(&|r| Some(ret(r)? / growing(r)?))),
+        growing_spares_zeroed: median(&col(&|r| {
+            at(&r.chain_storage, i)?.map(|c| c.spares_zeroed as f64)
+        })),
+        spares_zeroed: median(&col(&|r| {
+            r.chain_retained_storage.map(|c| c.spares_zeroed as f64)
+        })),
+        segments_recycled: median(&col(&|r| {
+            r.chain_retained_storage.map(|c| c.segments_recycled as f64)
+        })),
+    })
+}
+
 fn verdict(ratio: f64) -> &'static str {
     if ratio.is_finite() && ratio <= TARGET_RATIO_MAX {
         "met"
@@ -388,6 +461,17 @@ fn n(x: f64) -> String {
     if x.is_nan() {
         "–".into()
     } else if x >= 100.0 || x == 0.0 {
+        format!("{x:.0}")
+    } else {
+        format!("{x:.1}")
+    }
+}
+
+/// A median of counts: whole unless it fell between two (even number of rounds).
+fn count(x: f64) -> String {
+    if x.is_nan() {
+        "–".into()
+    } else if x.fract() == 0.0 {
         format!("{x:.0}")
     } else {
         format!("{x:.1}")
@@ -601,6 +685,28 @@ impl SuiteReport {
                 rounds_list(&t.ratio_rounds)
             );
         }
+        if let Some(t) = &self.retained {
+            let _ = writeln!(
+                s,
+                "- {nodes}-node chain at {} in flight in the steady state of a log under retention: (floor/{nodes}) ÷ it = **{:.2}** → {} (rounds: {}); {:.2}× the growing log's chain; p50 {} p99 {} p99.9 {} µs",
+                t.inflight,
+                t.vs_floor,
+                verdict(t.vs_floor),
+                rounds_list(&t.vs_floor_rounds),
+                t.vs_growing,
+                n(t.p50_us),
+                n(t.p99_us),
+                n(t.p999_us)
+            );
+            let _ = writeln!(
+                s,
+                "  - spare segments the head zeroed during a run: growing log {}, under retention {} (it recycled {}). A growing log's segments must be written twice on this file system (zeros first, so that later durable writes need no metadata commit); a log under retention reuses the segments it deletes. Retention: {} MiB per log, filled until the head had recycled two segments before the measured run.",
+                count(t.growing_spares_zeroed),
+                count(t.spares_zeroed),
+                count(t.segments_recycled),
+                crate::suite::RETAINED_RETENTION_BYTES >> 20
+            );
+        }
         let failed: Vec<String> = self
             .rounds
             .iter()
@@ -610,6 +716,11 @@ impl SuiteReport {
                     .iter()
                     .map(move |a| ("single", round, a))
                     .chain(r.chain.iter().map(move |a| ("chain", round, a)))
+                    .chain(
+                        r.chain_retained
+                            .iter()
+                            .map(move |a| ("chain under retention", round, a)),
+                    )
             })
             .filter(|(_, _, a)| a.errors > 0)
             .map(|(what, round, a)| {
@@ -750,6 +861,11 @@ mod tests {
             chain_cpu: vec![],
             single_status: vec![],
             chain_status: vec![],
+            chain_retained: Some(run(128, 25_000.0, 4000.0)),
+            chain_retained_storage: Some(StorageCounters {
+                segments_recycled: 6,
+                ..StorageCounters::default()
+            }),
         }
     }
 
@@ -819,9 +935,16 @@ mod tests {
             },
             levels,
             latency_target: Some(t),
+            retained: summarize_retained(&[1, 128], 3, &rounds),
             rounds,
         }
         .markdown();
+        // (90k / 3) / 25k = 1.2 in the middle round; 25k / 20k = 1.25 every round.
+        assert!(
+            md.contains("steady state of a log under retention: (floor/3) ÷ it = **1.20** → met (rounds: 1.20, 2.40, 0.60); 1.25× the growing log's chain"),
+            "{md}"
+        );
+        assert!(md.contains("under retention 0 (it recycled 6)"), "{md}");
         assert!(
             md.contains("| 128 | 90000 | 60000 | 61.4 | 1.50 | 20000 | 20.5 | 1.50 |"),
             "{md}"

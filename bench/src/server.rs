@@ -75,8 +75,14 @@ impl ServerProc {
         Self::spawn(cmd, dir, vec![addr])
     }
 
-    /// `log-server dev --nodes N` on N free consecutive ports.
-    pub fn chain(bin: &Path, dir: &Path, nodes: u16, io_mode: &str) -> anyhow::Result<ServerProc> {
+    /// `log-server dev --nodes N` on N free consecutive ports, with `extra` arguments.
+    pub fn chain(
+        bin: &Path,
+        dir: &Path,
+        nodes: u16,
+        io_mode: &str,
+        extra: &[String],
+    ) -> anyhow::Result<ServerProc> {
         let port = free_ports(nodes)?;
         let addrs = (0..nodes)
             .map(|i| format!("127.0.0.1:{}", port + i))
@@ -90,7 +96,8 @@ impl ServerProc {
             .arg("--port")
             .arg(port.to_string())
             .arg("--io-mode")
-            .arg(io_mode);
+            .arg(io_mode)
+            .args(extra);
         Self::spawn(cmd, dir, addrs)
     }
 

@@ -13,6 +13,11 @@ pub struct StorageCounters {
     pub writes: u64,
     pub bytes_written: u64,
     pub padding_bytes: u64,
+    /// Spare segments written full of zeros, and deleted segments recycled as spares.
+    #[serde(default)]
+    pub spares_zeroed: u64,
+    #[serde(default)]
+    pub segments_recycled: u64,
 }
 
 impl StorageCounters {
@@ -28,6 +33,8 @@ impl StorageCounters {
             writes: f("writes"),
             bytes_written: f("bytes_written"),
             padding_bytes: f("padding_bytes"),
+            spares_zeroed: f("spares_zeroed"),
+            segments_recycled: f("segments_recycled"),
         })
     }
 
@@ -40,6 +47,10 @@ impl StorageCounters {
             writes: self.writes.saturating_sub(before.writes),
             bytes_written: self.bytes_written.saturating_sub(before.bytes_written),
             padding_bytes: self.padding_bytes.saturating_sub(before.padding_bytes),
+            spares_zeroed: self.spares_zeroed.saturating_sub(before.spares_zeroed),
+            segments_recycled: self
+                .segments_recycled
+                .saturating_sub(before.segments_recycled),
         }
     }
 

@@ -5,7 +5,7 @@
 use crate::cpu::{process_cpu_s, CpuUse};
 use crate::floor::{disk_floor_async, DiskFloor};
 use crate::loopback::loopback_rtt;
-use crate::report::{summarize, Meta, RoundResult, SuiteReport};
+use crate::report::{summarize, summarize_retained, Meta, RoundResult, SuiteReport};
 use crate::server::{ServerProc, START_TIMEOUT};
 use crate::service::service_floor;
 use crate::storage_stats::StorageCounters;
@@ -18,6 +18,15 @@ use std::time::{Duration, Instant};
 pub const LOG_NAME: &str = "bench";
 /// How long `create_log` keeps retrying while a fresh chain links up.
 const CREATE_LOG_TIMEOUT: Duration = Duration::from_secs(15);
+/// Bytes per log each node keeps in the steady-state chain run (two default segments), so
+/// that run reaches the state of a log under retention within seconds.
+pub const RETAINED_RETENTION_BYTES: u64 = 128 << 20;
+/// Segments the head must have recycled before the steady-state run is measured: from then on
+/// every roll takes a recycled segment instead of a freshly zeroed one.
+const FILL_RECYCLED_MIN: u64 = 2;
+/// Longest the steady-state run's fill may take; it is then measured anyway (and its counters
+/// show how much zeroing it still did).
+const FILL_TIMEOUT: Duration = Duration::from_secs(60);
 
 #[derive(Clone, Debug)]
 pub struct SuiteConfig {
@@ -94,12 +103,45 @@ async fn storage_counters(client: &chainlog_client::Client) -> Option<StorageCou
     StorageCounters::from_status(&client.status().await.ok()?)
 }
 
-/// Waits for `server`, creates the log, runs `inflight` appends closed loop.
+/// Appends closed loop, a second at a time, until the head has recycled `FILL_RECYCLED_MIN`
+/// segments (or `FILL_TIMEOUT`).
+async fn fill_until_recycling(
+    client: &chainlog_client::Client,
+    cfg: &SuiteConfig,
+    inflight: usize,
+) -> anyhow::Result<()> {
+    let deadline = Instant::now() + FILL_TIMEOUT;
+    loop {
+        let recycled = storage_counters(client)
+            .await
+            .map_or(0, |c| c.segments_recycled);
+        if recycled >= FILL_RECYCLED_MIN {
+            return Ok(());
+        }
+        if Instant::now() >= deadline {
+            eprintln!("  fill: the head recycled {recycled} segments in {FILL_TIMEOUT:?}; measuring anyway");
+            return Ok(());
+        }
+        let load = AppendLoad {
+            log: LOG_NAME.into(),
+            inflight,
+            record_bytes: cfg.record_bytes,
+            warmup: Duration::ZERO,
+            duration: Duration::from_secs(1),
+            rate_per_s: None,
+        };
+        run_append(client, &load).await?;
+    }
+}
+
+/// Waits for `server`, creates the log, (with `fill`) fills it until retention recycles
+/// segments, runs `inflight` appends closed loop.
 async fn run_on(
     mut server: ServerProc,
     cfg: &SuiteConfig,
     what: &str,
     inflight: usize,
+    fill: bool,
 ) -> anyhow::Result<ServerRun> {
     server.wait_listening(START_TIMEOUT).await?;
     let client = connect(&server.addrs, cfg.client).await?;
@@ -117,6 +159,9 @@ async fn run_on(
                     .with_context(|| format!("{what}: creating log:\n{}", server.log_tail()))
             }
         }
+    }
+    if fill {
+        fill_until_recycling(&client, cfg, inflight).await?;
     }
     let cpu_now = |pid| (process_cpu_s(Some(pid)), process_cpu_s(None));
     let before = storage_counters(&client).await;
@@ -152,9 +197,11 @@ async fn run_on(
     if let (Some(d), Some(c)) = (storage, cpu) {
         let per = 1e6 / r.records_total.max(1) as f64;
         eprintln!(
-            "         head: {:.1} records/batch, {:.1} batches/fsync; cpu µs/record: server {:.0}, client {:.0}",
+            "         head: {:.1} records/batch, {:.1} batches/fsync, {} spares zeroed, {} segments recycled; cpu µs/record: server {:.0}, client {:.0}",
             r.records_total as f64 / d.batches.max(1) as f64,
             d.batches_per_fsync(),
+            d.spares_zeroed,
+            d.segments_recycled,
             c.server_s * per,
             c.client_s * per
         );
@@ -201,6 +248,8 @@ async fn one_round(round: usize, cfg: &SuiteConfig) -> anyhow::Result<RoundResul
     let mut service_chain = Vec::new();
     let mut single = Vec::new();
     let mut chain = Vec::new();
+    let mut chain_retained = None;
+    let top = cfg.levels.iter().copied().max().unwrap_or(0);
     for &inflight in &cfg.levels {
         for step in step_order(round) {
             match step {
@@ -251,22 +300,48 @@ async fn one_round(round: usize, cfg: &SuiteConfig) -> anyhow::Result<RoundResul
                 Step::Single => {
                     let dir = tmp.path().join(format!("single-{inflight}"));
                     let s = ServerProc::single(&cfg.server_bin, &dir, &cfg.io_mode)?;
-                    single.push(run_on(s, cfg, "single", inflight).await?);
+                    single.push(run_on(s, cfg, "single", inflight, false).await?);
                     // The data of a finished run only costs disk space from here on.
                     let _ = std::fs::remove_dir_all(&dir);
                 }
                 Step::Chain => {
                     let dir = tmp.path().join(format!("chain-{inflight}"));
-                    let s =
-                        ServerProc::chain(&cfg.server_bin, &dir, cfg.chain_nodes, &cfg.io_mode)?;
-                    chain.push(run_on(s, cfg, "chain", inflight).await?);
+                    let s = ServerProc::chain(
+                        &cfg.server_bin,
+                        &dir,
+                        cfg.chain_nodes,
+                        &cfg.io_mode,
+                        &[],
+                    )?;
+                    chain.push(run_on(s, cfg, "chain", inflight, false).await?);
                     let _ = std::fs::remove_dir_all(&dir);
+                    if inflight == top {
+                        // The same chain in the state a log under retention runs in: filled
+                        // past its retention, so rolls take recycled segments, not zeroed ones.
+                        let dir = tmp.path().join(format!("chain-retained-{inflight}"));
+                        let s = ServerProc::chain(
+                            &cfg.server_bin,
+                            &dir,
+                            cfg.chain_nodes,
+                            &cfg.io_mode,
+                            &[
+                                "--retention-bytes".into(),
+                                RETAINED_RETENTION_BYTES.to_string(),
+                            ],
+                        )?;
+                        chain_retained = Some(run_on(s, cfg, "chain-ret", inflight, true).await?);
+                        let _ = std::fs::remove_dir_all(&dir);
+                    }
                 }
             }
         }
     }
     let (single, single_storage, single_cpu, single_status) = unzip_runs(single);
     let (chain, chain_storage, chain_cpu, chain_status) = unzip_runs(chain);
+    let (chain_retained, chain_retained_storage) = match chain_retained {
+        Some(r) => (Some(r.result), r.storage),
+        None => (None, None),
+    };
     Ok(RoundResult {
         round,
         floors,
@@ -281,6 +356,8 @@ async fn one_round(round: usize, cfg: &SuiteConfig) -> anyhow::Result<RoundResul
         chain_cpu,
         single_status,
         chain_status,
+        chain_retained,
+        chain_retained_storage,
     })
 }
 
@@ -335,10 +412,12 @@ pub async fn run_suite(cfg: &SuiteConfig) -> anyhow::Result<SuiteReport> {
     }
     meta.floor_direct = rounds.iter().flat_map(|r| &r.floors).all(|f| f.direct);
     let (levels, latency_target) = summarize(&cfg.levels, usize::from(cfg.chain_nodes), &rounds);
+    let retained = summarize_retained(&cfg.levels, usize::from(cfg.chain_nodes), &rounds);
     let report = SuiteReport {
         meta,
         levels,
         latency_target,
+        retained,
         rounds,
     };
     write_report(&report, &cfg.out)?;
