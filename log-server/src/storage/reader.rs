@@ -91,16 +91,18 @@ fn read_one(views: &Views, req: &ReadReq, counters: &Counters) -> Result<Vec<Byt
         Ok(()) => Ok(out),
         // What was read before the bad batch is still good.
         Err(_) if !out.is_empty() => Ok(out),
-        Err(Bad::Code(code)) => Err(code),
-        Err(Bad::Discontinuous) => {
-            // Retention recycled the segment while this read held its descriptor (the file
-            // now holds a newer part of some log), or the bytes are wrong.
+        Err(bad) => {
+            // Retention may have recycled the segment while this read held its descriptor
+            // (the file now holds a newer part of some log): then the offsets are trimmed,
+            // whatever the bytes looked like.
             let start = view.read().unwrap_or_else(|e| e.into_inner()).start;
-            if req.from < start {
-                Err(ErrorCode::OffsetTrimmed)
-            } else {
-                tracing::error!(log = %req.log, from = %req.from, "stored batches do not continue the log");
-                Err(ErrorCode::Corruption)
+            match bad {
+                _ if req.from < start => Err(ErrorCode::OffsetTrimmed),
+                Bad::Code(code) => Err(code),
+                Bad::Discontinuous => {
+                    tracing::error!(log = %req.log, from = %req.from, "stored batches do not continue the log");
+                    Err(ErrorCode::Corruption)
+                }
             }
         }
     }
