@@ -206,6 +206,26 @@ pub async fn read_everything(client: &chainlog_client::Client) -> Vec<(u64, Vec<
     read_everything_from(client, None).await
 }
 
+/// The log "default"'s start on the node `client` talks to (its storage's first offset).
+#[allow(dead_code)] // not every test binary trims
+pub async fn log_start(client: &chainlog_client::Client) -> u64 {
+    let st = client.status().await.expect("status");
+    st["storage"]["logs"]
+        .as_array()
+        .and_then(|logs| logs.iter().find(|l| l["name"] == "default"))
+        .and_then(|l| l["start"].as_u64())
+        .expect("status names the log's start")
+}
+
+/// Every committed record of the log "default" from offset `from` (see [`read_everything`]).
+#[allow(dead_code)] // not every test binary trims
+pub async fn read_everything_at(
+    client: &chainlog_client::Client,
+    from: u64,
+) -> Vec<(u64, Vec<u8>)> {
+    read_range(client, None, from).await
+}
+
 /// [`read_everything`] as one node serves it (`Some(index)` into the client's node list; a
 /// pinned read waits up to 5 s for that node to learn the commit).
 #[allow(dead_code)] // not every test binary reads from a pinned node
@@ -213,9 +233,17 @@ pub async fn read_everything_from(
     client: &chainlog_client::Client,
     node: Option<usize>,
 ) -> Vec<(u64, Vec<u8>)> {
+    read_range(client, node, 0).await
+}
+
+async fn read_range(
+    client: &chainlog_client::Client,
+    node: Option<usize>,
+    from: u64,
+) -> Vec<(u64, Vec<u8>)> {
     use chainlog_client::{Offset, ReadOptions};
     let mut out = vec![];
-    let mut from = Offset(0);
+    let mut from = Offset(from);
     let opts = ReadOptions {
         max_records: 10_000,
         node,
