@@ -214,6 +214,21 @@ async fn run_on(
     })
 }
 
+/// [`run_on`] a fresh server whose data lives in `dir`, then deletes it: the data of a finished
+/// run only costs disk space from here on.
+async fn run_fresh(
+    server: ServerProc,
+    dir: &Path,
+    cfg: &SuiteConfig,
+    what: &str,
+    inflight: usize,
+    fill: bool,
+) -> anyhow::Result<ServerRun> {
+    let r = run_on(server, cfg, what, inflight, fill).await;
+    let _ = std::fs::remove_dir_all(dir);
+    r
+}
+
 /// The three measurements a round interleaves at each level.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Step {
@@ -300,37 +315,32 @@ async fn one_round(round: usize, cfg: &SuiteConfig) -> anyhow::Result<RoundResul
                 Step::Single => {
                     let dir = tmp.path().join(format!("single-{inflight}"));
                     let s = ServerProc::single(&cfg.server_bin, &dir, &cfg.io_mode)?;
-                    single.push(run_on(s, cfg, "single", inflight, false).await?);
-                    // The data of a finished run only costs disk space from here on.
-                    let _ = std::fs::remove_dir_all(&dir);
+                    single.push(run_fresh(s, &dir, cfg, "single", inflight, false).await?);
                 }
                 Step::Chain => {
-                    let dir = tmp.path().join(format!("chain-{inflight}"));
-                    let s = ServerProc::chain(
-                        &cfg.server_bin,
-                        &dir,
-                        cfg.chain_nodes,
-                        &cfg.io_mode,
-                        &[],
-                    )?;
-                    chain.push(run_on(s, cfg, "chain", inflight, false).await?);
-                    let _ = std::fs::remove_dir_all(&dir);
-                    if inflight == top {
-                        // The same chain in the state a log under retention runs in: filled
-                        // past its retention, so rolls take recycled segments, not zeroed ones.
-                        let dir = tmp.path().join(format!("chain-retained-{inflight}"));
+                    let chain_in = |name: &str, extra: &[String]| {
+                        let dir = tmp.path().join(format!("{name}-{inflight}"));
                         let s = ServerProc::chain(
                             &cfg.server_bin,
                             &dir,
                             cfg.chain_nodes,
                             &cfg.io_mode,
-                            &[
-                                "--retention-bytes".into(),
-                                RETAINED_RETENTION_BYTES.to_string(),
-                            ],
-                        )?;
-                        chain_retained = Some(run_on(s, cfg, "chain-ret", inflight, true).await?);
-                        let _ = std::fs::remove_dir_all(&dir);
+                            extra,
+                        );
+                        s.map(|s| (s, dir))
+                    };
+                    let (s, dir) = chain_in("chain", &[])?;
+                    chain.push(run_fresh(s, &dir, cfg, "chain", inflight, false).await?);
+                    if inflight == top {
+                        // The same chain in the state a log under retention runs in: filled
+                        // past its retention, so rolls take recycled segments, not zeroed ones.
+                        let extra = [
+                            "--retention-bytes".to_string(),
+                            RETAINED_RETENTION_BYTES.to_string(),
+                        ];
+                        let (s, dir) = chain_in("chain-retained", &extra)?;
+                        let r = run_fresh(s, &dir, cfg, "chain-ret", inflight, true).await?;
+                        chain_retained = Some(r);
                     }
                 }
             }

@@ -169,8 +169,8 @@ struct SpareShared {
     keep: usize,
     stop: AtomicBool,
     seq: AtomicU64,
-    /// Spares written full of zeros (by the preparer or inline), since start.
-    zeroed: AtomicU64,
+    /// Counts spares written full of zeros (by the preparer or inline): the caller's counter.
+    zeroed: Arc<AtomicU64>,
     lock: std::sync::Mutex<SpareState>,
     cv: std::sync::Condvar,
 }
@@ -198,7 +198,14 @@ impl SpareFiles {
     /// Starts keeping `keep` (>= 1) spare files of `len` bytes in `dir` (created if missing).
     /// Complete spares left from an earlier run with the right length are reused; partial ones
     /// are deleted.
-    pub fn start(dir: PathBuf, len: u64, direct: bool, keep: usize) -> Result<SpareFiles> {
+    /// Every spare it zeroes adds one to `zeroed`.
+    pub fn start(
+        dir: PathBuf,
+        len: u64,
+        direct: bool,
+        keep: usize,
+        zeroed: Arc<AtomicU64>,
+    ) -> Result<SpareFiles> {
         assert!(keep >= 1);
         std::fs::create_dir_all(&dir).map_err(|e| HwError::io("create spare dir", e))?;
         let mut ready = Vec::new();
@@ -228,7 +235,7 @@ impl SpareFiles {
             keep,
             stop: AtomicBool::new(false),
             seq: AtomicU64::new(seq),
-            zeroed: AtomicU64::new(0),
+            zeroed,
             lock: std::sync::Mutex::new(SpareState {
                 wanted: keep.saturating_sub(ready.len()),
                 ready,
@@ -286,15 +293,14 @@ impl SpareFiles {
         self.shared.dir.join(format!("{n:020}{SPARE_SUFFIX}"))
     }
 
-    /// Takes a whole-length file renamed to [`SpareFiles::recycle_path`] (the rename durable)
-    /// as a ready spare, so the next roll needs no zeroing. Keeps at most one more than the
-    /// number kept (a spare being zeroed at the moment may arrive too); beyond that, or if
-    /// the length is wrong, deletes it. Returns whether it was kept. Call
-    /// [`SpareFiles::replenish`] afterwards as usual: it then asks for no new zeroing.
+    /// Takes a file of the spares' length renamed to [`SpareFiles::recycle_path`] (the rename
+    /// durable) as a ready spare, so the next roll needs no zeroing. Keeps at most one more
+    /// than the number kept (a spare being zeroed at the moment may arrive too); beyond that,
+    /// deletes it. Returns whether it was kept. Call [`SpareFiles::replenish`] afterwards as
+    /// usual: it then asks for no new zeroing.
     pub fn add_recycled(&self, path: PathBuf) -> bool {
-        let len_ok = std::fs::metadata(&path).is_ok_and(|m| m.len() == self.shared.len);
         let mut st = self.shared.lock.lock().unwrap_or_else(|e| e.into_inner());
-        if !len_ok || st.ready.len() > self.shared.keep {
+        if st.ready.len() > self.shared.keep {
             drop(st);
             let _ = std::fs::remove_file(&path);
             return false;
@@ -302,12 +308,6 @@ impl SpareFiles {
         st.ready.push(path);
         self.shared.cv.notify_all();
         true
-    }
-
-    /// Spares written full of zeros since start (inline or by the preparer): what recycling
-    /// saves shows here.
-    pub fn zeroed(&self) -> u64 {
-        self.shared.zeroed.load(Ordering::Relaxed)
     }
 
     /// Lets the preparer make spares again up to the number kept.
@@ -445,7 +445,7 @@ mod tests {
     fn spares_are_kept_ready_and_reused() {
         let dir = tempfile::tempdir().unwrap();
         let sd = dir.path().join("spare");
-        let s = SpareFiles::start(sd.clone(), 8192, false, 1).unwrap();
+        let s = SpareFiles::start(sd.clone(), 8192, false, 1, Arc::default()).unwrap();
         s.wait_ready().unwrap();
         let a = s.take().unwrap();
         assert_eq!(std::fs::metadata(&a).unwrap().len(), 8192);
@@ -457,7 +457,7 @@ mod tests {
         s.wait_ready().unwrap();
         drop(s);
         // The prepared spare survives a restart and is reused.
-        let s = SpareFiles::start(sd.clone(), 8192, false, 1).unwrap();
+        let s = SpareFiles::start(sd.clone(), 8192, false, 1, Arc::default()).unwrap();
         assert!(s.try_take().is_some());
     }
 }

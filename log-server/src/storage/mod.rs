@@ -230,7 +230,8 @@ pub(crate) struct Counters {
     pub segments_created: AtomicU64,
     pub segments_deleted: AtomicU64,
     pub segments_recycled: AtomicU64,
-    pub spares_zeroed: AtomicU64,
+    /// Shared with the spare preparer, which counts into it.
+    pub spares_zeroed: Arc<AtomicU64>,
 }
 
 impl Counters {

@@ -222,7 +222,13 @@ impl Writer {
             .map_err(|e| StorageError::io("create logs dir", &logs_dir, e))?;
         let mut ring = Ring::new(cfg.queue_depth)?;
         let waker = ring.waker()?;
-        let spares = SpareFiles::start(spare_dir.clone(), cfg.segment_bytes, direct, 1)?;
+        let spares = SpareFiles::start(
+            spare_dir.clone(),
+            cfg.segment_bytes,
+            direct,
+            1,
+            counters.spares_zeroed.clone(),
+        )?;
         let pool = BufPool::new(PoolConfig {
             free_max: [64, 64, 8, 2],
             // Copies for O_DIRECT: the groups in flight and one being built per busy log are
@@ -303,12 +309,6 @@ impl Writer {
             .logs
             .get(&rec.log)
             .map_or((Offset::ZERO, 0), |l| (l.hint, l.hint_seq));
-        // Renames out of the log not yet known durable stay out of the pool (see `LogW`).
-        let recycled_unsynced = self
-            .logs
-            .get_mut(&rec.log)
-            .map(|l| std::mem::take(&mut l.recycled_unsynced))
-            .unwrap_or_default();
         let active_file = match rec.segs.last() {
             Some(s) if s.align == self.align => {
                 Some(Arc::new(disk::open_rw(&s.path, self.direct)?))
@@ -336,8 +336,9 @@ impl Writer {
             // Recovery may have read the header from the page cache (a crash without power
             // loss): the first group after start-up syncs the whole file.
             header_unsynced: true,
+            // A log is (re)installed only with no directory fsync in flight, so nothing waits.
             trim_unsynced: false,
-            recycled_unsynced,
+            recycled_unsynced: Vec::new(),
             producers: rec.producers,
             hint,
             hint_saved: rec.committed_hint,
@@ -1107,7 +1108,6 @@ impl Writer {
         l.must_roll = false;
         l.header_unsynced = true;
         Counters::add(&self.counters.segments_created, 1);
-        self.note_spares();
         // A roll is followed at once by its first group's write and sync: keep their slots.
         if self.ring.has_room(3) {
             let t = self.tag(id, OpKind::DirSync, 0);
@@ -1144,10 +1144,10 @@ impl Writer {
             return;
         };
         for p in std::mem::take(&mut l.recycled_unsynced) {
-            if durable && self.spares.add_recycled(p.clone()) {
-                Counters::add(&self.counters.segments_recycled, 1);
-            } else if !durable {
+            if !durable {
                 let _ = std::fs::remove_file(&p);
+            } else if self.spares.add_recycled(p) {
+                Counters::add(&self.counters.segments_recycled, 1);
             }
         }
     }
@@ -1157,7 +1157,6 @@ impl Writer {
             disk::fsync_dir(&l.dir)?;
         }
         // The next spare's zeroing would have slowed that fsync (ext4 ordered mode).
-        self.take_recycled(id, true);
         self.spares.replenish();
         Ok(())
     }
@@ -1179,19 +1178,20 @@ impl Writer {
         let _ = std::fs::remove_file(l.dir.join(format::index_name(s.base)));
         // A whole-size segment becomes the next spare instead of zeroing a new one: a
         // growing file, or zeroing one, costs as much disk time again as the appends.
-        let mut recycled = false;
-        if s.cap == self.cfg.segment_bytes {
-            let to = self.spares.recycle_path();
-            match std::fs::rename(&s.path, &to) {
-                Ok(()) => {
-                    l.recycled_unsynced.push(to);
-                    recycled = true;
+        let recycled = s.cap == self.cfg.segment_bytes
+            && {
+                let to = self.spares.recycle_path();
+                match std::fs::rename(&s.path, &to) {
+                    Ok(()) => {
+                        l.recycled_unsynced.push(to);
+                        true
+                    }
+                    Err(e) => {
+                        tracing::warn!(log = %id, "could not recycle segment {}: {e}", s.path.display());
+                        false
+                    }
                 }
-                Err(e) => {
-                    tracing::warn!(log = %id, "could not recycle segment {}: {e}", s.path.display())
-                }
-            }
-        }
+            };
         if !recycled {
             if let Err(e) = std::fs::remove_file(&s.path) {
                 tracing::error!(log = %id, "removing segment {}: {e}", s.path.display());
@@ -1567,16 +1567,8 @@ impl Writer {
         }
     }
 
-    fn note_spares(&self) {
-        let n = self.spares.zeroed();
-        self.counters
-            .spares_zeroed
-            .store(n, std::sync::atomic::Ordering::Relaxed);
-    }
-
     fn tick(&mut self) {
         self.reopen_if_space();
-        self.note_spares();
         let ids: Vec<LogId> = self.logs.keys().copied().collect();
         for id in ids {
             if self.cfg.retention_ms.is_some() {
