@@ -180,7 +180,7 @@ fn bad_input_gets_typed_errors_and_the_server_keeps_serving() {
             producer_id: ProducerId(0),
             producer_seq: 0,
             timestamp_us: 0,
-            body_crc: crc32c::crc32c(&body),
+            body_crc: chainlog_core::record::checksum(&body),
         };
         let mut batch = vec![0u8; HEADER_LEN];
         h.encode_into(&mut batch);
