@@ -2,6 +2,12 @@
 //! rate, latency measured from each append's intended send time so a stall is charged to every
 //! append it delayed — no coordinated omission). Each task keeps its own histogram; they are
 //! merged once at the end.
+//!
+//! The closed loop is one producer keeping N sends outstanding (`Producer::send` tickets,
+//! awaited oldest first, a new send the moment one is answered), as kafka-producer-perf-test
+//! drives a Kafka producer: the cheapest load generator through the real client, so the server
+//! is what is measured. The open loop needs a worker per outstanding append instead (whichever
+//! is free takes the next intended send time).
 
 use crate::hist::{LatencyHist, LatencySummary};
 use anyhow::Context;
@@ -12,7 +18,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-/// Most appends one load keeps outstanding (tasks spawned); the server's per-connection limit.
+/// Most appends one load keeps outstanding (open loop: workers spawned); the server's per-connection limit.
 pub const INFLIGHT_MAX: usize = chainlog_core::limits::CONNECTION_REQUESTS_MAX;
 /// Failed appends after which a run stops early: past this the figures describe a broken
 /// server, not a slow one.
@@ -186,6 +192,59 @@ pub fn spawn_pacer(
     })
 }
 
+/// The closed loop's clock window.
+struct Window {
+    inflight: usize,
+    measure_from: Instant,
+    end: Instant,
+}
+
+/// The closed loop: `inflight` sends outstanding, oldest awaited first; each answer starts the
+/// next send, timed from that answer (one clock read per append). Appends commit in order, so
+/// awaiting the oldest first charges no append for a later one's wait; if the client ever
+/// answered out of order, the later answer would be counted late, never early.
+async fn closed_loop(
+    producer: chainlog_client::Producer,
+    body: Bytes,
+    w: Window,
+    shared: Arc<Shared>,
+) -> (LatencyHist, LatencyHist, u64, u64) {
+    let mut hist = LatencyHist::new();
+    let (mut done_in_window, mut done) = (0u64, 0u64);
+    let mut outstanding = std::collections::VecDeque::with_capacity(w.inflight);
+    let mut last_end = Instant::now();
+    loop {
+        while outstanding.len() < w.inflight
+            && last_end < w.end
+            && !shared.stop.load(Ordering::Relaxed)
+        {
+            match producer.send(body.clone()).await {
+                Ok(ticket) => outstanding.push_back((last_end, ticket)),
+                Err(e) => shared.failed(&e),
+            }
+        }
+        let Some((t0, ticket)) = outstanding.pop_front() else {
+            break;
+        };
+        let r = ticket.await;
+        let t1 = Instant::now();
+        last_end = t1;
+        match r {
+            Ok(_) => {
+                done += 1;
+                if t0 >= w.measure_from {
+                    hist.record(t1 - t0);
+                }
+                if t1 >= w.measure_from && t1 <= w.end {
+                    done_in_window += 1;
+                }
+            }
+            Err(e) => shared.failed(&e),
+        }
+    }
+    (hist, LatencyHist::new(), done_in_window, done)
+}
+
 /// Runs `load` against `client` (the log must exist). Returns once every task has finished its
 /// last append.
 pub async fn run_append(client: &Client, load: &AppendLoad) -> anyhow::Result<AppendResult> {
@@ -216,40 +275,45 @@ pub async fn run_append(client: &Client, load: &AppendLoad) -> anyhow::Result<Ap
     let producer = client
         .producer(&load.log)
         .with_context(|| format!("producer for {}", load.log))?;
-    for _ in 0..load.inflight {
+    if slots.is_none() {
+        let window = Window {
+            inflight: load.inflight,
+            measure_from,
+            end,
+        };
+        // Unconstrained: with tokio's cooperative budget the loop would yield every few dozen
+        // sends, and the client's batcher, run in between, would seal batches of that size; a
+        // closed loop of separate tasks hands it all of them in one turn instead.
+        tasks.push(tokio::spawn(tokio::task::unconstrained(closed_loop(
+            producer.clone(),
+            body.clone(),
+            window,
+            shared.clone(),
+        ))));
+    }
+    // The open loop: a worker per outstanding append.
+    let workers = if slots.is_some() { load.inflight } else { 0 };
+    for _ in 0..workers {
         let producer = producer.clone();
         let body = body.clone();
         let shared = shared.clone();
-        let slots = slots.clone();
+        let Some(rx) = slots.clone() else { break };
         tasks.push(tokio::spawn(async move {
             let mut hist = LatencyHist::new();
             let mut lag = LatencyHist::new();
             let mut done_in_window = 0u64;
             let mut done = 0u64;
-            // Closed loop: each append starts when the previous one ended (one clock read each).
-            let mut last_end = Instant::now();
             while !shared.stop.load(Ordering::Relaxed) {
-                let t0 = match &slots {
-                    None => last_end,
-                    Some(rx) => {
-                        let next = rx.lock().await.recv().await;
-                        match next {
-                            Some(t) => {
-                                if t >= measure_from {
-                                    lag.record(t.elapsed());
-                                }
-                                t
-                            }
-                            None => break,
-                        }
-                    }
-                };
+                let next = rx.lock().await.recv().await;
+                let Some(t0) = next else { break };
+                if t0 >= measure_from {
+                    lag.record(t0.elapsed());
+                }
                 if t0 >= end {
                     break;
                 }
                 let r = producer.append(body.clone()).await;
                 let t1 = Instant::now();
-                last_end = t1;
                 match r {
                     Ok(_) => {
                         done += 1;
@@ -402,6 +466,60 @@ mod tests {
         )
         .join()
         .unwrap();
+    }
+
+    /// The closed loop against a real node: every append it counts was acknowledged, each has
+    /// a latency sample, it keeps `inflight` outstanding (the node stores them as full
+    /// batches: one batch per round of answers), and it ends with nothing outstanding.
+    #[tokio::test(flavor = "current_thread")]
+    async fn closed_loop_keeps_the_window_full_against_a_real_node() {
+        let dir = tempfile::tempdir().unwrap();
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let listen = format!("127.0.0.1:{port}");
+        let mut cfg =
+            chainlog_server::config::NodeConfig::single(dir.path().to_path_buf(), listen.clone());
+        // Buffered I/O: the test is about the load generator, on any file system.
+        cfg.storage.io_mode = chainlog_server::config::IoModeSetting::Buffered;
+        let node = chainlog_server::node::start(cfg).await.unwrap();
+        let client = connect(std::slice::from_ref(&listen), ClientKnobs::default())
+            .await
+            .unwrap();
+        client.create_log("w").await.unwrap();
+        let load = AppendLoad {
+            log: "w".into(),
+            inflight: 128,
+            record_bytes: 100,
+            warmup: Duration::from_millis(50),
+            duration: Duration::from_millis(300),
+            rate_per_s: None,
+        };
+        let r = run_append(&client, &load).await.unwrap();
+        assert_eq!(
+            (r.errors, r.mode.as_str()),
+            (0, "closed"),
+            "{:?}",
+            r.first_error
+        );
+        assert!(r.records > 0 && r.records <= r.records_total);
+        assert!(r.latency.count > 0 && r.latency.count <= r.records_total);
+        // Every append it counted was acknowledged, and nothing else was sent: the log holds
+        // exactly that many records.
+        assert_eq!(client.committed_end("w").await.unwrap().0, r.records_total);
+        // Full windows: a round's 128 sends reach the node as one batch (the loop hands the
+        // client's batcher all of them in one turn; tokio's budget would split them).
+        let status = client.status().await.unwrap();
+        let batches = status["storage"]["batches"].as_u64().unwrap();
+        assert!(
+            r.records_total >= 96 * batches,
+            "{} records in {batches} batches",
+            r.records_total
+        );
+        drop(client);
+        node.shutdown().await;
     }
 
     #[test]
