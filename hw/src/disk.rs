@@ -13,8 +13,12 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 
-/// Size of the zero buffer used for pre-zeroing (one large aligned write at a time).
-const ZERO_CHUNK_BYTES: usize = 1 << 20;
+/// Bytes of one pre-zeroing write (one aligned write at a time). No larger than a full
+/// 128-record batch of 1 KiB records: once a zeroing write is on the device, an append's
+/// durable write queued behind it waits for it (the idle I/O class only orders requests still
+/// in the scheduler). With 1 MiB writes a growing dev chain's p99 at 128 in flight was 2.3x
+/// that with 128 KiB ones (3 of 3 A/B pairs); 64 KiB was no better.
+const ZERO_CHUNK_BYTES: usize = 128 << 10;
 
 /// Opens an existing segment for reading and writing, with O_DIRECT when `direct`.
 pub fn open_rw(path: &Path, direct: bool) -> Result<File> {
