@@ -489,8 +489,8 @@ impl SuiteReport {
             "rev `{}` · host: {} cpus, Linux {}, {} · server io-mode `{}` (floor O_DIRECT: {}) · {} B records · client linger {} µs, {} batches in flight, {} · {} rounds × {} s (+{} s warm-up) per run · median over rounds\n",
             m.git_rev, m.host_nproc, m.host_kernel, m.host_cpu, m.io_mode, m.floor_direct, m.record_bytes, m.client_linger_us, m.client_batches_in_flight_max,
             match m.client_threads {
-                0 => "current-thread client runtime".to_string(),
-                n => format!("{n}-worker client runtime"),
+                0 => "current-thread client runtime, closed loop = one producer with N sends outstanding".to_string(),
+                n => format!("{n}-worker client runtime, closed loop = one producer with N sends outstanding"),
             },
             m.rounds, m.duration_s, m.warmup_s
         );
