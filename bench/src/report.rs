@@ -516,7 +516,7 @@ impl SuiteReport {
         }
         let _ = writeln!(
             s,
-            "\nDisk floor at N in flight: N single-record batches ({} B each) made durable at once; the floor is the best of N page-aligned writes + fdatasync, one packed write + fdatasync, and (O_DIRECT) one packed RWF_DSYNC write, the server's own way (all below). The chain's floor is it ÷ {nodes} (all replicas share the disk). Each round runs, per level, the floor, a fresh single node and a fresh chain back to back (order rotated per round); ratios are medians of per-round ratios.",
+            "\nDisk floor at N in flight: N single-record batches ({} B each) made durable at once; the floor is the best of N page-aligned writes + fdatasync, one packed write + fdatasync, and (O_DIRECT) one packed RWF_DSYNC write, the server's own way (all below). The chain's floor is it ÷ {nodes} (all replicas share the disk). Each round runs, per level, the floor, a fresh single node and a fresh chain back to back (order rotated per round; a fresh server is measured once its nodes have zeroed their start-up spare segments); ratios are medians of per-round ratios.",
             m.record_bytes + HEADER_LEN + RECORD_OVERHEAD
         );
         let _ = writeln!(

@@ -27,6 +27,9 @@ const FILL_RECYCLED_MIN: u64 = 2;
 /// Longest the steady-state run's fill may take; it is then measured anyway (and its counters
 /// show how much zeroing it still did).
 const FILL_TIMEOUT: Duration = Duration::from_secs(60);
+/// Longest wait for every node's spare segments before a run (zeroing 64 MiB takes well under
+/// a second here; past this the run starts anyway, and says so).
+const SPARES_TIMEOUT: Duration = Duration::from_secs(30);
 
 #[derive(Clone, Debug)]
 pub struct SuiteConfig {
@@ -103,6 +106,42 @@ async fn storage_counters(client: &chainlog_client::Client) -> Option<StorageCou
     StorageCounters::from_status(&client.status().await.ok()?)
 }
 
+/// Spare segments every node of the chain still has to zero (`None` if some node does not
+/// report it).
+async fn spares_pending(client: &chainlog_client::Client, nodes: usize) -> Option<u64> {
+    let mut sum = 0;
+    for i in 0..nodes {
+        let st = client.status_of(i).await.ok()?;
+        sum += st.get("storage")?.get("spares_pending")?.as_u64()?;
+    }
+    Some(sum)
+}
+
+/// Waits until no node is zeroing a spare segment: a fresh node zeroes its first spares at
+/// start and again after the log's first segment takes one. That is start-up work; measured,
+/// it lands on whichever level runs first (a growing log's rolls during a run still zero, and
+/// the report counts them).
+async fn wait_for_spares(
+    client: &chainlog_client::Client,
+    nodes: usize,
+    what: &str,
+) -> anyhow::Result<()> {
+    let start = Instant::now();
+    loop {
+        match spares_pending(client, nodes).await {
+            None | Some(0) => return Ok(()),
+            Some(n) if start.elapsed() >= SPARES_TIMEOUT => {
+                eprintln!(
+                    "  {what}: {n} spare segment(s) still being zeroed after {} s; running anyway",
+                    SPARES_TIMEOUT.as_secs()
+                );
+                return Ok(());
+            }
+            Some(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    }
+}
+
 /// Appends closed loop, a second at a time, until the head has recycled `FILL_RECYCLED_MIN`
 /// segments (or `FILL_TIMEOUT`).
 async fn fill_until_recycling(
@@ -163,6 +202,7 @@ async fn run_on(
     if fill {
         fill_until_recycling(&client, cfg, inflight).await?;
     }
+    wait_for_spares(&client, server.addrs.len(), what).await?;
     let cpu_now = |pid| (process_cpu_s(Some(pid)), process_cpu_s(None));
     let before = storage_counters(&client).await;
     let cpu_before = cpu_now(server.pid());

@@ -175,6 +175,8 @@ struct SpareShared {
     seq: AtomicU64,
     /// Counts spares written full of zeros (by the preparer or inline): the caller's counter.
     zeroed: Arc<AtomicU64>,
+    /// Mirrors `SpareState::wanted` for readers without the lock (the caller's gauge).
+    pending: Arc<AtomicU64>,
     lock: std::sync::Mutex<SpareState>,
     cv: std::sync::Condvar,
 }
@@ -202,13 +204,15 @@ impl SpareFiles {
     /// Starts keeping `keep` (>= 1) spare files of `len` bytes in `dir` (created if missing).
     /// Complete spares left from an earlier run with the right length are reused; partial ones
     /// are deleted.
-    /// Every spare it zeroes adds one to `zeroed`.
+    /// Every spare it zeroes adds one to `zeroed`; `pending` always holds how many spares it
+    /// still has to prepare (0: the pool is full and no zeroing runs).
     pub fn start(
         dir: PathBuf,
         len: u64,
         direct: bool,
         keep: usize,
         zeroed: Arc<AtomicU64>,
+        pending: Arc<AtomicU64>,
     ) -> Result<SpareFiles> {
         assert!(keep >= 1);
         std::fs::create_dir_all(&dir).map_err(|e| HwError::io("create spare dir", e))?;
@@ -232,6 +236,8 @@ impl SpareFiles {
             }
             let _ = std::fs::remove_file(&p);
         }
+        let wanted = keep.saturating_sub(ready.len());
+        pending.store(wanted as u64, Ordering::Relaxed);
         let shared = Arc::new(SpareShared {
             dir,
             len,
@@ -240,8 +246,9 @@ impl SpareFiles {
             stop: AtomicBool::new(false),
             seq: AtomicU64::new(seq),
             zeroed,
+            pending,
             lock: std::sync::Mutex::new(SpareState {
-                wanted: keep.saturating_sub(ready.len()),
+                wanted,
                 ready,
                 last_error: None,
             }),
@@ -318,6 +325,9 @@ impl SpareFiles {
     pub fn replenish(&self) {
         let mut st = self.shared.lock.lock().unwrap_or_else(|e| e.into_inner());
         st.wanted = self.shared.keep.saturating_sub(st.ready.len());
+        self.shared
+            .pending
+            .store(st.wanted as u64, Ordering::Relaxed);
         self.shared.cv.notify_all();
     }
 
@@ -369,6 +379,7 @@ impl SpareShared {
                     let mut st = self.lock.lock().unwrap_or_else(|e| e.into_inner());
                     st.ready.push(p);
                     st.wanted = st.wanted.saturating_sub(1);
+                    self.pending.store(st.wanted as u64, Ordering::Relaxed);
                     st.last_error = None;
                     self.cv.notify_all();
                 }
@@ -449,19 +460,35 @@ mod tests {
     fn spares_are_kept_ready_and_reused() {
         let dir = tempfile::tempdir().unwrap();
         let sd = dir.path().join("spare");
-        let s = SpareFiles::start(sd.clone(), 8192, false, 1, Arc::default()).unwrap();
+        let pending = Arc::new(AtomicU64::new(0));
+        let s =
+            SpareFiles::start(sd.clone(), 8192, false, 1, Arc::default(), pending.clone()).unwrap();
         s.wait_ready().unwrap();
+        // The gauge drops to 0 under the same lock that publishes the spare.
+        assert_eq!(pending.load(Ordering::Relaxed), 0);
         let a = s.take().unwrap();
         assert_eq!(std::fs::metadata(&a).unwrap().len(), 8192);
         std::fs::rename(&a, dir.path().join("used")).unwrap();
         // The next one is made only when asked for.
         std::thread::sleep(std::time::Duration::from_millis(50));
         assert!(s.try_take().is_none());
+        assert_eq!(pending.load(Ordering::Relaxed), 0);
         s.replenish();
         s.wait_ready().unwrap();
+        assert_eq!(pending.load(Ordering::Relaxed), 0);
+        drop(s);
+        // Starting with none ready asks for one: the gauge says so until it is made.
+        std::fs::remove_dir_all(&sd).unwrap();
+        let s =
+            SpareFiles::start(sd.clone(), 8192, false, 1, Arc::default(), pending.clone()).unwrap();
+        let seen = pending.load(Ordering::Relaxed);
+        s.wait_ready().unwrap();
+        assert!(seen <= 1);
+        assert_eq!(pending.load(Ordering::Relaxed), 0);
         drop(s);
         // The prepared spare survives a restart and is reused.
-        let s = SpareFiles::start(sd.clone(), 8192, false, 1, Arc::default()).unwrap();
+        let s =
+            SpareFiles::start(sd.clone(), 8192, false, 1, Arc::default(), Arc::default()).unwrap();
         assert!(s.try_take().is_some());
     }
 }

@@ -212,6 +212,8 @@ pub struct StorageStats {
     pub segments_recycled: u64,
     /// Spare segments written full of zeros (what recycling saves).
     pub spares_zeroed: u64,
+    /// Spare segments still to be zeroed now (a gauge; 0 once the pool is full).
+    pub spares_pending: u64,
     pub logs: Vec<LogStats>,
 }
 
@@ -232,6 +234,8 @@ pub(crate) struct Counters {
     pub segments_recycled: AtomicU64,
     /// Shared with the spare preparer, which counts into it.
     pub spares_zeroed: Arc<AtomicU64>,
+    /// Set by the spare preparer: spares it still has to zero.
+    pub spares_pending: Arc<AtomicU64>,
 }
 
 impl Counters {
@@ -590,6 +594,7 @@ impl Storage {
             segments_deleted: l(&c.segments_deleted),
             segments_recycled: l(&c.segments_recycled),
             spares_zeroed: l(&c.spares_zeroed),
+            spares_pending: l(&c.spares_pending),
             logs,
         }
     }

@@ -228,6 +228,7 @@ impl Writer {
             direct,
             1,
             counters.spares_zeroed.clone(),
+            counters.spares_pending.clone(),
         )?;
         let pool = BufPool::new(PoolConfig {
             free_max: [64, 64, 8, 2],
