@@ -13,12 +13,13 @@ use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 /// zero-copy slice of this buffer (the allocation lives until every slice of it is dropped).
 pub const READ_BUFFER_BYTES: usize = 256 * 1024;
 /// How far a peer link reads ahead of what it needs, counted from the start of a frame: its
-/// header plus the smallest fixed part of a batch-carrying peer message. No batch of this frame
-/// or of the next one can start inside that span (a batch follows its frame's header and fixed
-/// part), so the bytes read ahead are headers and control fields, never record payload, and every
-/// batch is still read straight into a buffer of its own. It saves a read per frame part: an ack
-/// arrives in two reads instead of three, a forwarded batch in three instead of five.
-const PEER_READ_AHEAD_BYTES: usize = FRAME_HEADER_LEN + PEER_FIXED_LEN_MIN;
+/// header, the smallest fixed part of a batch-carrying peer message and one batch header. No
+/// record payload of this frame or of the next one can lie inside that span (a batch follows
+/// its frame's header and fixed part, and starts with its 80-byte header, which goes through
+/// the shared buffer anyway), so the bytes read ahead are headers and control fields, never
+/// payload, and every batch body is still read straight into a buffer of its own. It saves
+/// reads: an ack arrives in one read (it is shorter than the span), a forwarded batch in three.
+const PEER_READ_AHEAD_BYTES: usize = FRAME_HEADER_LEN + PEER_FIXED_LEN_MIN + HEADER_LEN;
 /// Most iovecs handed to one `writev` (Linux IOV_MAX is 1024).
 const IOVECS_MAX: usize = 1024;
 
