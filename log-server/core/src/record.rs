@@ -168,6 +168,16 @@ impl BatchHeader {
     }
 }
 
+/// Bytes of a batch header that hold its length (magic, version, flags, body_len).
+pub const LEN_KNOWN_AT: usize = 12;
+
+/// The whole batch length (header included) that a header's first [`LEN_KNOWN_AT`] bytes
+/// claim; `None` if `b` is shorter. Unverified: the header CRC covers it only once the header
+/// is whole, so a reader may use it only to size a buffer it has already bounded.
+pub fn claimed_batch_len(b: &[u8]) -> Option<usize> {
+    (b.len() >= LEN_KNOWN_AT).then(|| HEADER_LEN + u32_at(b, 8) as usize)
+}
+
 /// Fully verifies one batch: header, body CRC, and that the record lengths tile the body exactly.
 /// `b` must hold at least the whole batch; bytes after it are ignored (padding, next batch).
 pub fn verify(b: &[u8]) -> Result<BatchHeader> {
