@@ -489,9 +489,9 @@ impl SuiteReport {
             "rev `{}` · host: {} cpus, Linux {}, {} · server io-mode `{}` (floor O_DIRECT: {}) · {} B records · client linger {} µs, {} batches in flight, {} · {} rounds × {} s (+{} s warm-up) per run · median over rounds\n",
             m.git_rev, m.host_nproc, m.host_kernel, m.host_cpu, m.io_mode, m.floor_direct, m.record_bytes, m.client_linger_us, m.client_batches_in_flight_max,
             match m.client_threads {
-                0 => "current-thread client runtime, closed loop = one producer with N sends outstanding".to_string(),
-                n => format!("{n}-worker client runtime, closed loop = one producer with N sends outstanding"),
-            },
+                0 => "current-thread client runtime".to_string(),
+                n => format!("{n}-worker client runtime"),
+            } + ", closed loop = one producer with N sends outstanding",
             m.rounds, m.duration_s, m.warmup_s
         );
         let _ = writeln!(s, "## Throughput (records/s; MB/s of payload)\n");
@@ -700,11 +700,12 @@ impl SuiteReport {
             );
             let _ = writeln!(
                 s,
-                "  - spare segments the head zeroed during a run: growing log {}, under retention {} (it recycled {}). A growing log's segments must be written twice on this file system (zeros first, so that later durable writes need no metadata commit); a log under retention reuses the segments it deletes. Retention: {} MiB per log, filled until the head had recycled two segments before the measured run.",
+                "  - spare segments the head zeroed during a run: growing log {}, under retention {} (it recycled {}). A growing log's segments must be written twice on this file system (zeros first, so that later durable writes need no metadata commit); a log under retention reuses the segments it deletes. Retention: {} MiB per log, filled until the head had recycled {} segments before the measured run.",
                 count(t.growing_spares_zeroed),
                 count(t.spares_zeroed),
                 count(t.segments_recycled),
-                crate::suite::RETAINED_RETENTION_BYTES >> 20
+                crate::suite::RETAINED_RETENTION_BYTES >> 20,
+                crate::suite::FILL_RECYCLED_MIN
             );
         }
         let failed: Vec<String> = self

@@ -20,6 +20,12 @@ pub struct StorageCounters {
     pub segments_recycled: u64,
 }
 
+/// The spare segments a node still has to zero, from its status document (a gauge, so not
+/// one of the counters); `None` if the node does not report it.
+pub fn spares_pending(doc: &serde_json::Value) -> Option<u64> {
+    doc.get("storage")?.get("spares_pending")?.as_u64()
+}
+
 impl StorageCounters {
     /// Reads `storage.{batches,groups,...}` from a status document; `None` if the node reported
     /// no storage section (a field it lacks counts as 0, so older servers still parse).

@@ -23,7 +23,7 @@ const CREATE_LOG_TIMEOUT: Duration = Duration::from_secs(15);
 pub const RETAINED_RETENTION_BYTES: u64 = 128 << 20;
 /// Segments the head must have recycled before the steady-state run is measured: from then on
 /// every roll takes a recycled segment instead of a freshly zeroed one.
-const FILL_RECYCLED_MIN: u64 = 2;
+pub const FILL_RECYCLED_MIN: u64 = 2;
 /// Longest the steady-state run's fill may take; it is then measured anyway (and its counters
 /// show how much zeroing it still did).
 const FILL_TIMEOUT: Duration = Duration::from_secs(60);
@@ -111,8 +111,7 @@ async fn storage_counters(client: &chainlog_client::Client) -> Option<StorageCou
 async fn spares_pending(client: &chainlog_client::Client, nodes: usize) -> Option<u64> {
     let mut sum = 0;
     for i in 0..nodes {
-        let st = client.status_of(i).await.ok()?;
-        sum += st.get("storage")?.get("spares_pending")?.as_u64()?;
+        sum += crate::storage_stats::spares_pending(&client.status_of(i).await.ok()?)?;
     }
     Some(sum)
 }

@@ -275,60 +275,63 @@ pub async fn run_append(client: &Client, load: &AppendLoad) -> anyhow::Result<Ap
     let producer = client
         .producer(&load.log)
         .with_context(|| format!("producer for {}", load.log))?;
-    if slots.is_none() {
-        let window = Window {
-            inflight: load.inflight,
-            measure_from,
-            end,
-        };
-        // Unconstrained: with tokio's cooperative budget the loop would yield every few dozen
-        // sends, and the client's batcher, run in between, would seal batches of that size; a
-        // closed loop of separate tasks hands it all of them in one turn instead.
-        tasks.push(tokio::spawn(tokio::task::unconstrained(closed_loop(
-            producer.clone(),
-            body.clone(),
-            window,
-            shared.clone(),
-        ))));
-    }
-    // The open loop: a worker per outstanding append.
-    let workers = if slots.is_some() { load.inflight } else { 0 };
-    for _ in 0..workers {
-        let producer = producer.clone();
-        let body = body.clone();
-        let shared = shared.clone();
-        let Some(rx) = slots.clone() else { break };
-        tasks.push(tokio::spawn(async move {
-            let mut hist = LatencyHist::new();
-            let mut lag = LatencyHist::new();
-            let mut done_in_window = 0u64;
-            let mut done = 0u64;
-            while !shared.stop.load(Ordering::Relaxed) {
-                let next = rx.lock().await.recv().await;
-                let Some(t0) = next else { break };
-                if t0 >= measure_from {
-                    lag.record(t0.elapsed());
-                }
-                if t0 >= end {
-                    break;
-                }
-                let r = producer.append(body.clone()).await;
-                let t1 = Instant::now();
-                match r {
-                    Ok(_) => {
-                        done += 1;
+    match &slots {
+        None => {
+            let window = Window {
+                inflight: load.inflight,
+                measure_from,
+                end,
+            };
+            // Unconstrained: with tokio's cooperative budget the loop would yield every few dozen
+            // sends, and the client's batcher, run in between, would seal batches of that size; a
+            // closed loop of separate tasks hands it all of them in one turn instead.
+            tasks.push(tokio::spawn(tokio::task::unconstrained(closed_loop(
+                producer.clone(),
+                body.clone(),
+                window,
+                shared.clone(),
+            ))));
+        }
+        // The open loop: a worker per outstanding append.
+        Some(slots) => {
+            for _ in 0..load.inflight {
+                let producer = producer.clone();
+                let body = body.clone();
+                let shared = shared.clone();
+                let rx = slots.clone();
+                tasks.push(tokio::spawn(async move {
+                    let mut hist = LatencyHist::new();
+                    let mut lag = LatencyHist::new();
+                    let mut done_in_window = 0u64;
+                    let mut done = 0u64;
+                    while !shared.stop.load(Ordering::Relaxed) {
+                        let next = rx.lock().await.recv().await;
+                        let Some(t0) = next else { break };
                         if t0 >= measure_from {
-                            hist.record(t1 - t0);
+                            lag.record(t0.elapsed());
                         }
-                        if t1 >= measure_from && t1 <= end {
-                            done_in_window += 1;
+                        if t0 >= end {
+                            break;
+                        }
+                        let r = producer.append(body.clone()).await;
+                        let t1 = Instant::now();
+                        match r {
+                            Ok(_) => {
+                                done += 1;
+                                if t0 >= measure_from {
+                                    hist.record(t1 - t0);
+                                }
+                                if t1 >= measure_from && t1 <= end {
+                                    done_in_window += 1;
+                                }
+                            }
+                            Err(e) => shared.failed(&e),
                         }
                     }
-                    Err(e) => shared.failed(&e),
-                }
+                    (hist, lag, done_in_window, done)
+                }));
             }
-            (hist, lag, done_in_window, done)
-        }));
+        }
     }
     drop(slots);
     let mut hists = Vec::with_capacity(tasks.len());

@@ -18,7 +18,7 @@ pub const READ_BUFFER_BYTES: usize = 256 * 1024;
 /// its frame's header and fixed part, and starts with its 80-byte header, which goes through
 /// the shared buffer anyway), so the bytes read ahead are headers and control fields, never
 /// payload, and every batch body is still read straight into a buffer of its own. It saves
-/// reads: an ack arrives in one read (it is shorter than the span), a forwarded batch in three.
+/// reads: an ack arrives in one read (it is shorter than the span), a forwarded batch in two.
 const PEER_READ_AHEAD_BYTES: usize = FRAME_HEADER_LEN + PEER_FIXED_LEN_MIN + HEADER_LEN;
 /// Most iovecs handed to one `writev` (Linux IOV_MAX is 1024).
 const IOVECS_MAX: usize = 1024;
@@ -314,25 +314,14 @@ impl<R: AsyncRead + Unpin + Send> StreamReader<R> {
             );
             b.extend_from_slice(&self.buf);
             self.buf.clear();
-            while b.len() < HEADER_LEN {
-                let want = blen + tail_ahead - b.len();
-                let n = self.r.read_buf(&mut (&mut b).limit(want)).await?;
-                if n == 0 {
-                    return Err(NetError::Truncated);
-                }
-            }
+            self.read_into(&mut b, HEADER_LEN, blen + tail_ahead)
+                .await?;
             // (Its length field is the one `blen` came from.)
             BatchHeader::decode(&b[..HEADER_LEN])?;
-            while b.len() < blen {
-                let want = blen + tail_ahead - b.len();
-                let n = self.r.read_buf(&mut (&mut b).limit(want)).await?;
-                if n == 0 {
-                    return Err(NetError::Truncated);
-                }
-            }
+            self.read_into(&mut b, blen, blen + tail_ahead).await?;
             if b.len() > blen {
-                // The next frame's header and fixed part: back to the shared buffer, which the
-                // batch header was the last thing taken from (else the stream would reorder).
+                // The next batch's header, or the next frame's first bytes: back to the shared
+                // buffer, which was emptied into this batch (else the stream would reorder).
                 assert!(self.buf.is_empty(), "bytes pending behind a batch body");
                 self.keep_read_ahead(&b[blen..]);
                 b.truncate(blen);
@@ -348,6 +337,24 @@ impl<R: AsyncRead + Unpin + Send> StreamReader<R> {
             body: fixed,
             batches,
         })
+    }
+
+    /// Reads straight from the stream into `b` until it holds at least `need` bytes, taking at
+    /// most `upto` in all.
+    async fn read_into(
+        &mut self,
+        b: &mut BytesMut,
+        need: usize,
+        upto: usize,
+    ) -> Result<(), NetError> {
+        while b.len() < need {
+            let want = upto - b.len();
+            let n = self.r.read_buf(&mut (&mut *b).limit(want)).await?;
+            if n == 0 {
+                return Err(NetError::Truncated);
+            }
+        }
+        Ok(())
     }
 
     /// `len` bytes of a frame's non-batch part through the shared buffer, reading at most
@@ -800,14 +807,9 @@ mod tests {
         ]
     }
 
-    /// Reads every message of `peer_traffic` back through a peer-policy reader; returns the
-    /// reads it took.
-    async fn read_peer_traffic(chunk: usize) -> usize {
-        let msgs = peer_traffic();
-        let mut data = Vec::new();
-        for m in &msgs {
-            data.extend_from_slice(&m.encode().to_vec());
-        }
+    /// A peer link's reader (aligned, split batches, reading ahead) over `data` arriving
+    /// `chunk` bytes per read.
+    fn peer_reader(data: Vec<u8>, chunk: usize) -> StreamReader<Source> {
         let policy = BodyPolicy {
             dedicated_kind: None,
             align: Some(4096),
@@ -819,7 +821,18 @@ mod tests {
             chunk,
             reads: 0,
         };
-        let mut r = StreamReader::with_policy(src, policy);
+        StreamReader::with_policy(src, policy)
+    }
+
+    /// Reads every message of `peer_traffic` back through a peer-policy reader; returns the
+    /// reads it took.
+    async fn read_peer_traffic(chunk: usize) -> usize {
+        let msgs = peer_traffic();
+        let mut data = Vec::new();
+        for m in &msgs {
+            data.extend_from_slice(&m.encode().to_vec());
+        }
+        let mut r = peer_reader(data, chunk);
         for m in &msgs {
             let f = r.recv().await.expect("recv").expect("frame");
             check_peer_frame(f, m);
@@ -854,18 +867,7 @@ mod tests {
             "the batch starts there"
         );
         // Unchanged, it reads back.
-        let src = Source {
-            data: good.clone(),
-            at: 0,
-            chunk: 7,
-            reads: 0,
-        };
-        let policy = BodyPolicy {
-            dedicated_kind: None,
-            align: Some(4096),
-            split_peer_batches: true,
-        };
-        let mut r = StreamReader::with_policy(src, policy);
+        let mut r = peer_reader(good.clone(), 7);
         check_peer_frame(r.recv().await.expect("recv").expect("frame"), &m);
         // The batch's log id (header bytes 24..32, under the header CRC), then its body length.
         let mut bad_crc = good.clone();
@@ -877,18 +879,7 @@ mod tests {
                 (&bad_crc, "bad header CRC"),
                 (&too_long, "length past the frame"),
             ] {
-                let policy = BodyPolicy {
-                    dedicated_kind: None,
-                    align: Some(4096),
-                    split_peer_batches: true,
-                };
-                let src = Source {
-                    data: data.clone(),
-                    at: 0,
-                    chunk,
-                    reads: 0,
-                };
-                let mut r = StreamReader::with_policy(src, policy);
+                let mut r = peer_reader(data.clone(), chunk);
                 assert!(
                     matches!(r.recv().await, Err(NetError::BadFrame(_))),
                     "{what} at chunk {chunk}"

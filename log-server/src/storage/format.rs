@@ -13,6 +13,7 @@
 //! ```
 
 use chainlog_core::effects::ProducerBatch;
+use chainlog_core::record::checksum;
 use chainlog_core::{LogId, Offset, ProducerId};
 
 /// Bytes before the first batch of a segment: one page, so O_DIRECT batches stay aligned.
@@ -98,7 +99,7 @@ impl SegmentHeader {
         b[8..16].copy_from_slice(&self.base.0.to_le_bytes());
         b[16..24].copy_from_slice(&self.log.0.to_le_bytes());
         b[24..28].copy_from_slice(&self.align.to_le_bytes());
-        let crc = chainlog_core::record::checksum(&b[..SEGMENT_HEADER_CRC_AT]);
+        let crc = checksum(&b[..SEGMENT_HEADER_CRC_AT]);
         b[SEGMENT_HEADER_CRC_AT..SEGMENT_HEADER_CRC_AT + 4].copy_from_slice(&crc.to_le_bytes());
         b
     }
@@ -115,9 +116,7 @@ impl SegmentHeader {
         if u32_at(b, 0) != SEGMENT_MAGIC {
             return Err(HeaderProblem::Corrupt("segment magic mismatch".into()));
         }
-        if chainlog_core::record::checksum(&b[..SEGMENT_HEADER_CRC_AT])
-            != u32_at(b, SEGMENT_HEADER_CRC_AT)
-        {
+        if checksum(&b[..SEGMENT_HEADER_CRC_AT]) != u32_at(b, SEGMENT_HEADER_CRC_AT) {
             return Err(HeaderProblem::Corrupt(
                 "segment header checksum mismatch".into(),
             ));
@@ -198,7 +197,7 @@ impl SegmentIndex {
             b.extend_from_slice(&0u32.to_le_bytes());
             b.extend_from_slice(&p.base_offset.0.to_le_bytes());
         }
-        let crc = chainlog_core::record::checksum(&b);
+        let crc = checksum(&b);
         b.extend_from_slice(&crc.to_le_bytes());
         b
     }
@@ -210,7 +209,7 @@ impl SegmentIndex {
             return None;
         }
         let body = &b[..b.len() - 4];
-        if chainlog_core::record::checksum(body) != u32_at(b, b.len() - 4) {
+        if checksum(body) != u32_at(b, b.len() - 4) {
             return None;
         }
         if u32_at(b, 0) != INDEX_MAGIC || u16_at(b, 4) != INDEX_VERSION {
@@ -259,7 +258,7 @@ pub fn encode_meta(log: LogId, name: &str) -> Vec<u8> {
     b.extend_from_slice(&(name.len() as u16).to_le_bytes());
     b.extend_from_slice(&log.0.to_le_bytes());
     b.extend_from_slice(name.as_bytes());
-    let crc = chainlog_core::record::checksum(&b);
+    let crc = checksum(&b);
     b.extend_from_slice(&crc.to_le_bytes());
     b
 }
@@ -269,7 +268,7 @@ pub fn decode_meta(b: &[u8]) -> Option<(LogId, String)> {
         return None;
     }
     let body = &b[..b.len() - 4];
-    if chainlog_core::record::checksum(body) != u32_at(b, b.len() - 4) {
+    if checksum(body) != u32_at(b, b.len() - 4) {
         return None;
     }
     if u32_at(b, 0) != META_MAGIC || u16_at(b, 4) != META_VERSION {
@@ -289,7 +288,7 @@ pub fn encode_hint(seq: u64, end: Offset) -> [u8; 24] {
     b[0..4].copy_from_slice(&HINT_MAGIC.to_le_bytes());
     b[4..12].copy_from_slice(&seq.to_le_bytes());
     b[12..20].copy_from_slice(&end.0.to_le_bytes());
-    let crc = chainlog_core::record::checksum(&b[..20]);
+    let crc = checksum(&b[..20]);
     b[20..24].copy_from_slice(&crc.to_le_bytes());
     b
 }
@@ -302,8 +301,7 @@ pub fn decode_hint(file: &[u8]) -> Option<(u64, Offset)> {
         let Some(b) = file.get(at..at + 24) else {
             continue;
         };
-        if u32_at(b, 0) != HINT_MAGIC || chainlog_core::record::checksum(&b[..20]) != u32_at(b, 20)
-        {
+        if u32_at(b, 0) != HINT_MAGIC || checksum(&b[..20]) != u32_at(b, 20) {
             continue;
         }
         let (seq, end) = (u64_at(b, 4), Offset(u64_at(b, 12)));
