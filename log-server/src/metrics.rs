@@ -24,6 +24,11 @@ pub struct Metrics {
     /// Every node but the head: batches received from the predecessor → acknowledged to it
     /// (this replica's turnaround: its own disk and everything downstream).
     replica_ack: OffsetStage,
+    /// Not on the tail: a frame carrying batches read off the socket → the batch handed to the
+    /// successor's link (decode and checks, the core, the hand-off: this node's share of a hop).
+    received_to_forward_us: Histogram<u64>,
+    /// Every node: the same frame read → its batch handed to storage.
+    received_to_write_us: Histogram<u64>,
 }
 
 /// A stage measured by log offsets: it starts for a range ending at some offset, and ends for
@@ -76,6 +81,8 @@ impl Default for Metrics {
             local_durable: OffsetStage::new(),
             successor_ack: OffsetStage::new(),
             replica_ack: OffsetStage::new(),
+            received_to_forward_us: new_histogram(),
+            received_to_write_us: new_histogram(),
         }
     }
 }
@@ -91,6 +98,10 @@ pub struct StageSummaries {
     pub successor_ack: LatencySummary,
     /// Not on the head: batches received from the predecessor → acknowledged upstream.
     pub replica_ack: LatencySummary,
+    /// Not on the tail: a frame with batches read → its batch handed to the successor's link.
+    pub received_to_forward: LatencySummary,
+    /// A frame with batches read → its batch handed to storage.
+    pub received_to_write: LatencySummary,
 }
 
 fn new_histogram() -> Histogram<u64> {
@@ -111,6 +122,10 @@ pub struct LatencySummary {
     pub max: u64,
 }
 
+fn record(h: &mut Histogram<u64>, d: Duration) {
+    h.saturating_record((d.as_micros() as u64).clamp(1, LATENCY_US_MAX));
+}
+
 pub fn summarize(h: &Histogram<u64>) -> LatencySummary {
     LatencySummary {
         count: h.len(),
@@ -124,8 +139,17 @@ pub fn summarize(h: &Histogram<u64>) -> LatencySummary {
 impl Metrics {
     /// Client request received → acknowledged durable on every replica (at the head).
     pub fn record_append(&mut self, d: Duration) {
-        let us = (d.as_micros() as u64).clamp(1, LATENCY_US_MAX);
-        self.append_us.saturating_record(us);
+        record(&mut self.append_us, d);
+    }
+
+    /// A received batch was handed to the successor's link `d` after its frame was read.
+    pub fn received_to_forward(&mut self, d: Duration) {
+        record(&mut self.received_to_forward_us, d);
+    }
+
+    /// A received batch was handed to storage `d` after its frame was read.
+    pub fn received_to_write(&mut self, d: Duration) {
+        record(&mut self.received_to_write_us, d);
     }
 
     pub fn append_summary(&self) -> LatencySummary {
@@ -180,6 +204,8 @@ impl Metrics {
             local_durable: summarize(&self.local_durable.hist),
             successor_ack: summarize(&self.successor_ack.hist),
             replica_ack: summarize(&self.replica_ack.hist),
+            received_to_forward: summarize(&self.received_to_forward_us),
+            received_to_write: summarize(&self.received_to_write_us),
         }
     }
 }

@@ -69,6 +69,8 @@ enum Event {
         id: ClientId,
         request_id: u64,
         req: ClientRequest,
+        /// When the reader had the whole frame (before decoding it).
+        at: std::time::Instant,
     },
     ClientGone {
         id: ClientId,
@@ -86,6 +88,8 @@ enum Event {
         from: NodeId,
         gen: u64,
         msg: PeerMessage,
+        /// When the reader had the whole frame (before decoding it).
+        at: std::time::Instant,
     },
     Disk(DiskEvent),
 }
@@ -224,6 +228,7 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         listen,
         metrics: Metrics::default(),
         append_started: BTreeMap::new(),
+        turnaround: Vec::new(),
         gone: Vec::new(),
         forwarded: false,
     };
@@ -284,6 +289,9 @@ struct CoreLoop {
     metrics: Metrics,
     /// Start times of appends in flight, for the head's append-latency histogram.
     append_started: BTreeMap<(ClientId, u64), std::time::Instant>,
+    /// Effects of this turn made by a received frame (index into the turn's effects, when the
+    /// frame was read): the node's own turnaround histograms.
+    turnaround: Vec<(usize, std::time::Instant)>,
     /// Clients dropped while carrying out effects (slow consumers), told to the core next.
     gone: Vec<ClientId>,
     /// This turn handed batches to the successor's link.
@@ -371,6 +379,7 @@ impl CoreLoop {
                 id,
                 request_id,
                 req,
+                at,
             } => match req {
                 ClientRequest::Status => {
                     let reply = ClientReply::StatusOk {
@@ -379,11 +388,15 @@ impl CoreLoop {
                     self.reply(id, request_id, &reply);
                 }
                 req => {
-                    if matches!(req, ClientRequest::Append { .. }) {
-                        self.append_started
-                            .insert((id, request_id), std::time::Instant::now());
+                    let append = matches!(req, ClientRequest::Append { .. });
+                    if append {
+                        self.append_started.insert((id, request_id), at);
                     }
-                    self.replica.on_client(now, id, request_id, req, out)
+                    let before = out.len();
+                    self.replica.on_client(now, id, request_id, req, out);
+                    if append {
+                        self.stamp_turnaround(out, before, at);
+                    }
                 }
             },
             Event::ClientGone { id } => {
@@ -404,11 +417,16 @@ impl CoreLoop {
                     self.replica.on_link(now, peer, false, out);
                 }
             }
-            Event::Peer { from, gen, msg } => {
+            Event::Peer { from, gen, msg, at } => {
                 // A message from a link that has since been replaced belongs to an old session.
                 if self.links.get(&from).map(|(g, _)| *g) == Some(gen) {
-                    self.note_received(&msg);
+                    self.note_received(&msg, at);
+                    let append = matches!(msg, PeerMessage::Append { .. });
+                    let before = out.len();
                     self.replica.on_peer(now, from, msg, out);
+                    if append {
+                        self.stamp_turnaround(out, before, at);
+                    }
                 }
             }
             Event::Disk(ev) => {
@@ -456,20 +474,38 @@ impl CoreLoop {
         }
     }
 
-    /// ... and start when batches arrive from the predecessor, end when the successor's
-    /// acknowledgement arrives.
-    fn note_received(&mut self, msg: &PeerMessage) {
-        let now = std::time::Instant::now();
+    /// ... and start when batches arrive from the predecessor (`at`: read off the socket), end
+    /// when the successor's acknowledgement arrives.
+    fn note_received(&mut self, msg: &PeerMessage, at: std::time::Instant) {
         match msg {
             PeerMessage::Append { log, batches, .. } => {
                 if let Some(end) = batches_end(batches) {
-                    self.metrics.received(*log, end, now);
+                    self.metrics.received(*log, end, at);
                 }
             }
             PeerMessage::Ack { log, ack_end, .. } => {
-                self.metrics.successor_acked(*log, *ack_end, now)
+                self.metrics.successor_acked(*log, *ack_end, at)
             }
             _ => {}
+        }
+    }
+
+    /// The node's own turnaround: which of the effects a frame carrying batches produced (`out`
+    /// from `before`) forward a batch or hand one to storage; `carry_out` times them from `at`,
+    /// when the frame was read. Batches that wait (the head's queue behind a full window) are
+    /// set moving by a later event and are not timed here: this is the node's share of a hop.
+    fn stamp_turnaround(&mut self, out: &[Effect], before: usize, at: std::time::Instant) {
+        for (i, e) in out.iter().enumerate().skip(before) {
+            if matches!(
+                e,
+                Effect::Append { .. }
+                    | Effect::Send {
+                        msg: PeerMessage::Append { .. },
+                        ..
+                    }
+            ) {
+                self.turnaround.push((i, at));
+            }
         }
     }
 
@@ -503,7 +539,10 @@ impl CoreLoop {
     }
 
     fn carry_out(&mut self, effects: &mut Vec<Effect>) {
-        for e in effects.drain(..) {
+        let mut stamps = std::mem::take(&mut self.turnaround);
+        let mut stamp = stamps.iter().copied().peekable();
+        for (i, e) in effects.drain(..).enumerate() {
+            let received = stamp.next_if(|&(j, _)| j == i).map(|(_, at)| at);
             match e {
                 Effect::Send { to, msg } => {
                     self.note_sent(&msg);
@@ -512,6 +551,9 @@ impl CoreLoop {
                             frame: msg.encode(),
                             completes: false,
                         });
+                    }
+                    if let Some(at) = received {
+                        self.metrics.received_to_forward(at.elapsed());
                     }
                 }
                 Effect::Reply {
@@ -528,9 +570,13 @@ impl CoreLoop {
                     self.reply(client, request_id, &reply);
                 }
                 Effect::Append { log, base, batches } => {
+                    let now = std::time::Instant::now();
                     if let Some(end) = batches_end(&batches) {
+                        self.metrics.write_issued(log, end, now);
+                    }
+                    if let Some(at) = received {
                         self.metrics
-                            .write_issued(log, end, std::time::Instant::now());
+                            .received_to_write(now.saturating_duration_since(at));
                     }
                     if let Some(s) = &self.storage {
                         s.append(log, base, batches);
@@ -569,6 +615,9 @@ impl CoreLoop {
                 }
             }
         }
+        drop(stamp);
+        stamps.clear();
+        self.turnaround = stamps;
         // Drop start times of appends whose client went away (bounded by in-flight limits).
         if self.append_started.len() > 1 << 20 {
             self.append_started.clear();
@@ -878,6 +927,7 @@ async fn client_session(
             }
             Err(e) => break Err(e),
         };
+        let at = std::time::Instant::now();
         // The permit is given back by the writer when the reply goes out.
         permit.forget();
         let request_id = frame.header.request_id;
@@ -887,6 +937,7 @@ async fn client_session(
                     id,
                     request_id,
                     req,
+                    at,
                 });
             }
             Err(e) => {
@@ -962,6 +1013,7 @@ async fn peer_session(
         };
         match f {
             Ok(Some(f)) if f.header.kind == Kind::Peer as u16 => {
+                let at = std::time::Instant::now();
                 let decoded = if f.batches.is_empty() {
                     PeerMessage::decode(f.body)
                 } else {
@@ -973,6 +1025,7 @@ async fn peer_session(
                             from: peer,
                             gen,
                             msg,
+                            at,
                         });
                     }
                     Err(e) => {

@@ -146,15 +146,27 @@ fn dev_chain_and_cli() {
         .find(|l| l["name"] == "default")
         .expect("default log");
     assert_eq!(default["committed_end"], 5);
-    // Per-stage histograms: the head timed its appends and its successor's acknowledgements.
+    // Per-stage histograms: the head timed its appends, its successor's acknowledgements and
+    // its own turnaround (request read → forwarded, → handed to storage).
     let stages = &doc["latency_us"];
-    for stage in ["append", "local_durable", "successor_ack"] {
+    for stage in [
+        "append",
+        "local_durable",
+        "successor_ack",
+        "received_to_forward",
+        "received_to_write",
+    ] {
         assert!(
             stages[stage]["count"].as_u64() >= Some(1),
             "{stage}: {stages}"
         );
     }
     assert_eq!(stages["replica_ack"]["count"], 0, "{stages}");
+    // Each of these small appends was forwarded and handed to storage in the turn it arrived.
+    assert_eq!(
+        stages["received_to_forward"]["count"], stages["received_to_write"]["count"],
+        "{stages}"
+    );
     // The tail timed its turnaround and has no successor to time.
     let (rc, out, err) = cli(&bin, &["--addr", &tail, "status", "--json"], None);
     assert_eq!(rc, 0, "{err}");
@@ -165,7 +177,12 @@ fn dev_chain_and_cli() {
         stages["replica_ack"]["count"].as_u64() >= Some(1),
         "{stages}"
     );
+    assert!(
+        stages["received_to_write"]["count"].as_u64() >= Some(1),
+        "{stages}"
+    );
     assert_eq!(stages["successor_ack"]["count"], 0, "{stages}");
+    assert_eq!(stages["received_to_forward"]["count"], 0, "{stages}");
     assert_eq!(stages["append"]["count"], 0, "{stages}");
 
     // Ctrl-C: every node stops cleanly.
