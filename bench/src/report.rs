@@ -4,7 +4,7 @@
 use crate::floor::{DiskFloor, FloorRun, Layout};
 use crate::loopback::LoopbackResult;
 use crate::service::ServiceFloor;
-use crate::storage_stats::StorageCounters;
+use crate::storage_stats::{StorageCounters, Turnaround};
 use crate::workload::AppendResult;
 use chainlog_core::record::{HEADER_LEN, RECORD_OVERHEAD};
 use serde::{Deserialize, Serialize};
@@ -37,6 +37,9 @@ pub struct RoundResult {
     /// The head's status document after each run (None if the server did not answer).
     pub single_status: Vec<Option<serde_json::Value>>,
     pub chain_status: Vec<Option<serde_json::Value>>,
+    /// Every chain node's own turnaround over each run (absent in older reports).
+    #[serde(default)]
+    pub chain_turnaround: Vec<Option<Turnaround>>,
     /// The chain at the top level in the steady state of a log under retention (filled past
     /// it first, so its rolls recycle segments instead of zeroing new ones).
     #[serde(default)]
@@ -154,6 +157,17 @@ pub struct LevelSummary {
     pub chain_vs_service: f64,
     #[serde(default)]
     pub chain_vs_service_rounds: Vec<f64>,
+    /// Medians over rounds of each chain node's own turnaround (p50 µs): the head and the
+    /// middle (mean over middles) until they forward a batch, the tail until it hands it to
+    /// storage; and that path's share of the chain's p50 (median of per-round ratios).
+    #[serde(default = "nan")]
+    pub chain_head_forward_p50_us: f64,
+    #[serde(default = "nan")]
+    pub chain_middle_forward_p50_us: f64,
+    #[serde(default = "nan")]
+    pub chain_tail_write_p50_us: f64,
+    #[serde(default = "nan")]
+    pub chain_turnaround_share: f64,
 }
 
 /// The latency target at 1 in flight: chain p50 against one fdatasync plus `nodes` loopback
@@ -247,6 +261,11 @@ fn cpu_per_record(
     }
     let per = 1e6 / n as f64;
     Some((c.server_s * per, c.client_s * per))
+}
+
+/// The chain nodes' turnaround in run `i` (None if not measured).
+fn turnaround(r: &RoundResult, i: usize) -> Option<&Turnaround> {
+    at(&r.chain_turnaround, i)?.as_ref()
 }
 
 /// `(records per batch, batches per fsync)` of run `i` from the head's counters.
@@ -372,6 +391,27 @@ pub fn summarize(
             })),
             chain_vs_service: median(&cvs),
             chain_vs_service_rounds: cvs,
+            chain_head_forward_p50_us: median(&col(&|r| {
+                turnaround(r, i)?.forward_p50_us.first().copied().flatten()
+            })),
+            chain_middle_forward_p50_us: median(&col(&|r| {
+                let t = turnaround(r, i)?;
+                let n = t.forward_p50_us.len();
+                let mids: Vec<f64> = t
+                    .forward_p50_us
+                    .get(1..n.checked_sub(1)?)?
+                    .iter()
+                    .flatten()
+                    .copied()
+                    .collect();
+                (!mids.is_empty()).then(|| mids.iter().sum::<f64>() / mids.len() as f64)
+            })),
+            chain_tail_write_p50_us: median(&col(&|r| {
+                turnaround(r, i)?.write_p50_us.last().copied().flatten()
+            })),
+            chain_turnaround_share: median(&col(&|r| {
+                Some(turnaround(r, i)?.critical_path_p50_us()? / at(&r.chain, i)?.latency.p50_us)
+            })),
         });
     }
     // The latency target is defined at 1 in flight.
@@ -633,6 +673,43 @@ impl SuiteReport {
                 n(l.chain_client_cpu_us_per_record)
             );
         }
+        if self
+            .levels
+            .iter()
+            .any(|l| !l.chain_turnaround_share.is_nan())
+        {
+            let _ = writeln!(
+                s,
+                "\n## Each chain node's own share of a hop (p50 µs, from every node's stage histograms)\n"
+            );
+            let _ = writeln!(
+                s,
+                "| in flight | head: read → forwarded | middle: read → forwarded | tail: read → to storage | sum | share of chain p50 |"
+            );
+            let _ = writeln!(s, "|---:|---:|---:|---:|---:|---:|");
+            for l in &self.levels {
+                let _ = writeln!(
+                    s,
+                    "| {} | {} | {} | {} | {} | {} |",
+                    l.inflight,
+                    n(l.chain_head_forward_p50_us),
+                    n(l.chain_middle_forward_p50_us),
+                    n(l.chain_tail_write_p50_us),
+                    n(l.chain_head_forward_p50_us
+                        + l.chain_middle_forward_p50_us
+                        + l.chain_tail_write_p50_us),
+                    if l.chain_turnaround_share.is_nan() {
+                        "–".to_string()
+                    } else {
+                        format!("{:.1}%", 100.0 * l.chain_turnaround_share)
+                    }
+                );
+            }
+            let _ = writeln!(
+                s,
+                "\nFrom the moment a node has read a frame carrying a batch off its socket (before decoding and checking it) to the moment it hands the batch to its successor's link (the tail: to its storage writer). These are the parts of a batch's path that run in chainlog's own code; the rest of the round is the kernel (socket copies, wake-ups, the disk) and the acknowledgements. Each node's histogram covers its whole run, warm-up included; the share is the median of per-round ratios to the chain's p50."
+            );
+        }
         let _ = writeln!(s, "\n## Targets (≤ {TARGET_RATIO_MAX}×)\n");
         if let Some(top) = self.levels.iter().max_by_key(|l| l.inflight) {
             let _ = writeln!(
@@ -862,6 +939,14 @@ mod tests {
             chain_cpu: vec![],
             single_status: vec![],
             chain_status: vec![],
+            // The head's own turnaround drifts with the round; the others stay put.
+            chain_turnaround: vec![
+                None,
+                Some(Turnaround {
+                    forward_p50_us: vec![Some(10.0 * floor_scale), Some(12.0), None],
+                    write_p50_us: vec![Some(9.0), Some(11.0), Some(30.0)],
+                }),
+            ],
             chain_retained: Some(run(128, 25_000.0, 4000.0)),
             chain_retained_storage: Some(StorageCounters {
                 segments_recycled: 6,
@@ -919,6 +1004,12 @@ mod tests {
         assert_eq!(top.single_batches_per_fsync, 6.0);
         assert!(top.chain_batches_per_fsync.is_nan());
         assert!(levels[0].single_records_per_batch.is_nan());
+        // Turnaround: head 10, 20, 5 µs over the rounds; the path 10 + 12 + 30 of a 6000 µs p50.
+        assert_eq!(top.chain_head_forward_p50_us, 10.0);
+        assert_eq!(top.chain_middle_forward_p50_us, 12.0);
+        assert_eq!(top.chain_tail_write_p50_us, 30.0);
+        assert_eq!(top.chain_turnaround_share, 52.0 / 6000.0);
+        assert!(levels[0].chain_turnaround_share.is_nan());
         // 3.6 s of server CPU over 360k records.
         assert_eq!(top.single_server_cpu_us_per_record, 10.0);
         assert_eq!(top.single_client_cpu_us_per_record, 5.0);
@@ -959,6 +1050,10 @@ mod tests {
         );
         assert!(
             md.contains("service floor itself is 1.50× from the disk floor; single node against the service floor: **1.00**"),
+            "{md}"
+        );
+        assert!(
+            md.contains("| 1 | – | – | – | – | – |\n| 128 | 10.0 | 12.0 | 30.0 | 52.0 | 0.9% |"),
             "{md}"
         );
         assert!(!md.contains("## Errors"));

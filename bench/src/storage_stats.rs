@@ -1,6 +1,7 @@
 //! The server's own storage counters around one run (from the head's `status` document): how
 //! many batches each fdatasync carried, and how many records each batch — the group-commit and
-//! client-batching factors that explain a figure.
+//! client-batching factors that explain a figure; and each node's own turnaround (its share of
+//! a hop, from every node's stage histograms).
 
 use serde::{Deserialize, Serialize};
 
@@ -70,9 +71,69 @@ impl StorageCounters {
     }
 }
 
+/// Each node's own turnaround over a server's life (p50 µs of its `latency_us` histograms,
+/// head first; `None` where a node timed nothing): a frame carrying batches read off the socket
+/// → the batch handed to the successor's link, and → handed to storage.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct Turnaround {
+    pub forward_p50_us: Vec<Option<f64>>,
+    pub write_p50_us: Vec<Option<f64>>,
+}
+
+impl Turnaround {
+    /// From the status documents of every node, in chain order.
+    pub fn from_statuses(docs: &[serde_json::Value]) -> Turnaround {
+        let p50 = |doc: &serde_json::Value, stage: &str| {
+            let s = doc.get("latency_us")?.get(stage)?;
+            if s.get("count")?.as_u64()? == 0 {
+                return None;
+            }
+            s.get("p50")?.as_u64().map(|v| v as f64)
+        };
+        Turnaround {
+            forward_p50_us: docs.iter().map(|d| p50(d, "received_to_forward")).collect(),
+            write_p50_us: docs.iter().map(|d| p50(d, "received_to_write")).collect(),
+        }
+    }
+
+    /// The path one batch takes through the nodes' own code: every node but the tail until it
+    /// forwards, the tail until it hands the batch to storage (its write ends the round's data
+    /// path). `None` unless every node timed its part.
+    pub fn critical_path_p50_us(&self) -> Option<f64> {
+        let n = self.write_p50_us.len();
+        if n == 0 || self.forward_p50_us.len() != n {
+            return None;
+        }
+        let mut sum = 0.0;
+        for i in 0..n - 1 {
+            sum += self.forward_p50_us[i]?;
+        }
+        Some(sum + self.write_p50_us[n - 1]?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn turnaround_reads_each_nodes_stages() {
+        let stage = |count: u64, p50: u64| serde_json::json!({"count": count, "p50": p50});
+        let node = |fwd: serde_json::Value, wr: serde_json::Value| serde_json::json!({"latency_us": {"received_to_forward": fwd, "received_to_write": wr}});
+        let docs = [
+            node(stage(10, 14), stage(10, 12)),
+            node(stage(10, 13), stage(10, 11)),
+            node(stage(0, 0), stage(10, 20)),
+        ];
+        let t = Turnaround::from_statuses(&docs);
+        assert_eq!(t.forward_p50_us, vec![Some(14.0), Some(13.0), None]);
+        assert_eq!(t.critical_path_p50_us(), Some(14.0 + 13.0 + 20.0));
+        // A node that timed nothing (an older server) leaves the path unknown.
+        let t =
+            Turnaround::from_statuses(&[docs[0].clone(), serde_json::json!({}), docs[2].clone()]);
+        assert_eq!(t.critical_path_p50_us(), None);
+        assert_eq!(Turnaround::default().critical_path_p50_us(), None);
+    }
 
     #[test]
     fn parses_and_diffs_status() {

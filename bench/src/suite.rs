@@ -8,7 +8,7 @@ use crate::loopback::loopback_rtt;
 use crate::report::{summarize, summarize_retained, Meta, RoundResult, SuiteReport};
 use crate::server::{ServerProc, START_TIMEOUT};
 use crate::service::service_floor;
-use crate::storage_stats::StorageCounters;
+use crate::storage_stats::{StorageCounters, Turnaround};
 use crate::workload::{connect, run_append, AppendLoad, AppendResult, ClientKnobs};
 use anyhow::Context;
 use std::path::{Path, PathBuf};
@@ -100,6 +100,8 @@ struct ServerRun {
     storage: Option<StorageCounters>,
     cpu: Option<CpuUse>,
     status: Option<serde_json::Value>,
+    /// Every node's own turnaround (None if some node did not answer `status`).
+    turnaround: Option<Turnaround>,
 }
 
 async fn storage_counters(client: &chainlog_client::Client) -> Option<StorageCounters> {
@@ -217,6 +219,11 @@ async fn run_on(
     let cpu = CpuUse::between(cpu_before, cpu_now(server.pid()));
     server.check_alive()?;
     let status = client.status().await.ok();
+    let mut docs = Vec::with_capacity(server.addrs.len());
+    for i in 0..server.addrs.len() {
+        docs.extend(client.status_of(i).await.ok());
+    }
+    let turnaround = (docs.len() == server.addrs.len()).then(|| Turnaround::from_statuses(&docs));
     let storage = match (
         before,
         status.as_ref().and_then(StorageCounters::from_status),
@@ -250,6 +257,7 @@ async fn run_on(
         storage,
         cpu,
         status,
+        turnaround,
     })
 }
 
@@ -385,8 +393,8 @@ async fn one_round(round: usize, cfg: &SuiteConfig) -> anyhow::Result<RoundResul
             }
         }
     }
-    let (single, single_storage, single_cpu, single_status) = unzip_runs(single);
-    let (chain, chain_storage, chain_cpu, chain_status) = unzip_runs(chain);
+    let (single, single_storage, single_cpu, single_status, _) = unzip_runs(single);
+    let (chain, chain_storage, chain_cpu, chain_status, chain_turnaround) = unzip_runs(chain);
     let (chain_retained, chain_retained_storage) = match chain_retained {
         Some(r) => (Some(r.result), r.storage),
         None => (None, None),
@@ -405,6 +413,7 @@ async fn one_round(round: usize, cfg: &SuiteConfig) -> anyhow::Result<RoundResul
         chain_cpu,
         single_status,
         chain_status,
+        chain_turnaround,
         chain_retained,
         chain_retained_storage,
     })
@@ -415,15 +424,17 @@ type Unzipped = (
     Vec<Option<StorageCounters>>,
     Vec<Option<CpuUse>>,
     Vec<Option<serde_json::Value>>,
+    Vec<Option<Turnaround>>,
 );
 
 fn unzip_runs(runs: Vec<ServerRun>) -> Unzipped {
-    let mut out: Unzipped = (Vec::new(), Vec::new(), Vec::new(), Vec::new());
+    let mut out: Unzipped = Default::default();
     for r in runs {
         out.0.push(r.result);
         out.1.push(r.storage);
         out.2.push(r.cpu);
         out.3.push(r.status);
+        out.4.push(r.turnaround);
     }
     out
 }
