@@ -391,24 +391,11 @@ pub fn summarize(
             })),
             chain_vs_service: median(&cvs),
             chain_vs_service_rounds: cvs,
-            chain_head_forward_p50_us: median(&col(&|r| {
-                turnaround(r, i)?.forward_p50_us.first().copied().flatten()
-            })),
+            chain_head_forward_p50_us: median(&col(&|r| turnaround(r, i)?.head_forward_p50_us())),
             chain_middle_forward_p50_us: median(&col(&|r| {
-                let t = turnaround(r, i)?;
-                let n = t.forward_p50_us.len();
-                let mids: Vec<f64> = t
-                    .forward_p50_us
-                    .get(1..n.checked_sub(1)?)?
-                    .iter()
-                    .flatten()
-                    .copied()
-                    .collect();
-                (!mids.is_empty()).then(|| mids.iter().sum::<f64>() / mids.len() as f64)
+                turnaround(r, i)?.middle_forward_p50_us()
             })),
-            chain_tail_write_p50_us: median(&col(&|r| {
-                turnaround(r, i)?.write_p50_us.last().copied().flatten()
-            })),
+            chain_tail_write_p50_us: median(&col(&|r| turnaround(r, i)?.tail_write_p50_us())),
             chain_turnaround_share: median(&col(&|r| {
                 Some(turnaround(r, i)?.critical_path_p50_us()? / at(&r.chain, i)?.latency.p50_us)
             })),

@@ -96,6 +96,29 @@ impl Turnaround {
         }
     }
 
+    /// The head's read → forwarded.
+    pub fn head_forward_p50_us(&self) -> Option<f64> {
+        self.forward_p50_us.first().copied().flatten()
+    }
+
+    /// The middles' read → forwarded, their mean (`None` without a middle that timed it).
+    pub fn middle_forward_p50_us(&self) -> Option<f64> {
+        let n = self.forward_p50_us.len();
+        let mids: Vec<f64> = self
+            .forward_p50_us
+            .get(1..n.checked_sub(1)?)?
+            .iter()
+            .flatten()
+            .copied()
+            .collect();
+        (!mids.is_empty()).then(|| mids.iter().sum::<f64>() / mids.len() as f64)
+    }
+
+    /// The tail's read → handed to storage.
+    pub fn tail_write_p50_us(&self) -> Option<f64> {
+        self.write_p50_us.last().copied().flatten()
+    }
+
     /// The path one batch takes through the nodes' own code: every node but the tail until it
     /// forwards, the tail until it hands the batch to storage (its write ends the round's data
     /// path). `None` unless every node timed its part.
@@ -104,11 +127,8 @@ impl Turnaround {
         if n == 0 || self.forward_p50_us.len() != n {
             return None;
         }
-        let mut sum = 0.0;
-        for i in 0..n - 1 {
-            sum += self.forward_p50_us[i]?;
-        }
-        Some(sum + self.write_p50_us[n - 1]?)
+        let forwards: Option<f64> = self.forward_p50_us[..n - 1].iter().copied().sum();
+        Some(forwards? + self.tail_write_p50_us()?)
     }
 }
 

@@ -108,12 +108,24 @@ async fn storage_counters(client: &chainlog_client::Client) -> Option<StorageCou
     StorageCounters::from_status(&client.status().await.ok()?)
 }
 
+/// Every node's status document, in chain order (`None` for a node that did not answer).
+async fn statuses(
+    client: &chainlog_client::Client,
+    nodes: usize,
+) -> Vec<Option<serde_json::Value>> {
+    let mut docs = Vec::with_capacity(nodes);
+    for i in 0..nodes {
+        docs.push(client.status_of(i).await.ok());
+    }
+    docs
+}
+
 /// Spare segments every node of the chain still has to zero (`None` if some node does not
 /// report it).
 async fn spares_pending(client: &chainlog_client::Client, nodes: usize) -> Option<u64> {
     let mut sum = 0;
-    for i in 0..nodes {
-        sum += crate::storage_stats::spares_pending(&client.status_of(i).await.ok()?)?;
+    for doc in statuses(client, nodes).await {
+        sum += crate::storage_stats::spares_pending(&doc?)?;
     }
     Some(sum)
 }
@@ -218,12 +230,14 @@ async fn run_on(
     let r = run_append(&client, &load).await?;
     let cpu = CpuUse::between(cpu_before, cpu_now(server.pid()));
     server.check_alive()?;
-    let status = client.status().await.ok();
-    let mut docs = Vec::with_capacity(server.addrs.len());
-    for i in 0..server.addrs.len() {
-        docs.extend(client.status_of(i).await.ok());
-    }
-    let turnaround = (docs.len() == server.addrs.len()).then(|| Turnaround::from_statuses(&docs));
+    // One status document per node: the head's (first) for the counters, all for the
+    // turnaround.
+    let docs = statuses(&client, server.addrs.len()).await;
+    let status = docs.first().cloned().flatten();
+    let turnaround = docs
+        .into_iter()
+        .collect::<Option<Vec<_>>>()
+        .map(|docs| Turnaround::from_statuses(&docs));
     let storage = match (
         before,
         status.as_ref().and_then(StorageCounters::from_status),

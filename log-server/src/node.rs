@@ -539,10 +539,16 @@ impl CoreLoop {
     }
 
     fn carry_out(&mut self, effects: &mut Vec<Effect>) {
-        let mut stamps = std::mem::take(&mut self.turnaround);
-        let mut stamp = stamps.iter().copied().peekable();
+        // `turnaround` is in effect order: one cursor walks it alongside.
+        let mut next = 0;
         for (i, e) in effects.drain(..).enumerate() {
-            let received = stamp.next_if(|&(j, _)| j == i).map(|(_, at)| at);
+            let received = match self.turnaround.get(next) {
+                Some(&(j, at)) if j == i => {
+                    next += 1;
+                    Some(at)
+                }
+                _ => None,
+            };
             match e {
                 Effect::Send { to, msg } => {
                     self.note_sent(&msg);
@@ -615,9 +621,7 @@ impl CoreLoop {
                 }
             }
         }
-        drop(stamp);
-        stamps.clear();
-        self.turnaround = stamps;
+        self.turnaround.clear();
         // Drop start times of appends whose client went away (bounded by in-flight limits).
         if self.append_started.len() > 1 << 20 {
             self.append_started.clear();
