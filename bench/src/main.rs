@@ -26,6 +26,11 @@ struct Cli {
     /// workers (measures the client library as a multi-threaded application would run it).
     #[arg(long, global = true, default_value_t = 0)]
     client_threads: usize,
+    /// CPUs this process runs on (`1`, `0,2-3`), set before anything starts: the load
+    /// generator, the floors and the service floors. `suite` starts its servers with the same
+    /// `--cpus`, so everything it measures shares one placement. Default: the OS's.
+    #[arg(long, global = true)]
+    cpus: Option<String>,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -139,6 +144,12 @@ fn secs(s: f64, what: &str) -> anyhow::Result<Duration> {
 
 fn main() -> anyhow::Result<()> {
     let cli = Cli::parse();
+    if let Some(list) = &cli.cpus {
+        let cpus =
+            chainlog_hw::cpu::parse_cpu_list(list).map_err(|e| anyhow::anyhow!("--cpus: {e}"))?;
+        chainlog_hw::cpu::pin_current_thread(&cpus)
+            .map_err(|e| anyhow::anyhow!("--cpus {list}: {e}"))?;
+    }
     let rt = match cli.client_threads {
         0 => tokio::runtime::Builder::new_current_thread()
             .enable_all()
@@ -153,6 +164,7 @@ fn main() -> anyhow::Result<()> {
 
 async fn run(cli: Cli) -> anyhow::Result<()> {
     let client_threads = cli.client_threads;
+    let cpus = cli.cpus.clone();
     match cli.cmd {
         Cmd::Floor {
             dir,
@@ -314,6 +326,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                 out,
                 client,
                 client_threads,
+                cpus,
             };
             let report = run_suite(&cfg).await?;
             println!("{}", report.markdown());

@@ -71,6 +71,9 @@ pub struct Meta {
     /// Load-generator runtime: 0 = current-thread tokio, N = multi-thread with N workers.
     #[serde(default)]
     pub client_threads: usize,
+    /// CPU list every measured process ran on (`--cpus`); None: wherever the OS put them.
+    #[serde(default)]
+    pub cpus: Option<String>,
 }
 
 /// Serde default for a figure a report written by an older version did not have.
@@ -513,8 +516,13 @@ impl SuiteReport {
         let _ = writeln!(s, "# chainlog durable-append benchmark\n");
         let _ = writeln!(
             s,
-            "rev `{}` · host: {} cpus, Linux {}, {} · server io-mode `{}` (floor O_DIRECT: {}) · {} B records · client linger {} µs, {} batches in flight, {} · {} rounds × {} s (+{} s warm-up) per run · median over rounds\n",
-            m.git_rev, m.host_nproc, m.host_kernel, m.host_cpu, m.io_mode, m.floor_direct, m.record_bytes, m.client_linger_us, m.client_batches_in_flight_max,
+            "rev `{}` · host: {} cpus, Linux {}, {} · placement: {} · server io-mode `{}` (floor O_DIRECT: {}) · {} B records · client linger {} µs, {} batches in flight, {} · {} rounds × {} s (+{} s warm-up) per run · median over rounds\n",
+            m.git_rev, m.host_nproc, m.host_kernel, m.host_cpu,
+            match &m.cpus {
+                Some(c) => format!("every process measured (servers, load generator, floors) pinned to CPUs `{c}`"),
+                None => "the OS's (nothing pinned)".to_string(),
+            },
+            m.io_mode, m.floor_direct, m.record_bytes, m.client_linger_us, m.client_batches_in_flight_max,
             match m.client_threads {
                 0 => "current-thread client runtime".to_string(),
                 n => format!("{n}-worker client runtime"),
@@ -1007,7 +1015,7 @@ mod tests {
         // 390 / (200 + 3*20) = 1.5; 390 / (200 + 90) = 1.3448...
         assert_eq!(t.ratio_rounds[0], 1.5);
         assert!((t.ratio - 1.5).abs() < 1e-12);
-        let md = SuiteReport {
+        let mut report = SuiteReport {
             meta: Meta {
                 chain_nodes: 3,
                 ..Meta::default()
@@ -1016,8 +1024,16 @@ mod tests {
             latency_target: Some(t),
             retained: summarize_retained(&[1, 128], 3, &rounds),
             rounds,
-        }
-        .markdown();
+        };
+        assert!(report
+            .markdown()
+            .contains("placement: the OS's (nothing pinned)"));
+        report.meta.cpus = Some("1".into());
+        let md = report.markdown();
+        assert!(
+            md.contains("placement: every process measured (servers, load generator, floors) pinned to CPUs `1`"),
+            "{md}"
+        );
         // (90k / 3) / 25k = 1.2 in the middle round; 25k / 20k = 1.25 every round.
         assert!(
             md.contains("steady state of a log under retention: (floor/3) ÷ it = **1.20** → met (rounds: 1.20, 2.40, 0.60); 1.25× the growing log's chain"),

@@ -61,7 +61,13 @@ pub struct ServerProc {
 
 impl ServerProc {
     /// `log-server run` on a free port, data in `dir/data`, output in `dir/server.log`.
-    pub fn single(bin: &Path, dir: &Path, io_mode: &str) -> anyhow::Result<ServerProc> {
+    /// `cpus`: the server's `--cpus` (its threads' CPU list), if any.
+    pub fn single(
+        bin: &Path,
+        dir: &Path,
+        io_mode: &str,
+        cpus: Option<&str>,
+    ) -> anyhow::Result<ServerProc> {
         let port = free_ports(1)?;
         let addr = format!("127.0.0.1:{port}");
         let mut cmd = Command::new(bin);
@@ -72,15 +78,20 @@ impl ServerProc {
             .arg(&addr)
             .arg("--io-mode")
             .arg(io_mode);
+        if let Some(c) = cpus {
+            cmd.arg("--cpus").arg(c);
+        }
         Self::spawn(cmd, dir, vec![addr])
     }
 
-    /// `log-server dev --nodes N` on N free consecutive ports, with `extra` arguments.
+    /// `log-server dev --nodes N` on N free consecutive ports, with `extra` arguments (and
+    /// `--cpus` if `cpus` is set).
     pub fn chain(
         bin: &Path,
         dir: &Path,
         nodes: u16,
         io_mode: &str,
+        cpus: Option<&str>,
         extra: &[String],
     ) -> anyhow::Result<ServerProc> {
         let port = free_ports(nodes)?;
@@ -98,6 +109,9 @@ impl ServerProc {
             .arg("--io-mode")
             .arg(io_mode)
             .args(extra);
+        if let Some(c) = cpus {
+            cmd.arg("--cpus").arg(c);
+        }
         Self::spawn(cmd, dir, addrs)
     }
 

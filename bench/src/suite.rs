@@ -51,6 +51,9 @@ pub struct SuiteConfig {
     pub client: ClientKnobs,
     /// The load generator's runtime: 0 = current-thread, N = multi-thread with N workers.
     pub client_threads: usize,
+    /// CPU list every measured process runs on: this one (floors, services, load generator;
+    /// pinned by `main` before anything starts) and the servers (`--cpus`). None: the OS's.
+    pub cpus: Option<String>,
 }
 
 /// `git rev-parse --short HEAD` of the source tree (with `-dirty` if it has local changes).
@@ -76,8 +79,9 @@ pub fn git_rev() -> String {
 }
 
 fn host_meta(m: &mut Meta) {
-    m.host_nproc = std::thread::available_parallelism()
-        .map(|n| n.get())
+    // The machine's CPUs, not this process's share of them (which `--cpus` narrows).
+    m.host_nproc = std::fs::read_to_string("/proc/cpuinfo")
+        .map(|c| c.lines().filter(|l| l.starts_with("processor")).count())
         .unwrap_or(0);
     m.host_kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease")
         .map(|s| s.trim().to_string())
@@ -375,7 +379,12 @@ async fn one_round(round: usize, cfg: &SuiteConfig) -> anyhow::Result<RoundResul
                 }
                 Step::Single => {
                     let dir = tmp.path().join(format!("single-{inflight}"));
-                    let s = ServerProc::single(&cfg.server_bin, &dir, &cfg.io_mode)?;
+                    let s = ServerProc::single(
+                        &cfg.server_bin,
+                        &dir,
+                        &cfg.io_mode,
+                        cfg.cpus.as_deref(),
+                    )?;
                     single.push(run_fresh(s, &dir, cfg, "single", inflight, false).await?);
                 }
                 Step::Chain => {
@@ -386,6 +395,7 @@ async fn one_round(round: usize, cfg: &SuiteConfig) -> anyhow::Result<RoundResul
                             &dir,
                             cfg.chain_nodes,
                             &cfg.io_mode,
+                            cfg.cpus.as_deref(),
                             extra,
                         );
                         s.map(|s| (s, dir))
@@ -477,6 +487,7 @@ pub async fn run_suite(cfg: &SuiteConfig) -> anyhow::Result<SuiteReport> {
         client_linger_us: cfg.client.config(&[]).linger_us,
         client_batches_in_flight_max: cfg.client.config(&[]).batches_in_flight_max,
         client_threads: cfg.client_threads,
+        cpus: cfg.cpus.clone(),
         ..Meta::default()
     };
     host_meta(&mut meta);

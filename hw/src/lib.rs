@@ -5,6 +5,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 pub mod buf;
+pub mod cpu;
 pub mod disk;
 pub mod error;
 pub mod floor;

@@ -105,6 +105,11 @@ pub struct NodeConfig {
     pub dir: PathBuf,
     /// Client connections accepted at once (default 1024).
     pub connections_max: usize,
+    /// CPUs this node's threads run on, as a CPU list (`"1"`, `"0,2-3"`); default: wherever the
+    /// OS schedules them. On a small VM, where a wake-up across vCPUs is expensive, pinning a
+    /// node next to the CPU that takes its disk's interrupts saves a cross-CPU wake-up on its
+    /// disk completions (see ARCHITECTURE.md, "Placement").
+    pub cpus: Option<String>,
     pub chain: ChainSection,
     pub storage: StorageSection,
     pub replication: ReplicationSection,
@@ -118,6 +123,7 @@ impl Default for NodeConfig {
             listen: "127.0.0.1:7400".into(),
             dir: PathBuf::from("chainlog-data"),
             connections_max: chainlog_core::limits::CONNECTIONS_MAX,
+            cpus: None,
             chain: ChainSection::default(),
             storage: StorageSection::default(),
             replication: ReplicationSection::default(),
@@ -153,6 +159,9 @@ impl NodeConfig {
     pub fn validate(&mut self) -> Result<(), ConfigError> {
         if self.node_id == 0 {
             return Err(ConfigError("node_id must be >= 1".into()));
+        }
+        if let Some(c) = &self.cpus {
+            chainlog_hw::cpu::parse_cpu_list(c).map_err(|e| ConfigError(format!("cpus: {e}")))?;
         }
         self.listen
             .parse::<SocketAddr>()
@@ -330,6 +339,12 @@ mod tests {
             let mut c = NodeConfig::default();
             c.storage.flushes_in_flight_max = bad;
             assert!(c.validate().is_err(), "flushes_in_flight_max {bad}");
+        }
+        let mut c = NodeConfig::from_toml("cpus = \"0,2-3\"").expect("cpus list");
+        c.validate().expect("valid cpus");
+        for bad in ["", "3-1", "x", "0,,1"] {
+            c.cpus = Some(bad.into());
+            assert!(c.validate().is_err(), "cpus {bad:?}");
         }
     }
 

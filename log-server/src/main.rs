@@ -38,6 +38,9 @@ enum Cmd {
         /// Write + fdatasync groups per log in flight (1..=16; default from the config, 4).
         #[arg(long)]
         flushes_in_flight: Option<usize>,
+        /// CPUs the node's threads run on (`1`, `0,2-3`); overrides the config's `cpus`.
+        #[arg(long)]
+        cpus: Option<String>,
     },
     /// Run a local chain of N nodes in this process, each on a thread of its own (client ports
     /// PORT, PORT+1, ...), one data directory each under DIR. Ctrl-C stops every node cleanly.
@@ -67,6 +70,11 @@ struct DevArgs {
     /// (default from the config: keep everything).
     #[arg(long)]
     retention_bytes: Option<u64>,
+    /// CPUs every node's threads run on (`1`, `0,2-3`); default: wherever the OS puts them.
+    /// On a small VM one CPU for the whole chain (the one that takes the disk's interrupts)
+    /// skips a cross-CPU wake-up on every hop.
+    #[arg(long)]
+    cpus: Option<String>,
 }
 
 fn parse_io_mode(s: &Option<String>) -> anyhow::Result<Option<IoModeSetting>> {
@@ -108,6 +116,7 @@ fn main() -> anyhow::Result<()> {
             listen,
             io_mode,
             flushes_in_flight,
+            cpus,
         } => {
             let mut cfg = match config {
                 Some(path) => {
@@ -118,6 +127,9 @@ fn main() -> anyhow::Result<()> {
                 None => NodeConfig::single(dir, listen),
             };
             apply_storage_flags(&mut cfg, parse_io_mode(&io_mode)?, flushes_in_flight);
+            if cpus.is_some() {
+                cfg.cpus = cpus;
+            }
             run_node(cfg)
         }
         Cmd::Dev(args) => run_dev(args),
@@ -154,7 +166,11 @@ fn run_dev(args: DevArgs) -> anyhow::Result<()> {
         flushes_in_flight,
         segment_bytes,
         retention_bytes,
+        cpus,
     } = args;
+    if let Some(c) = &cpus {
+        chainlog_hw::cpu::parse_cpu_list(c).map_err(|e| anyhow::anyhow!("--cpus: {e}"))?;
+    }
     anyhow::ensure!((1..=16).contains(&nodes), "--nodes must be 1..=16");
     let cluster = load_or_create_cluster_id(&dir)
         .with_context(|| format!("cluster id in {}", dir.display()))?;
@@ -183,6 +199,7 @@ fn run_dev(args: DevArgs) -> anyhow::Result<()> {
         if let Some(b) = retention_bytes {
             cfg.storage.retention_bytes = Some(b);
         }
+        cfg.cpus = cpus.clone();
         match NodeThread::spawn(cfg) {
             Ok(h) => handles.push(h),
             Err(e) => {

@@ -129,8 +129,18 @@ fn now_us(start: std::time::Instant) -> Instant {
 }
 
 /// Starts a node: recovers storage, binds the listener, connects to the successor.
+///
+/// With `cfg.cpus` set it first pins the calling thread there, so the node's core loop (this
+/// thread: `log-server` runs every node on a current-thread runtime) and every thread it starts
+/// (storage, spare preparer, blocking pool) run on those CPUs.
 pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     cfg.validate()?;
+    if let Some(list) = &cfg.cpus {
+        let cpus = chainlog_hw::cpu::parse_cpu_list(list)?;
+        chainlog_hw::cpu::pin_current_thread(&cpus)
+            .with_context(|| format!("pinning node {} to CPUs {list}", cfg.node_id))?;
+        tracing::info!(node = cfg.node_id, cpus = %list, "pinned to CPUs");
+    }
     std::fs::create_dir_all(&cfg.dir)
         .with_context(|| format!("creating data directory {}", cfg.dir.display()))?;
     let cluster_id = if cfg.cluster_id != 0 {

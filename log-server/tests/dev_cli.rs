@@ -201,3 +201,76 @@ fn dev_chain_and_cli() {
     };
     assert!(status.success(), "dev exited with {status}");
 }
+
+/// `dev --cpus` pins every node's threads (core loop, storage, spare preparer, blocking pool)
+/// to the list, the chain still serves appends, and a bad list is refused before anything
+/// starts.
+#[test]
+fn dev_cpus_pins_every_node_thread() {
+    let allowed = chainlog_hw::cpu::current_thread_cpus().expect("affinity");
+    let cpu = allowed[allowed.len() - 1].to_string();
+    let tmp = tempfile::tempdir().expect("tempdir");
+
+    let bad = Command::new(env!("CARGO_BIN_EXE_log-server"))
+        .args(["dev", "--cpus", "1-x", "--dir"])
+        .arg(tmp.path().join("bad"))
+        .env_remove("RUST_BACKTRACE")
+        .output()
+        .expect("run log-server dev");
+    assert!(!bad.status.success());
+    let err = String::from_utf8_lossy(&bad.stderr);
+    assert!(err.contains("--cpus") && err.contains("\"x\""), "{err}");
+    assert!(
+        !tmp.path().join("bad").join("node-1").exists(),
+        "started anyway"
+    );
+
+    let port = common::free_port_run();
+    let mut dev = Command::new(env!("CARGO_BIN_EXE_log-server"))
+        .args([
+            "dev",
+            "--nodes",
+            "2",
+            "--cpus",
+            &cpu,
+            "--port",
+            &port.to_string(),
+            "--dir",
+        ])
+        .arg(tmp.path().join("data"))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn log-server dev");
+    for i in 0..2u16 {
+        let a: SocketAddr = format!("127.0.0.1:{}", port + i).parse().expect("addr");
+        common::wait_listening(a, Duration::from_secs(30), Some(&mut dev));
+    }
+    if let Some(bin) = chainlog_bin() {
+        let head = format!("127.0.0.1:{port}");
+        let (rc, out, err) = cli(&bin, &["--addr", &head, "append"], Some("pinned\n"));
+        assert_eq!(rc, 0, "append failed: {out} {err}");
+    }
+    // Every thread but the main one (which only waits for Ctrl-C) runs on the list.
+    let mut node_threads = 0;
+    let tasks = std::fs::read_dir(format!("/proc/{}/task", dev.id())).expect("task dir");
+    for t in tasks {
+        let t = t.expect("task").path();
+        let comm = std::fs::read_to_string(t.join("comm")).unwrap_or_default();
+        let status = std::fs::read_to_string(t.join("status")).unwrap_or_default();
+        let Some(list) = status
+            .lines()
+            .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        else {
+            continue; // the thread ended meanwhile
+        };
+        if comm.trim() == "log-server" {
+            continue;
+        }
+        node_threads += usize::from(comm.starts_with("node-"));
+        assert_eq!(list.trim(), cpu, "thread {} runs on {list}", comm.trim());
+    }
+    assert_eq!(node_threads, 2);
+    let _ = dev.kill();
+    let _ = dev.wait();
+}
