@@ -108,7 +108,7 @@ pub struct NodeConfig {
     /// CPUs this node's threads run on, as a CPU list (`"1"`, `"0,2-3"`); default: wherever the
     /// OS schedules them. On a small VM, where a wake-up across vCPUs is expensive, pinning a
     /// node next to the CPU that takes its disk's interrupts saves a cross-CPU wake-up on its
-    /// disk completions (see ARCHITECTURE.md, "Placement").
+    /// disk completions (ARCHITECTURE.md, "Threads").
     pub cpus: Option<String>,
     pub chain: ChainSection,
     pub storage: StorageSection,
