@@ -230,6 +230,12 @@ struct LogState {
     /// The start storage reported durable (`Trimmed`, or recovery). Only this one is told to
     /// the successor.
     start_durable: Offset,
+    /// The highest `before` of a trim asked of storage since this node started. Nothing below
+    /// it is served from the moment it is asked: storage may drop those segments under a read
+    /// before `Trimmed` raises `start` (the simulator's verifier got `OffsetTrimmed` for a
+    /// read at the start it had just been told, seed 219340), and storage trims whole
+    /// segments, so `start` may stay below it.
+    trim_asked: Offset,
     written_end: Offset,
     durable_end: Offset,
     committed_end: Offset,
@@ -261,12 +267,27 @@ struct LogState {
 }
 
 impl LogState {
+    /// First offset this node serves to clients: its start, or the point of a trim asked.
+    fn served_start(&self) -> Offset {
+        self.start.max(self.trim_asked)
+    }
+
+    /// Asks storage to trim below `before` (`Effect::Trim`); nothing below it is served now.
+    fn ask_trim(&mut self, before: Offset, out: &mut Vec<Effect>) {
+        self.trim_asked = self.trim_asked.max(before);
+        out.push(Effect::Trim {
+            log: self.id,
+            before,
+        });
+    }
+
     fn new(id: LogId, name: String, start: Offset, end: Offset, producers: ProducerTable) -> Self {
         LogState {
             id,
             name,
             start,
             start_durable: start,
+            trim_asked: start,
             written_end: end,
             durable_end: end,
             committed_end: Offset::ZERO,
@@ -624,39 +645,15 @@ impl Replica {
             .producers
             .check(header.producer_id, header.producer_seq, header.record_count)
         {
-            let end = base_offset.plus(u64::from(record_count));
-            if end <= l.committed_end {
-                return Self::reply(
-                    out,
-                    client,
-                    request_id,
-                    ClientReply::AppendOk {
-                        base_offset,
-                        record_count,
-                    },
-                );
-            }
-            if l.retry_waiters >= queue_max {
-                return Self::reply(
-                    out,
-                    client,
-                    request_id,
-                    err(
-                        ErrorCode::RetryPending,
-                        "already in the log, too many retries waiting for its commit; ask again",
-                    ),
-                );
-            }
-            l.retry_waiters += 1;
-            l.commit_waiters.entry(end).or_default().push(Waiter {
+            let w = Waiter {
                 client,
                 request_id,
                 base: base_offset,
                 record_count,
                 producer,
                 seq,
-            });
-            return;
+            };
+            return Self::wait_for_stored(l, w, queue_max, out);
         }
         if let Some(code) = l.failed {
             // A refusal tells the client the batch is stored nowhere (it may give the
@@ -857,10 +854,10 @@ impl Replica {
         let Some(l) = logs.get_mut(&log) else {
             return Err(err(ErrorCode::UnknownLog, format!("no log {log}")));
         };
-        if from < l.start {
+        if from < l.served_start() {
             return Err(err(
                 ErrorCode::OffsetTrimmed,
-                format!("log starts at {}", l.start),
+                format!("log starts at {}", l.served_start()),
             ));
         }
         Ok(l)
@@ -941,7 +938,7 @@ impl Replica {
         }
         l.trim_waiters.push((client, request_id));
         // The successor hears of it once it is durable here (`DiskEvent::Trimmed`).
-        out.push(Effect::Trim { log, before });
+        l.ask_trim(before, out);
     }
 
     /// A create of a log that exists or is being created: the same name waits with the others
@@ -1191,7 +1188,7 @@ impl Replica {
                 if self.cfg.bug_no_restart_at_pred_start {
                     let before = before.min(l.committed_end).min(l.written_end);
                     if before > l.start {
-                        out.push(Effect::Trim { log, before });
+                        l.ask_trim(before, out);
                     }
                     return;
                 }
@@ -1205,7 +1202,7 @@ impl Replica {
                     Self::restart_at(l, before, out);
                 } else {
                     // Told downstream once durable (`DiskEvent::Trimmed`).
-                    out.push(Effect::Trim { log, before });
+                    l.ask_trim(before, out);
                 }
             }
             _ => {}
@@ -1373,6 +1370,37 @@ impl Replica {
     /// Answers every append waiting for a commit past `end` with `code`: none of it is stored
     /// anywhere and it never will be (the offsets are sequenced again). Its producer must
     /// resend from it.
+    /// Answers a retry of a batch already in the log (`w.base`, `w.record_count`): at once if
+    /// it is committed, else once it is (or with whatever settles it). Never with a refusal
+    /// that says "stored nowhere": the batch is stored, here and maybe downstream.
+    fn wait_for_stored(l: &mut LogState, w: Waiter, queue_max: usize, out: &mut Vec<Effect>) {
+        let end = w.base.plus(u64::from(w.record_count));
+        if end <= l.committed_end {
+            return Self::reply(
+                out,
+                w.client,
+                w.request_id,
+                ClientReply::AppendOk {
+                    base_offset: w.base,
+                    record_count: w.record_count,
+                },
+            );
+        }
+        if l.retry_waiters >= queue_max {
+            return Self::reply(
+                out,
+                w.client,
+                w.request_id,
+                err(
+                    ErrorCode::RetryPending,
+                    "already in the log, too many retries waiting for its commit; ask again",
+                ),
+            );
+        }
+        l.retry_waiters += 1;
+        l.commit_waiters.entry(end).or_default().push(w);
+    }
+
     fn fail_waiters_above(l: &mut LogState, end: Offset, code: ErrorCode, out: &mut Vec<Effect>) {
         let lost = l.commit_waiters.split_off(&end.plus(1));
         for w in lost.into_values().flatten() {
@@ -1423,10 +1451,7 @@ impl Replica {
         l.written_end = start;
         l.durable_end = start;
         l.committed_end = l.committed_end.max(start);
-        out.push(Effect::Trim {
-            log: l.id,
-            before: start,
-        });
+        l.ask_trim(start, out);
     }
 
     fn trim_window(l: &mut LogState) {
@@ -1540,7 +1565,32 @@ impl Replica {
                     // anything stored: a definite refusal. A head still catching up keeps them
                     // queued (see `client_append`).
                     if holds_longest(self.place.role, l) {
+                        let queue_max = self.cfg.admission_queue_max;
                         for q in std::mem::take(&mut l.queue) {
+                            let h = &q.header;
+                            // A copy queued while an earlier copy of the same batch waited
+                            // (a client's retry) may find that one sequenced meanwhile: it is
+                            // stored, and forwarded, so it waits with it (the simulator's
+                            // checker caught a StorageFull here while node 2 held the batch,
+                            // seed 223916).
+                            if let Dedup::Duplicate {
+                                base_offset,
+                                record_count,
+                            } = l
+                                .producers
+                                .check(h.producer_id, h.producer_seq, h.record_count)
+                            {
+                                let w = Waiter {
+                                    client: q.client,
+                                    request_id: q.request_id,
+                                    base: base_offset,
+                                    record_count,
+                                    producer: h.producer_id,
+                                    seq: h.producer_seq,
+                                };
+                                Self::wait_for_stored(l, w, queue_max, out);
+                                continue;
+                            }
                             Self::fence(l, q.header.producer_id, q.header.producer_seq);
                             Self::reply(
                                 out,
@@ -1611,6 +1661,8 @@ impl Replica {
                 if let Some(l) = self.logs.get_mut(&log) {
                     l.start = l.start.max(start);
                     l.start_durable = l.start_durable.max(start);
+                    // Where this node's log durably starts (reads stay refused below the
+                    // point asked: `served_start`).
                     let start = l.start;
                     for (client, request_id) in l.trim_waiters.drain(..) {
                         Self::reply(out, client, request_id, ClientReply::TrimOk { start });
@@ -1681,6 +1733,15 @@ impl Replica {
                             committed_end,
                             batches: v,
                         }
+                    }
+                    // Trimmed under the read: say where the log now starts, as a read
+                    // refused up front would.
+                    Err(ErrorCode::OffsetTrimmed) => {
+                        let start = self
+                            .logs
+                            .get(&log)
+                            .map_or(Offset::ZERO, |l| l.served_start());
+                        err(ErrorCode::OffsetTrimmed, format!("log starts at {start}"))
                     }
                     Err(code) => err(code, "read failed"),
                 };
@@ -2376,7 +2437,7 @@ impl Replica {
                 .map(|l| LogStatus {
                     name: l.name.clone(),
                     log: l.id,
-                    start: l.start,
+                    start: l.served_start(),
                     written_end: l.written_end,
                     durable_end: l.durable_end,
                     ack_end: self.ack_end(l),

@@ -772,6 +772,61 @@ fn a_trim_goes_downstream_only_once_durable_and_only_what_the_head_holds() {
     );
     assert_eq!(trims(&e), vec![Offset(25)]);
     assert!(sent_trims(&e).is_empty(), "not durable yet");
+    // Storage may drop the segments under a read from here on: reads below 25 are refused
+    // at once, saying where the log starts for clients.
+    assert_eq!(h.log_status().start, Offset(25));
+    let e = h.client(
+        4,
+        ClientRequest::Read {
+            log: default_log(),
+            from: Offset(22),
+            max_records: 10,
+            max_bytes: 1 << 20,
+            wait_ms: 0,
+        },
+    );
+    match &replies(&e)[..] {
+        [(4, ClientReply::Error { code, message })] => {
+            assert_eq!(*code, ErrorCode::OffsetTrimmed);
+            assert_eq!(message, "log starts at 25");
+        }
+        other => panic!("{other:?}"),
+    }
+    // A read issued before the trim whose segments went under it says the same.
+    let mut h2 = in_chain(1, vec![recovered_from(0, 40, 40)], |_| {});
+    let e2 = h2.client(
+        5,
+        ClientRequest::Read {
+            log: default_log(),
+            from: Offset(22),
+            max_records: 10,
+            max_bytes: 1 << 20,
+            wait_ms: 0,
+        },
+    );
+    let (token, _, _) = reads(&e2)[0];
+    h2.client(
+        6,
+        ClientRequest::Trim {
+            log: default_log(),
+            before: Offset(25),
+        },
+    );
+    let e2 = h2.disk(DiskEvent::ReadDone {
+        token,
+        result: Err(ErrorCode::OffsetTrimmed),
+    });
+    match &replies(&e2)[..] {
+        [(5, ClientReply::Error { code, message })] => {
+            assert_eq!(
+                (*code, message.as_str()),
+                (ErrorCode::OffsetTrimmed, "log starts at 25")
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    // Storage trims whole segments: the trim answers where the log durably starts (20);
+    // reads below 25 stay refused.
     let e = h.disk(DiskEvent::Trimmed {
         log: default_log(),
         start: Offset(20),
@@ -780,6 +835,7 @@ fn a_trim_goes_downstream_only_once_durable_and_only_what_the_head_holds() {
         replies(&e),
         vec![(3, ClientReply::TrimOk { start: Offset(20) })]
     );
+    assert_eq!(h.log_status().start, Offset(25));
     assert_eq!(
         sent_trims(&e),
         vec![Offset(20)],
@@ -893,6 +949,39 @@ fn a_forwarded_append_of_a_full_head_is_refused_once_nobody_holds_it() {
     let rs = head_full_after_forwarding(false);
     assert_eq!(rs.len(), 1);
     assert_eq!((rs[0].0, code(&rs[0].1)), (1, Some(ErrorCode::StorageFull)));
+}
+
+/// A client's retry that queued behind the copy it repeats, when the head's write of that copy
+/// fails full after forwarding it: the copy is stored (the successor may keep it), so the retry
+/// must not be refused "stored nowhere"; it waits with the copy. The simulator's checker found
+/// the refusal while node 2 held the batch (seed 223916).
+#[test]
+fn a_queued_retry_of_a_forwarded_append_is_not_refused_when_the_head_fills() {
+    // One write in flight, one batch per write: what arrives meanwhile queues.
+    let mut h = in_chain(1, vec![recovered(0, vec![], 0)], |c| {
+        c.writes_in_flight_max = 1;
+        c.forward_bytes_max = 1;
+    });
+    h.tick(1);
+    h.peer(2, succ_ack(1, 1, 0, 0));
+    assert_eq!(appends(&h.append(1, batch(&[b"a"], 9, 0))).len(), 1);
+    // The batch and then a retry of it queue behind `a`'s write.
+    assert!(appends(&h.append(2, batch(&[b"b"], 9, 1))).is_empty());
+    let e = h.append(3, batch(&[b"b"], 9, 1));
+    assert!(appends(&e).is_empty() && replies(&e).is_empty(), "{e:?}");
+    // `a` is durable: `b` is sequenced and forwarded; its retry stays queued.
+    let e = h.durable(1);
+    assert_eq!(appends(&e).len(), 1, "{e:?}");
+    assert!(replies(&e).is_empty(), "{e:?}");
+    let e = h.disk(DiskEvent::WriteFailed {
+        log: default_log(),
+        at: Offset(1),
+        code: ErrorCode::StorageFull,
+    });
+    assert!(replies(&e).is_empty(), "in doubt, not refused: {e:?}");
+    // A batch nobody holds is still refused outright.
+    let e = h.append(4, batch(&[b"c"], 9, 2));
+    assert_eq!(code(&replies(&e)[0].1), Some(ErrorCode::StorageFull));
 }
 
 // ---------------------------------------------------------------- resending from storage

@@ -267,6 +267,9 @@ pub struct SimNode {
     full_until: Option<u64>,
     /// Logs whose writes failed full and wait for space (the writer's free-space check).
     failed_full: std::collections::BTreeSet<LogId>,
+    /// The highest trim point this process asked per log: it serves nothing below it from
+    /// then on (the disk may keep a segment that straddles it). Gone with the process.
+    trim_asked: BTreeMap<LogId, Offset>,
     /// Logs whose writes failed: appends not at the durable end were issued before the core
     /// saw the failure and are dropped, as the real writer does.
     dropping: std::collections::BTreeSet<LogId>,
@@ -588,6 +591,7 @@ impl Cluster {
                 dropping: Default::default(),
                 full_check_at: 0,
                 write_failed_due: BTreeMap::new(),
+                trim_asked: BTreeMap::new(),
             });
         }
         let links = (0..nodes_n.saturating_sub(1))
@@ -777,6 +781,7 @@ impl Cluster {
         node.failed_full.clear();
         node.dropping.clear();
         node.write_failed_due.clear();
+        node.trim_asked.clear();
         self.checker.on_removed(&removed, false);
         if flip {
             // Everything it held durably may have been vouched for (an ack still in flight
@@ -1199,6 +1204,8 @@ impl Cluster {
                             n + 1
                         ));
                     }
+                    let asked = self.nodes[n].trim_asked.entry(log).or_default();
+                    *asked = (*asked).max(before);
                     let (start, removed) = self.nodes[n].disk.trim(log, before);
                     self.checker.on_removed(&removed, true);
                     self.disk_done(n, inc, DiskEvent::Trimmed { log, start });
@@ -1375,12 +1382,17 @@ impl Cluster {
                     .logs
                     .get(log)
                     .map_or(Offset::ZERO, |l| l.start);
-                if *from < start {
+                let asked = self.nodes[n]
+                    .trim_asked
+                    .get(log)
+                    .copied()
+                    .unwrap_or(Offset::ZERO);
+                if *from < start.max(asked) {
                     Ok(())
                 } else {
                     Err(format!(
                         "node {} answered a read of {log}@{from} with OffsetTrimmed; it holds \
-                         from {start}",
+                         from {start} and was asked to trim below {asked}",
                         n + 1
                     ))
                 }
