@@ -78,10 +78,7 @@ impl ServerProc {
             .arg(&addr)
             .arg("--io-mode")
             .arg(io_mode);
-        if let Some(c) = cpus {
-            cmd.arg("--cpus").arg(c);
-        }
-        Self::spawn(cmd, dir, vec![addr])
+        Self::spawn(cmd, cpus, dir, vec![addr])
     }
 
     /// `log-server dev --nodes N` on N free consecutive ports, with `extra` arguments (and
@@ -109,13 +106,18 @@ impl ServerProc {
             .arg("--io-mode")
             .arg(io_mode)
             .args(extra);
+        Self::spawn(cmd, cpus, dir, addrs)
+    }
+
+    fn spawn(
+        mut cmd: Command,
+        cpus: Option<&str>,
+        dir: &Path,
+        addrs: Vec<String>,
+    ) -> anyhow::Result<ServerProc> {
         if let Some(c) = cpus {
             cmd.arg("--cpus").arg(c);
         }
-        Self::spawn(cmd, dir, addrs)
-    }
-
-    fn spawn(mut cmd: Command, dir: &Path, addrs: Vec<String>) -> anyhow::Result<ServerProc> {
         std::fs::create_dir_all(dir)?;
         let log_path = dir.join("server.log");
         let log = File::create(&log_path)?;

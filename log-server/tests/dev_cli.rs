@@ -39,6 +39,32 @@ fn cli(bin: &PathBuf, args: &[&str], stdin: Option<&str>) -> (i32, String, Strin
     )
 }
 
+/// `log-server dev` with `nodes` nodes on free ports, data under `dir`, and `extra` flags;
+/// returns once every node listens, with the head's port.
+fn start_dev(dir: &std::path::Path, nodes: u16, extra: &[&str]) -> (std::process::Child, u16) {
+    let port = common::free_port_run();
+    let mut dev = Command::new(env!("CARGO_BIN_EXE_log-server"))
+        .args([
+            "dev",
+            "--nodes",
+            &nodes.to_string(),
+            "--port",
+            &port.to_string(),
+        ])
+        .args(extra)
+        .arg("--dir")
+        .arg(dir)
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn log-server dev");
+    for i in 0..nodes {
+        let a: SocketAddr = format!("127.0.0.1:{}", port + i).parse().expect("addr");
+        common::wait_listening(a, Duration::from_secs(30), Some(&mut dev));
+    }
+    (dev, port)
+}
+
 #[test]
 fn dev_chain_and_cli() {
     let Some(bin) = chainlog_bin() else {
@@ -46,18 +72,7 @@ fn dev_chain_and_cli() {
         return;
     };
     let tmp = tempfile::tempdir().expect("tempdir");
-    let port = common::free_port_run();
-    let mut dev = Command::new(env!("CARGO_BIN_EXE_log-server"))
-        .args(["dev", "--port", &port.to_string(), "--dir"])
-        .arg(tmp.path().join("data"))
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn log-server dev");
-    for i in 0..3u16 {
-        let a: SocketAddr = format!("127.0.0.1:{}", port + i).parse().expect("addr");
-        common::wait_listening(a, Duration::from_secs(30), Some(&mut dev));
-    }
+    let (mut dev, port) = start_dev(&tmp.path().join("data"), 3, &[]);
     let head = format!("127.0.0.1:{port}");
     let tail = format!("127.0.0.1:{}", port + 2);
 
@@ -225,27 +240,7 @@ fn dev_cpus_pins_every_node_thread() {
         "started anyway"
     );
 
-    let port = common::free_port_run();
-    let mut dev = Command::new(env!("CARGO_BIN_EXE_log-server"))
-        .args([
-            "dev",
-            "--nodes",
-            "2",
-            "--cpus",
-            &cpu,
-            "--port",
-            &port.to_string(),
-            "--dir",
-        ])
-        .arg(tmp.path().join("data"))
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn log-server dev");
-    for i in 0..2u16 {
-        let a: SocketAddr = format!("127.0.0.1:{}", port + i).parse().expect("addr");
-        common::wait_listening(a, Duration::from_secs(30), Some(&mut dev));
-    }
+    let (mut dev, port) = start_dev(&tmp.path().join("data"), 2, &["--cpus", &cpu]);
     if let Some(bin) = chainlog_bin() {
         let head = format!("127.0.0.1:{port}");
         let (rc, out, err) = cli(&bin, &["--addr", &head, "append"], Some("pinned\n"));

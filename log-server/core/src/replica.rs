@@ -638,22 +638,8 @@ impl Replica {
         }
         // Fast path for retries of batches already in the log. New batches (and gaps, which
         // may be filled by batches still queued) are classified again when sequenced.
-        if let Dedup::Duplicate {
-            base_offset,
-            record_count,
-        } = l
-            .producers
-            .check(header.producer_id, header.producer_seq, header.record_count)
-        {
-            let w = Waiter {
-                client,
-                request_id,
-                base: base_offset,
-                record_count,
-                producer,
-                seq,
-            };
-            return Self::wait_for_stored(l, w, queue_max, out);
+        if Self::wait_if_stored(l, client, request_id, &header, queue_max, out) {
+            return;
         }
         if let Some(code) = l.failed {
             // A refusal tells the client the batch is stored nowhere (it may give the
@@ -854,10 +840,11 @@ impl Replica {
         let Some(l) = logs.get_mut(&log) else {
             return Err(err(ErrorCode::UnknownLog, format!("no log {log}")));
         };
-        if from < l.served_start() {
+        let start = l.served_start();
+        if from < start {
             return Err(err(
                 ErrorCode::OffsetTrimmed,
-                format!("log starts at {}", l.served_start()),
+                format!("log starts at {start}"),
             ));
         }
         Ok(l)
@@ -1367,40 +1354,56 @@ impl Replica {
         });
     }
 
+    /// If dedup finds `header`'s batch already in the log, answers this copy of it (a retry)
+    /// at once when it is committed, else once it is (or with whatever settles it), and
+    /// returns true. Never with a refusal that says "stored nowhere": the batch is stored,
+    /// here and maybe downstream.
+    fn wait_if_stored(
+        l: &mut LogState,
+        client: ClientId,
+        request_id: u64,
+        header: &BatchHeader,
+        queue_max: usize,
+        out: &mut Vec<Effect>,
+    ) -> bool {
+        let (producer, seq) = (header.producer_id, header.producer_seq);
+        let Dedup::Duplicate {
+            base_offset,
+            record_count,
+        } = l.producers.check(producer, seq, header.record_count)
+        else {
+            return false;
+        };
+        let end = base_offset.plus(u64::from(record_count));
+        if end <= l.committed_end {
+            let ok = ClientReply::AppendOk {
+                base_offset,
+                record_count,
+            };
+            Self::reply(out, client, request_id, ok);
+        } else if l.retry_waiters >= queue_max {
+            let busy = err(
+                ErrorCode::RetryPending,
+                "already in the log, too many retries waiting for its commit; ask again",
+            );
+            Self::reply(out, client, request_id, busy);
+        } else {
+            l.retry_waiters += 1;
+            l.commit_waiters.entry(end).or_default().push(Waiter {
+                client,
+                request_id,
+                base: base_offset,
+                record_count,
+                producer,
+                seq,
+            });
+        }
+        true
+    }
+
     /// Answers every append waiting for a commit past `end` with `code`: none of it is stored
     /// anywhere and it never will be (the offsets are sequenced again). Its producer must
     /// resend from it.
-    /// Answers a retry of a batch already in the log (`w.base`, `w.record_count`): at once if
-    /// it is committed, else once it is (or with whatever settles it). Never with a refusal
-    /// that says "stored nowhere": the batch is stored, here and maybe downstream.
-    fn wait_for_stored(l: &mut LogState, w: Waiter, queue_max: usize, out: &mut Vec<Effect>) {
-        let end = w.base.plus(u64::from(w.record_count));
-        if end <= l.committed_end {
-            return Self::reply(
-                out,
-                w.client,
-                w.request_id,
-                ClientReply::AppendOk {
-                    base_offset: w.base,
-                    record_count: w.record_count,
-                },
-            );
-        }
-        if l.retry_waiters >= queue_max {
-            return Self::reply(
-                out,
-                w.client,
-                w.request_id,
-                err(
-                    ErrorCode::RetryPending,
-                    "already in the log, too many retries waiting for its commit; ask again",
-                ),
-            );
-        }
-        l.retry_waiters += 1;
-        l.commit_waiters.entry(end).or_default().push(w);
-    }
-
     fn fail_waiters_above(l: &mut LogState, end: Offset, code: ErrorCode, out: &mut Vec<Effect>) {
         let lost = l.commit_waiters.split_off(&end.plus(1));
         for w in lost.into_values().flatten() {
@@ -1567,28 +1570,19 @@ impl Replica {
                     if holds_longest(self.place.role, l) {
                         let queue_max = self.cfg.admission_queue_max;
                         for q in std::mem::take(&mut l.queue) {
-                            let h = &q.header;
                             // A copy queued while an earlier copy of the same batch waited
                             // (a client's retry) may find that one sequenced meanwhile: it is
                             // stored, and forwarded, so it waits with it (the simulator's
                             // checker caught a StorageFull here while node 2 held the batch,
                             // seed 223916).
-                            if let Dedup::Duplicate {
-                                base_offset,
-                                record_count,
-                            } = l
-                                .producers
-                                .check(h.producer_id, h.producer_seq, h.record_count)
-                            {
-                                let w = Waiter {
-                                    client: q.client,
-                                    request_id: q.request_id,
-                                    base: base_offset,
-                                    record_count,
-                                    producer: h.producer_id,
-                                    seq: h.producer_seq,
-                                };
-                                Self::wait_for_stored(l, w, queue_max, out);
+                            if Self::wait_if_stored(
+                                l,
+                                q.client,
+                                q.request_id,
+                                &q.header,
+                                queue_max,
+                                out,
+                            ) {
                                 continue;
                             }
                             Self::fence(l, q.header.producer_id, q.header.producer_seq);

@@ -762,6 +762,13 @@ fn a_predecessor_tells_a_successor_behind_its_start_where_it_starts() {
 
 #[test]
 fn a_trim_goes_downstream_only_once_durable_and_only_what_the_head_holds() {
+    let read_22 = || ClientRequest::Read {
+        log: default_log(),
+        from: Offset(22),
+        max_records: 10,
+        max_bytes: 1 << 20,
+        wait_ms: 0,
+    };
     let mut h = in_chain(1, vec![recovered_from(0, 40, 40)], |_| {});
     let e = h.client(
         3,
@@ -775,16 +782,7 @@ fn a_trim_goes_downstream_only_once_durable_and_only_what_the_head_holds() {
     // Storage may drop the segments under a read from here on: reads below 25 are refused
     // at once, saying where the log starts for clients.
     assert_eq!(h.log_status().start, Offset(25));
-    let e = h.client(
-        4,
-        ClientRequest::Read {
-            log: default_log(),
-            from: Offset(22),
-            max_records: 10,
-            max_bytes: 1 << 20,
-            wait_ms: 0,
-        },
-    );
+    let e = h.client(4, read_22());
     match &replies(&e)[..] {
         [(4, ClientReply::Error { code, message })] => {
             assert_eq!(*code, ErrorCode::OffsetTrimmed);
@@ -794,16 +792,7 @@ fn a_trim_goes_downstream_only_once_durable_and_only_what_the_head_holds() {
     }
     // A read issued before the trim whose segments went under it says the same.
     let mut h2 = in_chain(1, vec![recovered_from(0, 40, 40)], |_| {});
-    let e2 = h2.client(
-        5,
-        ClientRequest::Read {
-            log: default_log(),
-            from: Offset(22),
-            max_records: 10,
-            max_bytes: 1 << 20,
-            wait_ms: 0,
-        },
-    );
+    let e2 = h2.client(5, read_22());
     let (token, _, _) = reads(&e2)[0];
     h2.client(
         6,
