@@ -76,6 +76,10 @@ enum Cmd {
         /// Services in a chain (1 = a single node).
         #[arg(long, default_value_t = 1)]
         nodes: usize,
+        /// Where the durable writes go: around one pre-zeroed file, or into new space as a
+        /// growing log's do (pre-zeroed meanwhile by the server's spare preparer, or unwritten).
+        #[arg(long, value_enum, default_value = "in-place")]
+        space: chainlog_bench::service::Space,
         #[arg(long, default_value_t = 2.0)]
         seconds: f64,
     },
@@ -210,6 +214,7 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             inflight,
             requests,
             nodes,
+            space,
             seconds,
         } => {
             std::fs::create_dir_all(&dir)?;
@@ -223,12 +228,13 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
                         inflight,
                         r,
                         nodes,
+                        space,
                         d,
                     )
                 })
                 .await??;
                 println!(
-                    "{nodes} node(s), {inflight} in flight as {r} requests: {:.0} records/s, {:.1} requests/sync, \
+                    "{nodes} node(s), {space:?}, {inflight} in flight as {r} requests: {:.0} records/s, {:.1} requests/sync, \
                      p50 {} µs p99 {} µs",
                     f.records_per_s, f.requests_per_sync, f.latency.p50_us, f.latency.p99_us
                 );

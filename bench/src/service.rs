@@ -13,6 +13,7 @@ use crate::floor::single_record_batch_bytes;
 use crate::hist::{LatencyHist, LatencySummary};
 use anyhow::Context;
 use chainlog_hw::buf::round_up_page;
+use chainlog_hw::disk::SpareFiles;
 use chainlog_hw::uring::{Op, Ring};
 use chainlog_hw::AlignedBuf;
 use serde::{Deserialize, Serialize};
@@ -22,7 +23,8 @@ use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// Scratch file size; group commits wrap around inside it.
+/// Scratch file size (the server's default segment size): in place, group commits wrap around
+/// inside it; growing, a node moves on to a fresh file of this size when one is full.
 const FILE_BYTES: u64 = 64 << 20;
 /// Most bytes one group commit takes (larger requests are refused).
 const GROUP_BYTES_MAX: usize = 4 << 20;
@@ -35,6 +37,32 @@ fn one() -> usize {
     1
 }
 
+/// Where a node's durable writes go.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum Space {
+    /// Around and around one pre-zeroed file: every write overwrites written extents (what a
+    /// log under retention does once it recycles its segments, and what the disk floor does).
+    InPlace,
+    /// As a growing log: a node fills a pre-zeroed file and moves on to the next, which a
+    /// background thread zeroed meanwhile — the server's own spare preparer
+    /// ([`SpareFiles`]), so the zeroing is paid exactly as the server pays it.
+    Prezeroed,
+    /// As a growing log that does not zero: each next file is only `fallocate`d, so every
+    /// durable write lands in unwritten extents and also commits their conversion.
+    Unwritten,
+}
+
+impl Space {
+    pub fn growing(self) -> bool {
+        self != Space::InPlace
+    }
+}
+
+fn in_place() -> Space {
+    Space::InPlace
+}
+
 /// One service-floor measurement.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct ServiceFloor {
@@ -45,9 +73,14 @@ pub struct ServiceFloor {
     #[serde(default = "one")]
     pub nodes: usize,
     pub record_bytes: usize,
+    #[serde(default = "in_place")]
+    pub space: Space,
     pub records_per_s: f64,
     /// Requests per group commit, on average (the service's natural batching).
     pub requests_per_sync: f64,
+    /// Times the head moved on to a fresh file (growing files only).
+    #[serde(default)]
+    pub rolls: u64,
     /// Request sent → acknowledged.
     pub latency: LatencySummary,
 }
@@ -55,15 +88,41 @@ pub struct ServiceFloor {
 /// Measures the service floor for `inflight` appends of `record_bytes`, sent as `requests`
 /// equal requests (each its records' batch bytes, packed), for about `duration` after a short
 /// warm-up, on a chain of `nodes` minimal services (1 = a single node). Blocking: call from a
-/// blocking thread. The scratch files live in `dir` (one per node: the chain shares the disk,
-/// as a local chainlog chain does).
+/// blocking thread. The scratch files live in `dir` (one per node, or one directory per node
+/// when the files grow: the chain shares the disk, as a local chainlog chain does); `space`
+/// says where the writes go.
 pub fn service_floor(
     dir: &Path,
     record_bytes: usize,
     inflight: usize,
     requests: usize,
     nodes: usize,
+    space: Space,
     duration: Duration,
+) -> anyhow::Result<ServiceFloor> {
+    service_floor_sized(
+        dir,
+        record_bytes,
+        inflight,
+        requests,
+        nodes,
+        space,
+        duration,
+        FILE_BYTES,
+    )
+}
+
+/// [`service_floor`] with files of `file_bytes` (tests use small ones, to see them roll).
+#[allow(clippy::too_many_arguments)]
+fn service_floor_sized(
+    dir: &Path,
+    record_bytes: usize,
+    inflight: usize,
+    requests: usize,
+    nodes: usize,
+    space: Space,
+    duration: Duration,
+    file_bytes: u64,
 ) -> anyhow::Result<ServiceFloor> {
     anyhow::ensure!(
         requests >= 1 && inflight >= requests && inflight.is_multiple_of(requests),
@@ -92,13 +151,35 @@ pub fn service_floor(
             ".chainlog-service-floor-{}-{i}",
             std::process::id()
         ));
-        chainlog_hw::disk::create_prezeroed(&path, FILE_BYTES, direct)?;
+        chainlog_hw::disk::create_prezeroed(&path, file_bytes, direct)?;
         paths.push(path.clone());
+        let files = match space {
+            Space::InPlace => Files::InPlace,
+            Space::Prezeroed => {
+                let d = path.with_extension("spares");
+                paths.push(d.clone());
+                let s =
+                    SpareFiles::start(d, file_bytes, direct, 1, Arc::default(), Arc::default())?;
+                // As the suite measures a fresh server: once its start-up spare is ready.
+                s.wait_ready()?;
+                Files::Prezeroed(s)
+            }
+            Space::Unwritten => {
+                let d = path.with_extension("grown");
+                std::fs::create_dir_all(&d).context("creating the service's directory")?;
+                paths.push(d.clone());
+                Files::Unwritten {
+                    dir: d,
+                    next: 0,
+                    len: file_bytes,
+                }
+            }
+        };
         let next = succ;
         threads.push(
             std::thread::Builder::new()
                 .name(format!("service-floor-{i}"))
-                .spawn(move || serve(listener, &path, direct, next))
+                .spawn(move || serve(listener, &path, direct, files, next))
                 .context("spawning a service thread")?,
         );
         succ = Some(addr);
@@ -108,24 +189,34 @@ pub fn service_floor(
     };
     let client = drive(head, requests, request_bytes, per_request, duration);
     // The head's thread is the last spawned; its counts are the ones reported.
-    let mut served = Ok((0, 0));
+    let mut served = Ok(Counts::default());
     for t in threads {
         served = t
             .join()
             .map_err(|_| anyhow::anyhow!("service thread panicked"))?;
     }
     for p in &paths {
-        let _ = std::fs::remove_file(p);
+        let _ = if p.is_dir() {
+            std::fs::remove_dir_all(p)
+        } else {
+            std::fs::remove_file(p)
+        };
     }
     let (records, secs, hist) = client?;
-    let (served_requests, syncs) = served?;
+    let Counts {
+        served: served_requests,
+        syncs,
+        rolls,
+    } = served?;
     Ok(ServiceFloor {
         inflight,
         requests,
         nodes,
         record_bytes,
+        space,
         records_per_s: records as f64 / secs,
         requests_per_sync: served_requests as f64 / syncs.max(1) as f64,
+        rolls,
         latency: hist.summary(),
     })
 }
@@ -180,14 +271,60 @@ fn drive(
 /// The service: read what has arrived, forward it to the successor (if any) at once, make
 /// every complete request in it durable as one group (one write), wait for the successor's
 /// acknowledgements of them, acknowledge them, repeat. Returns (requests served, group commits).
+/// What one node did.
+#[derive(Default)]
+struct Counts {
+    /// Requests made durable and acknowledged.
+    served: u64,
+    /// Group commits (durable writes).
+    syncs: u64,
+    /// Moves to a fresh file.
+    rolls: u64,
+}
+
+/// Where one node's next file comes from once the one it writes is full.
+enum Files {
+    InPlace,
+    Prezeroed(SpareFiles),
+    Unwritten {
+        dir: std::path::PathBuf,
+        next: u64,
+        len: u64,
+    },
+}
+
+impl Files {
+    /// The file to write once the current one is full (`None`: wrap around in it).
+    fn next(&mut self, direct: bool) -> anyhow::Result<Option<std::fs::File>> {
+        match self {
+            Files::InPlace => Ok(None),
+            Files::Prezeroed(spares) => {
+                // Zeroed and synced whole; not renamed into place (the service keeps no
+                // directory of its own), so moving on costs an open.
+                let p = spares.take()?;
+                let f = chainlog_hw::disk::open_rw(&p, direct)?;
+                spares.replenish();
+                Ok(Some(f))
+            }
+            Files::Unwritten { dir, next, len } => {
+                *next += 1;
+                let p = dir.join(format!("{next:08}"));
+                // Metadata only; the first durable write into it commits the new size.
+                Ok(Some(chainlog_hw::disk::create_allocated(&p, *len, direct)?))
+            }
+        }
+    }
+}
+
 fn serve(
     listener: TcpListener,
     path: &Path,
     direct: bool,
+    mut files: Files,
     succ: Option<std::net::SocketAddr>,
-) -> anyhow::Result<(u64, u64)> {
-    let mut counts = (0, 0);
-    match serve_loop(listener, path, direct, succ, &mut counts) {
+) -> anyhow::Result<Counts> {
+    let mut counts = Counts::default();
+    match serve_loop(listener, path, direct, &mut files, succ, &mut counts) {
         // The client hangs up with acknowledgements in flight: that ends the run.
         Err(e)
             if e.downcast_ref::<std::io::Error>().is_some_and(|e| {
@@ -207,8 +344,9 @@ fn serve_loop(
     listener: TcpListener,
     path: &Path,
     direct: bool,
+    files: &mut Files,
     succ: Option<std::net::SocketAddr>,
-    (served, syncs): &mut (u64, u64),
+    counts: &mut Counts,
 ) -> anyhow::Result<()> {
     let mut down = match succ {
         Some(a) => {
@@ -221,7 +359,9 @@ fn serve_loop(
     let (mut s, _) = listener.accept()?;
     chainlog_hw::net::tcp::tune(&s);
     let mut acks = vec![0u8; PREFIX_BYTES * ACKS_MAX];
-    let file = Arc::new(chainlog_hw::disk::open_rw(path, direct)?);
+    let mut file = Arc::new(chainlog_hw::disk::open_rw(path, direct)?);
+    // Every file a node writes (the first, spares, allocated ones) has this length.
+    let file_len = file.metadata()?.len();
     let mut ring = Ring::new(8)?;
     // Requests are read straight into the aligned buffer the write uses, back to back; two
     // buffers take turns (the next group's first bytes go to the other while one is written).
@@ -253,8 +393,12 @@ fn serve_loop(
         let tail = filled - used;
         next.as_mut_slice()[..tail].copy_from_slice(&cur.as_mut_slice()[used..filled]);
         let padded = round_up_page(used);
-        if pos + padded as u64 > FILE_BYTES {
+        if pos + padded as u64 > file_len {
             pos = 0;
+            if let Some(f) = files.next(direct)? {
+                file = Arc::new(f);
+                counts.rolls += 1;
+            }
         }
         cur.set_len(used);
         cur.zero_padding();
@@ -299,8 +443,8 @@ fn serve_loop(
             }
         }
         pos += padded as u64;
-        *syncs += 1;
-        *served += n as u64;
+        counts.syncs += 1;
+        counts.served += n as u64;
         if let Some(d) = &mut down {
             let mut left = n;
             while left > 0 {
@@ -361,19 +505,98 @@ mod tests {
             eprintln!("skipping: {why}");
             return;
         }
-        let f = service_floor(dir.path(), 1024, 8, 4, 1, Duration::from_millis(100)).unwrap();
+        let f = service_floor(
+            dir.path(),
+            1024,
+            8,
+            4,
+            1,
+            Space::InPlace,
+            Duration::from_millis(100),
+        )
+        .unwrap();
         assert_eq!((f.inflight, f.requests, f.nodes), (8, 4, 1));
         assert!(f.records_per_s > 0.0);
         // At most every outstanding request in one group commit, at least one.
         assert!((1.0..=4.0).contains(&f.requests_per_sync), "{f:?}");
         assert!(f.latency.count > 0 && f.latency.p50_us > 0.0);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
-        assert!(service_floor(dir.path(), 1024, 2, 3, 1, Duration::from_millis(1)).is_err());
-        assert!(service_floor(dir.path(), 1024, 16, 3, 1, Duration::from_millis(1)).is_err());
+        assert!(service_floor(
+            dir.path(),
+            1024,
+            2,
+            3,
+            1,
+            Space::InPlace,
+            Duration::from_millis(1)
+        )
+        .is_err());
+        assert!(service_floor(
+            dir.path(),
+            1024,
+            16,
+            3,
+            1,
+            Space::InPlace,
+            Duration::from_millis(1)
+        )
+        .is_err());
         // A chain of three: the same loop through three nodes, every file removed after.
-        let c = service_floor(dir.path(), 1024, 8, 2, 3, Duration::from_millis(100)).unwrap();
+        let c = service_floor(
+            dir.path(),
+            1024,
+            8,
+            2,
+            3,
+            Space::InPlace,
+            Duration::from_millis(100),
+        )
+        .unwrap();
         assert_eq!(c.nodes, 3);
         assert!(c.records_per_s > 0.0 && c.latency.count > 0);
         assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+    }
+
+    /// Growing files: every node moves on to fresh files (pre-zeroed by the spare preparer,
+    /// or only allocated) instead of wrapping, and nothing is left behind.
+    #[test]
+    fn growing_service_floor_moves_on_to_fresh_files() {
+        let dir = tempfile::tempdir().unwrap();
+        if let Some(why) = chainlog_hw::probe::probe(dir.path()).uring_unavailable() {
+            eprintln!("skipping: {why}");
+            return;
+        }
+        // 64 KiB files: 8 one-record requests fill one in a few rounds.
+        for space in [Space::Prezeroed, Space::Unwritten] {
+            for nodes in [1, 3] {
+                let f = service_floor_sized(
+                    dir.path(),
+                    1024,
+                    8,
+                    8,
+                    nodes,
+                    space,
+                    Duration::from_millis(200),
+                    64 << 10,
+                )
+                .unwrap();
+                assert_eq!((f.space, f.nodes), (space, nodes));
+                assert!(f.records_per_s > 0.0 && f.latency.count > 0, "{f:?}");
+                assert!(f.rolls >= 2, "{space:?} x{nodes}: {f:?}");
+                assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
+            }
+        }
+        let f = service_floor_sized(
+            dir.path(),
+            1024,
+            8,
+            8,
+            1,
+            Space::InPlace,
+            Duration::from_millis(200),
+            64 << 10,
+        )
+        .unwrap();
+        assert_eq!(f.rolls, 0, "in place wraps around: {f:?}");
     }
 }

@@ -5,9 +5,11 @@
 use crate::cpu::{process_cpu_s, CpuUse};
 use crate::floor::{disk_floor_async, DiskFloor};
 use crate::loopback::loopback_rtt;
-use crate::report::{summarize, summarize_retained, Meta, RoundResult, SuiteReport};
+use crate::report::{
+    summarize, summarize_growing_service, summarize_retained, Meta, RoundResult, SuiteReport,
+};
 use crate::server::{ServerProc, START_TIMEOUT};
-use crate::service::service_floor;
+use crate::service::{service_floor, Space};
 use crate::storage_stats::{StorageCounters, Turnaround};
 use crate::workload::{connect, run_append, AppendLoad, AppendResult, ClientKnobs};
 use anyhow::Context;
@@ -326,6 +328,7 @@ async fn one_round(round: usize, cfg: &SuiteConfig) -> anyhow::Result<RoundResul
     let mut floors: Vec<DiskFloor> = Vec::new();
     let mut service = Vec::new();
     let mut service_chain = Vec::new();
+    let mut service_chain_growing = Vec::new();
     let mut single = Vec::new();
     let mut chain = Vec::new();
     let mut chain_retained = None;
@@ -358,7 +361,15 @@ async fn one_round(round: usize, cfg: &SuiteConfig) -> anyhow::Result<RoundResul
                         let dir = tmp.path().join("floor");
                         let (record_bytes, budget) = (cfg.record_bytes, cfg.floor_budget);
                         let sf = tokio::task::spawn_blocking(move || {
-                            service_floor(&dir, record_bytes, inflight, 1, nodes, budget)
+                            service_floor(
+                                &dir,
+                                record_bytes,
+                                inflight,
+                                1,
+                                nodes,
+                                Space::InPlace,
+                                budget,
+                            )
                         })
                         .await
                         .context("service floor thread panicked")??;
@@ -374,6 +385,28 @@ async fn one_round(round: usize, cfg: &SuiteConfig) -> anyhow::Result<RoundResul
                             service.push(sf);
                         } else {
                             service_chain.push(sf);
+                        }
+                    }
+                    if inflight == top {
+                        // What the same chain costs when its files grow as a growing log's do:
+                        // the growing chain's own floor.
+                        for space in [Space::Prezeroed, Space::Unwritten] {
+                            let dir = tmp.path().join("floor");
+                            let (record_bytes, budget) = (cfg.record_bytes, cfg.floor_budget);
+                            let nodes = usize::from(cfg.chain_nodes);
+                            let sf = tokio::task::spawn_blocking(move || {
+                                service_floor(&dir, record_bytes, inflight, 1, nodes, space, budget)
+                            })
+                            .await
+                            .context("service floor thread panicked")??;
+                            eprintln!(
+                                "  service×{nodes} {space:?} @{inflight:<4} {:>9.0} rec/s {:>7.1} MB/s  p50 {:>8.0} p99 {:>8.0} µs",
+                                sf.records_per_s,
+                                sf.records_per_s * cfg.record_bytes as f64 / 1e6,
+                                sf.latency.p50_us,
+                                sf.latency.p99_us,
+                            );
+                            service_chain_growing.push(sf);
                         }
                     }
                 }
@@ -440,6 +473,7 @@ async fn one_round(round: usize, cfg: &SuiteConfig) -> anyhow::Result<RoundResul
         chain_turnaround,
         chain_retained,
         chain_retained_storage,
+        service_chain_growing,
     })
 }
 
@@ -498,11 +532,14 @@ pub async fn run_suite(cfg: &SuiteConfig) -> anyhow::Result<SuiteReport> {
     meta.floor_direct = rounds.iter().flat_map(|r| &r.floors).all(|f| f.direct);
     let (levels, latency_target) = summarize(&cfg.levels, usize::from(cfg.chain_nodes), &rounds);
     let retained = summarize_retained(&cfg.levels, usize::from(cfg.chain_nodes), &rounds);
+    let growing_service =
+        summarize_growing_service(&cfg.levels, usize::from(cfg.chain_nodes), &rounds);
     let report = SuiteReport {
         meta,
         levels,
         latency_target,
         retained,
+        growing_service,
         rounds,
     };
     write_report(&report, &cfg.out)?;

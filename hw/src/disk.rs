@@ -134,6 +134,20 @@ pub fn create_prezeroed(path: &Path, len: u64, direct: bool) -> Result<()> {
     Ok(())
 }
 
+/// Creates a file of `len` bytes that is only allocated (`fallocate`: unwritten extents, no
+/// zeroing), open for reading and writing, with O_DIRECT when `direct`. A durable write into
+/// it also commits the conversion of the extents it covers; the file's creation is not synced.
+pub fn create_allocated(path: &Path, len: u64, direct: bool) -> Result<File> {
+    let mut o = OpenOptions::new();
+    o.read(true).write(true).create_new(true);
+    if direct {
+        o.custom_flags(libc::O_DIRECT);
+    }
+    let f = o.open(path).map_err(|e| HwError::io("create file", e))?;
+    fallocate(&f, 0, len)?;
+    Ok(f)
+}
+
 /// Puts the calling thread's disk I/O in the idle class: the scheduler (mq-deadline, bfq)
 /// then serves its writes only when nothing else waits, so pre-zeroing a spare does not queue
 /// ahead of the appends' writes and flushes. Best effort: with no I/O scheduler it changes
