@@ -1774,17 +1774,19 @@ impl Replica {
                         s.stalled_at = Some(readable);
                     }
                     Err(code) => {
-                        Self::reply(
-                            out,
-                            s.client,
-                            s.request_id,
-                            err(code, "subscription read failed"),
-                        );
-                        let log = s.log;
-                        self.subs.remove(&id);
-                        if let Some(l) = self.logs.get_mut(&log) {
-                            l.subs.remove(&id);
-                        }
+                        let message = match code {
+                            // Trimmed under the read: where the log now starts, as a read says.
+                            ErrorCode::OffsetTrimmed => format!(
+                                "log starts at {}",
+                                self.logs
+                                    .get(&s.log)
+                                    .map_or(Offset::ZERO, |l| l.served_start())
+                            ),
+                            _ => "subscription read failed".into(),
+                        };
+                        let (client, request_id) = (s.client, s.request_id);
+                        Self::reply(out, client, request_id, err(code, message));
+                        self.end_subscription(id);
                     }
                 }
             }
@@ -2043,6 +2045,15 @@ impl Replica {
         }
     }
 
+    /// Forgets a subscription (its client has had its last reply).
+    fn end_subscription(&mut self, id: u64) {
+        if let Some(s) = self.subs.remove(&id) {
+            if let Some(l) = self.logs.get_mut(&s.log) {
+                l.subs.remove(&id);
+            }
+        }
+    }
+
     fn pump_subscription(&mut self, id: u64, out: &mut Vec<Effect>) {
         let Some(s) = self.subs.get(&id) else { return };
         let readable = self
@@ -2057,6 +2068,19 @@ impl Replica {
             return;
         };
         if s.reading || s.next >= readable || s.stalled_at.is_some_and(|r| r >= readable) {
+            return;
+        }
+        // A subscriber that fell behind a trim gets what a read from there gets (storage may
+        // still hold those offsets, but they are no longer served; see `served_start`).
+        let start = self
+            .logs
+            .get(&s.log)
+            .map_or(Offset::ZERO, |l| l.served_start());
+        if s.next < start {
+            let (client, request_id) = (s.client, s.request_id);
+            let reply = err(ErrorCode::OffsetTrimmed, format!("log starts at {start}"));
+            Self::reply(out, client, request_id, reply);
+            self.end_subscription(id);
             return;
         }
         s.reading = true;

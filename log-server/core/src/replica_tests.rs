@@ -304,6 +304,64 @@ fn subscription_pushes_as_commits_advance() {
 }
 
 #[test]
+fn a_subscriber_behind_a_trim_is_told_where_the_log_starts() {
+    let log = default_log();
+    let trim_25 = ClientRequest::Trim {
+        log,
+        before: Offset(25),
+    };
+    let starts_at_25 = |e: &[Effect], id: u64| match &replies(e)[..] {
+        [.., (i, ClientReply::Error { code, message })] if *i == id => {
+            assert_eq!(
+                (*code, message.as_str()),
+                (ErrorCode::OffsetTrimmed, "log starts at 25")
+            );
+        }
+        other => panic!("{other:?}"),
+    };
+    // Its read came back, but the log was trimmed past where it goes on from.
+    let mut h = H::single(|_| {}, vec![recovered(40, vec![], 40)]);
+    let e = h.client(
+        5,
+        ClientRequest::Subscribe {
+            log,
+            from: Offset(10),
+        },
+    );
+    let r = reads(&e);
+    assert_eq!(r[0].1, Offset(10));
+    h.client(6, trim_25.clone());
+    let payloads: Vec<&[u8]> = vec![b"x"; 12];
+    let e = h.disk(DiskEvent::ReadDone {
+        token: r[0].0,
+        result: Ok(vec![build_stored(10, &payloads)]),
+    });
+    assert!(matches!(&replies(&e)[0], (5, ClientReply::Records { .. })));
+    assert!(reads(&e).is_empty(), "22..25 is no longer served");
+    starts_at_25(&e, 5);
+    // The subscription is over: later commits push nothing to it.
+    h.append(7, batch(&[b"a"], 0, 0));
+    let e = h.durable(41);
+    assert!(reads(&e).is_empty(), "{e:?}");
+    // Its read lost its segment to the trim: the same answer.
+    let mut h = H::single(|_| {}, vec![recovered(40, vec![], 40)]);
+    let e = h.client(
+        8,
+        ClientRequest::Subscribe {
+            log,
+            from: Offset(0),
+        },
+    );
+    let r = reads(&e);
+    h.client(9, trim_25);
+    let e = h.disk(DiskEvent::ReadDone {
+        token: r[0].0,
+        result: Err(ErrorCode::OffsetTrimmed),
+    });
+    starts_at_25(&e, 8);
+}
+
+#[test]
 fn producer_retries_are_deduplicated() {
     let mut h = H::single(
         |c| c.writes_in_flight_max = 1,
