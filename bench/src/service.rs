@@ -25,7 +25,11 @@ use std::time::{Duration, Instant};
 
 /// Scratch file size (the server's default segment size): in place, group commits wrap around
 /// inside it; growing, a node moves on to a fresh file of this size when one is full.
+#[cfg(not(test))]
 const FILE_BYTES: u64 = 64 << 20;
+/// Small in tests, so that a short run fills files and moves on.
+#[cfg(test)]
+const FILE_BYTES: u64 = 64 << 10;
 /// Most bytes one group commit takes (larger requests are refused).
 const GROUP_BYTES_MAX: usize = 4 << 20;
 /// Longest chain measured.
@@ -38,11 +42,12 @@ fn one() -> usize {
 }
 
 /// Where a node's durable writes go.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
 #[serde(rename_all = "snake_case")]
 pub enum Space {
     /// Around and around one pre-zeroed file: every write overwrites written extents (what a
     /// log under retention does once it recycles its segments, and what the disk floor does).
+    #[default]
     InPlace,
     /// As a growing log: a node fills a pre-zeroed file and moves on to the next, which a
     /// background thread zeroed meanwhile — the server's own spare preparer
@@ -54,13 +59,10 @@ pub enum Space {
 }
 
 impl Space {
+    /// The files grow (writes go to space no earlier write used).
     pub fn growing(self) -> bool {
         self != Space::InPlace
     }
-}
-
-fn in_place() -> Space {
-    Space::InPlace
 }
 
 /// One service-floor measurement.
@@ -73,7 +75,7 @@ pub struct ServiceFloor {
     #[serde(default = "one")]
     pub nodes: usize,
     pub record_bytes: usize,
-    #[serde(default = "in_place")]
+    #[serde(default)]
     pub space: Space,
     pub records_per_s: f64,
     /// Requests per group commit, on average (the service's natural batching).
@@ -99,30 +101,6 @@ pub fn service_floor(
     nodes: usize,
     space: Space,
     duration: Duration,
-) -> anyhow::Result<ServiceFloor> {
-    service_floor_sized(
-        dir,
-        record_bytes,
-        inflight,
-        requests,
-        nodes,
-        space,
-        duration,
-        FILE_BYTES,
-    )
-}
-
-/// [`service_floor`] with files of `file_bytes` (tests use small ones, to see them roll).
-#[allow(clippy::too_many_arguments)]
-fn service_floor_sized(
-    dir: &Path,
-    record_bytes: usize,
-    inflight: usize,
-    requests: usize,
-    nodes: usize,
-    space: Space,
-    duration: Duration,
-    file_bytes: u64,
 ) -> anyhow::Result<ServiceFloor> {
     anyhow::ensure!(
         requests >= 1 && inflight >= requests && inflight.is_multiple_of(requests),
@@ -151,7 +129,7 @@ fn service_floor_sized(
             ".chainlog-service-floor-{}-{i}",
             std::process::id()
         ));
-        chainlog_hw::disk::create_prezeroed(&path, file_bytes, direct)?;
+        chainlog_hw::disk::create_prezeroed(&path, FILE_BYTES, direct)?;
         paths.push(path.clone());
         let files = match space {
             Space::InPlace => Files::InPlace,
@@ -159,7 +137,7 @@ fn service_floor_sized(
                 let d = path.with_extension("spares");
                 paths.push(d.clone());
                 let s =
-                    SpareFiles::start(d, file_bytes, direct, 1, Arc::default(), Arc::default())?;
+                    SpareFiles::start(d, FILE_BYTES, direct, 1, Arc::default(), Arc::default())?;
                 // As the suite measures a fresh server: once its start-up spare is ready.
                 s.wait_ready()?;
                 Files::Prezeroed(s)
@@ -168,11 +146,7 @@ fn service_floor_sized(
                 let d = path.with_extension("grown");
                 std::fs::create_dir_all(&d).context("creating the service's directory")?;
                 paths.push(d.clone());
-                Files::Unwritten {
-                    dir: d,
-                    next: 0,
-                    len: file_bytes,
-                }
+                Files::Unwritten { dir: d, next: 0 }
             }
         };
         let next = succ;
@@ -268,9 +242,6 @@ fn drive(
     }
 }
 
-/// The service: read what has arrived, forward it to the successor (if any) at once, make
-/// every complete request in it durable as one group (one write), wait for the successor's
-/// acknowledgements of them, acknowledge them, repeat. Returns (requests served, group commits).
 /// What one node did.
 #[derive(Default)]
 struct Counts {
@@ -286,11 +257,7 @@ struct Counts {
 enum Files {
     InPlace,
     Prezeroed(SpareFiles),
-    Unwritten {
-        dir: std::path::PathBuf,
-        next: u64,
-        len: u64,
-    },
+    Unwritten { dir: std::path::PathBuf, next: u64 },
 }
 
 impl Files {
@@ -306,16 +273,22 @@ impl Files {
                 spares.replenish();
                 Ok(Some(f))
             }
-            Files::Unwritten { dir, next, len } => {
+            Files::Unwritten { dir, next } => {
                 *next += 1;
                 let p = dir.join(format!("{next:08}"));
                 // Metadata only; the first durable write into it commits the new size.
-                Ok(Some(chainlog_hw::disk::create_allocated(&p, *len, direct)?))
+                Ok(Some(chainlog_hw::disk::create_allocated(
+                    &p, FILE_BYTES, direct,
+                )?))
             }
         }
     }
 }
 
+/// The service: read what has arrived, forward it to the successor (if any) at once, make
+/// every complete request in it durable as one group (one write), wait for the successor's
+/// acknowledgements of them, acknowledge them, repeat; when a file is full, go on in `files`'
+/// next one. Returns what it did.
 fn serve(
     listener: TcpListener,
     path: &Path,
@@ -360,8 +333,6 @@ fn serve_loop(
     chainlog_hw::net::tcp::tune(&s);
     let mut acks = vec![0u8; PREFIX_BYTES * ACKS_MAX];
     let mut file = Arc::new(chainlog_hw::disk::open_rw(path, direct)?);
-    // Every file a node writes (the first, spares, allocated ones) has this length.
-    let file_len = file.metadata()?.len();
     let mut ring = Ring::new(8)?;
     // Requests are read straight into the aligned buffer the write uses, back to back; two
     // buffers take turns (the next group's first bytes go to the other while one is written).
@@ -393,7 +364,7 @@ fn serve_loop(
         let tail = filled - used;
         next.as_mut_slice()[..tail].copy_from_slice(&cur.as_mut_slice()[used..filled]);
         let padded = round_up_page(used);
-        if pos + padded as u64 > file_len {
+        if pos + padded as u64 > FILE_BYTES {
             pos = 0;
             if let Some(f) = files.next(direct)? {
                 file = Arc::new(f);
@@ -566,37 +537,29 @@ mod tests {
             eprintln!("skipping: {why}");
             return;
         }
-        // 64 KiB files: 8 one-record requests fill one in a few rounds.
+        // 64 KiB files (in tests): 8 one-record requests fill one in a few rounds.
+        let run = |nodes, space| {
+            service_floor(
+                dir.path(),
+                1024,
+                8,
+                8,
+                nodes,
+                space,
+                Duration::from_millis(200),
+            )
+            .unwrap()
+        };
         for space in [Space::Prezeroed, Space::Unwritten] {
             for nodes in [1, 3] {
-                let f = service_floor_sized(
-                    dir.path(),
-                    1024,
-                    8,
-                    8,
-                    nodes,
-                    space,
-                    Duration::from_millis(200),
-                    64 << 10,
-                )
-                .unwrap();
+                let f = run(nodes, space);
                 assert_eq!((f.space, f.nodes), (space, nodes));
                 assert!(f.records_per_s > 0.0 && f.latency.count > 0, "{f:?}");
                 assert!(f.rolls >= 2, "{space:?} x{nodes}: {f:?}");
                 assert_eq!(std::fs::read_dir(dir.path()).unwrap().count(), 0);
             }
         }
-        let f = service_floor_sized(
-            dir.path(),
-            1024,
-            8,
-            8,
-            1,
-            Space::InPlace,
-            Duration::from_millis(200),
-            64 << 10,
-        )
-        .unwrap();
+        let f = run(1, Space::InPlace);
         assert_eq!(f.rolls, 0, "in place wraps around: {f:?}");
     }
 }

@@ -357,56 +357,36 @@ async fn one_round(round: usize, cfg: &SuiteConfig) -> anyhow::Result<RoundResul
                         );
                     }
                     floors.push(f);
-                    for nodes in [1, usize::from(cfg.chain_nodes)] {
+                    // A single service and a chain of them; at the top level also that chain
+                    // with its files growing as a growing log's do (the growing chain's own
+                    // floor).
+                    let n = usize::from(cfg.chain_nodes);
+                    let mut runs = vec![(1, Space::InPlace), (n, Space::InPlace)];
+                    if inflight == top {
+                        runs.extend([(n, Space::Prezeroed), (n, Space::Unwritten)]);
+                    }
+                    for (nodes, space) in runs {
                         let dir = tmp.path().join("floor");
                         let (record_bytes, budget) = (cfg.record_bytes, cfg.floor_budget);
                         let sf = tokio::task::spawn_blocking(move || {
-                            service_floor(
-                                &dir,
-                                record_bytes,
-                                inflight,
-                                1,
-                                nodes,
-                                Space::InPlace,
-                                budget,
-                            )
+                            service_floor(&dir, record_bytes, inflight, 1, nodes, space, budget)
                         })
                         .await
                         .context("service floor thread panicked")??;
                         eprintln!(
-                            "  service×{nodes} @{inflight:<4} {:>9.0} rec/s {:>7.1} MB/s  p50 {:>8.0} p99 {:>8.0} µs ({:.1} requests/sync)",
+                            "  service×{nodes} {space:?} @{inflight:<4} {:>9.0} rec/s {:>7.1} MB/s  p50 {:>8.0} p99 {:>8.0} µs ({:.1} requests/sync)",
                             sf.records_per_s,
                             sf.records_per_s * cfg.record_bytes as f64 / 1e6,
                             sf.latency.p50_us,
                             sf.latency.p99_us,
                             sf.requests_per_sync
                         );
-                        if nodes == 1 {
+                        if space.growing() {
+                            service_chain_growing.push(sf);
+                        } else if nodes == 1 {
                             service.push(sf);
                         } else {
                             service_chain.push(sf);
-                        }
-                    }
-                    if inflight == top {
-                        // What the same chain costs when its files grow as a growing log's do:
-                        // the growing chain's own floor.
-                        for space in [Space::Prezeroed, Space::Unwritten] {
-                            let dir = tmp.path().join("floor");
-                            let (record_bytes, budget) = (cfg.record_bytes, cfg.floor_budget);
-                            let nodes = usize::from(cfg.chain_nodes);
-                            let sf = tokio::task::spawn_blocking(move || {
-                                service_floor(&dir, record_bytes, inflight, 1, nodes, space, budget)
-                            })
-                            .await
-                            .context("service floor thread panicked")??;
-                            eprintln!(
-                                "  service×{nodes} {space:?} @{inflight:<4} {:>9.0} rec/s {:>7.1} MB/s  p50 {:>8.0} p99 {:>8.0} µs",
-                                sf.records_per_s,
-                                sf.records_per_s * cfg.record_bytes as f64 / 1e6,
-                                sf.latency.p50_us,
-                                sf.latency.p99_us,
-                            );
-                            service_chain_growing.push(sf);
                         }
                     }
                 }

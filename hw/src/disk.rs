@@ -122,13 +122,7 @@ pub fn create_prezeroed(path: &Path, len: u64, direct: bool) -> Result<()> {
             "segment length {len} not a positive multiple of {PAGE_BYTES}"
         )));
     }
-    let mut o = OpenOptions::new();
-    o.read(true).write(true).create_new(true);
-    if direct {
-        o.custom_flags(libc::O_DIRECT);
-    }
-    let f = o.open(path).map_err(|e| HwError::io("create segment", e))?;
-    fallocate(&f, 0, len)?;
+    let f = create_allocated(path, len, direct)?;
     write_zeros(&f, 0, len)?;
     fdatasync(&f)?;
     Ok(())
@@ -143,7 +137,7 @@ pub fn create_allocated(path: &Path, len: u64, direct: bool) -> Result<File> {
     if direct {
         o.custom_flags(libc::O_DIRECT);
     }
-    let f = o.open(path).map_err(|e| HwError::io("create file", e))?;
+    let f = o.open(path).map_err(|e| HwError::io("create segment", e))?;
     fallocate(&f, 0, len)?;
     Ok(f)
 }

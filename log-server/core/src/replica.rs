@@ -396,6 +396,11 @@ fn err(code: ErrorCode, message: impl Into<String>) -> ClientReply {
     }
 }
 
+/// The answer to a read below where this node serves a log from.
+fn trimmed(start: Offset) -> ClientReply {
+    err(ErrorCode::OffsetTrimmed, format!("log starts at {start}"))
+}
+
 /// What an operator needs to read when a log's storage has failed on this node.
 fn storage_failure(code: ErrorCode, log: &str) -> String {
     match code {
@@ -842,12 +847,26 @@ impl Replica {
         };
         let start = l.served_start();
         if from < start {
-            return Err(err(
-                ErrorCode::OffsetTrimmed,
-                format!("log starts at {start}"),
-            ));
+            return Err(trimmed(start));
         }
         Ok(l)
+    }
+
+    /// The answer to a read (or subscription read) that storage failed with `code`. One that
+    /// lost its segment to a trim under it is told where the log now starts, as a read
+    /// refused up front is.
+    fn read_failed(
+        logs: &BTreeMap<LogId, LogState>,
+        log: LogId,
+        code: ErrorCode,
+        what: &str,
+    ) -> ClientReply {
+        match code {
+            ErrorCode::OffsetTrimmed => {
+                trimmed(logs.get(&log).map_or(Offset::ZERO, |l| l.served_start()))
+            }
+            _ => err(code, what),
+        }
     }
 
     fn client_subscribe(
@@ -1728,16 +1747,7 @@ impl Replica {
                             batches: v,
                         }
                     }
-                    // Trimmed under the read: say where the log now starts, as a read
-                    // refused up front would.
-                    Err(ErrorCode::OffsetTrimmed) => {
-                        let start = self
-                            .logs
-                            .get(&log)
-                            .map_or(Offset::ZERO, |l| l.served_start());
-                        err(ErrorCode::OffsetTrimmed, format!("log starts at {start}"))
-                    }
-                    Err(code) => err(code, "read failed"),
+                    Err(code) => Self::read_failed(&self.logs, log, code, "read failed"),
                 };
                 Self::reply(out, client, request_id, reply);
             }
@@ -1774,18 +1784,9 @@ impl Replica {
                         s.stalled_at = Some(readable);
                     }
                     Err(code) => {
-                        let message = match code {
-                            // Trimmed under the read: where the log now starts, as a read says.
-                            ErrorCode::OffsetTrimmed => format!(
-                                "log starts at {}",
-                                self.logs
-                                    .get(&s.log)
-                                    .map_or(Offset::ZERO, |l| l.served_start())
-                            ),
-                            _ => "subscription read failed".into(),
-                        };
-                        let (client, request_id) = (s.client, s.request_id);
-                        Self::reply(out, client, request_id, err(code, message));
+                        let what = "subscription read failed";
+                        let reply = Self::read_failed(&self.logs, s.log, code, what);
+                        Self::reply(out, s.client, s.request_id, reply);
                         self.end_subscription(id);
                     }
                 }
@@ -2039,9 +2040,13 @@ impl Replica {
                 }
             }
             let subs: Vec<u64> = l.subs.iter().copied().collect();
+            let start = l.served_start();
             for id in subs {
-                self.pump_subscription_with(id, readable, out);
+                self.pump_subscription_with(id, readable, start, out);
             }
+            // `l` is outside `self.logs` here, so a subscription ended above is dropped from
+            // it here.
+            l.subs.retain(|id| self.subs.contains_key(id));
         }
     }
 
@@ -2056,14 +2061,22 @@ impl Replica {
 
     fn pump_subscription(&mut self, id: u64, out: &mut Vec<Effect>) {
         let Some(s) = self.subs.get(&id) else { return };
-        let readable = self
-            .logs
-            .get(&s.log)
-            .map_or(Offset::ZERO, |l| l.readable_end());
-        self.pump_subscription_with(id, readable, out);
+        let Some(l) = self.logs.get(&s.log) else {
+            return;
+        };
+        let (readable, start) = (l.readable_end(), l.served_start());
+        self.pump_subscription_with(id, readable, start, out);
     }
 
-    fn pump_subscription_with(&mut self, id: u64, readable: Offset, out: &mut Vec<Effect>) {
+    /// Issues subscription `id`'s next read, up to `readable`, of its log that this node serves
+    /// from `start` (passed in: a caller may hold the log's state outside `self.logs`).
+    fn pump_subscription_with(
+        &mut self,
+        id: u64,
+        readable: Offset,
+        start: Offset,
+        out: &mut Vec<Effect>,
+    ) {
         let Some(s) = self.subs.get_mut(&id) else {
             return;
         };
@@ -2072,14 +2085,8 @@ impl Replica {
         }
         // A subscriber that fell behind a trim gets what a read from there gets (storage may
         // still hold those offsets, but they are no longer served; see `served_start`).
-        let start = self
-            .logs
-            .get(&s.log)
-            .map_or(Offset::ZERO, |l| l.served_start());
         if s.next < start {
-            let (client, request_id) = (s.client, s.request_id);
-            let reply = err(ErrorCode::OffsetTrimmed, format!("log starts at {start}"));
-            Self::reply(out, client, request_id, reply);
+            Self::reply(out, s.client, s.request_id, trimmed(start));
             self.end_subscription(id);
             return;
         }

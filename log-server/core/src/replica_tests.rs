@@ -310,6 +310,10 @@ fn a_subscriber_behind_a_trim_is_told_where_the_log_starts() {
         log,
         before: Offset(25),
     };
+    let subscribe = |from: u64| ClientRequest::Subscribe {
+        log,
+        from: Offset(from),
+    };
     let starts_at_25 = |e: &[Effect], id: u64| match &replies(e)[..] {
         [.., (i, ClientReply::Error { code, message })] if *i == id => {
             assert_eq!(
@@ -321,13 +325,7 @@ fn a_subscriber_behind_a_trim_is_told_where_the_log_starts() {
     };
     // Its read came back, but the log was trimmed past where it goes on from.
     let mut h = H::single(|_| {}, vec![recovered(40, vec![], 40)]);
-    let e = h.client(
-        5,
-        ClientRequest::Subscribe {
-            log,
-            from: Offset(10),
-        },
-    );
+    let e = h.client(5, subscribe(10));
     let r = reads(&e);
     assert_eq!(r[0].1, Offset(10));
     h.client(6, trim_25.clone());
@@ -345,13 +343,7 @@ fn a_subscriber_behind_a_trim_is_told_where_the_log_starts() {
     assert!(reads(&e).is_empty(), "{e:?}");
     // Its read lost its segment to the trim: the same answer.
     let mut h = H::single(|_| {}, vec![recovered(40, vec![], 40)]);
-    let e = h.client(
-        8,
-        ClientRequest::Subscribe {
-            log,
-            from: Offset(0),
-        },
-    );
+    let e = h.client(8, subscribe(0));
     let r = reads(&e);
     h.client(9, trim_25);
     let e = h.disk(DiskEvent::ReadDone {
