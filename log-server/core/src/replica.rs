@@ -329,6 +329,7 @@ enum ReadJob {
         client: ClientId,
         request_id: u64,
         log: LogId,
+        from: Offset,
         max_records: u32,
     },
     Subscription {
@@ -823,6 +824,7 @@ impl Replica {
                 client,
                 request_id,
                 log,
+                from,
                 max_records,
             },
         );
@@ -1716,6 +1718,23 @@ impl Replica {
                 .map(|b| cut(b).map(|(c, _)| c).ok_or(ErrorCode::Corruption))
                 .collect()
         });
+        // Clients are served from where this node serves the log from when their read
+        // finishes, not when it started: storage may have read segments that a trim asked
+        // meanwhile then dropped (the simulator's checker found such a read served after every
+        // replica had trimmed it, seed 973606). A subscriber behind a trim ends here too.
+        let client_from = match &job {
+            ReadJob::Client { log, from, .. } => Some((*log, *from)),
+            ReadJob::Subscription { id } => self.subs.get(id).map(|s| (s.log, s.next)),
+            ReadJob::Forward { .. } | ReadJob::FetchServe { .. } => None,
+        };
+        let below_start = client_from.is_some_and(|(log, from)| {
+            self.logs.get(&log).is_some_and(|l| from < l.served_start())
+        });
+        let batches = if below_start {
+            Err(ErrorCode::OffsetTrimmed)
+        } else {
+            batches
+        };
         let epoch = self.chain.epoch;
         match job {
             ReadJob::Client {
@@ -1723,6 +1742,7 @@ impl Replica {
                 request_id,
                 log,
                 max_records,
+                ..
             } => {
                 self.reads_pending -= 1;
                 let committed_end = self
@@ -2040,13 +2060,9 @@ impl Replica {
                 }
             }
             let subs: Vec<u64> = l.subs.iter().copied().collect();
-            let start = l.served_start();
             for id in subs {
-                self.pump_subscription_with(id, readable, start, out);
+                self.pump_subscription_with(id, readable, out);
             }
-            // `l` is outside `self.logs` here, so a subscription ended above is dropped from
-            // it here.
-            l.subs.retain(|id| self.subs.contains_key(id));
         }
     }
 
@@ -2061,33 +2077,20 @@ impl Replica {
 
     fn pump_subscription(&mut self, id: u64, out: &mut Vec<Effect>) {
         let Some(s) = self.subs.get(&id) else { return };
-        let Some(l) = self.logs.get(&s.log) else {
-            return;
-        };
-        let (readable, start) = (l.readable_end(), l.served_start());
-        self.pump_subscription_with(id, readable, start, out);
+        let readable = self
+            .logs
+            .get(&s.log)
+            .map_or(Offset::ZERO, |l| l.readable_end());
+        self.pump_subscription_with(id, readable, out);
     }
 
-    /// Issues subscription `id`'s next read, up to `readable`, of its log that this node serves
-    /// from `start` (passed in: a caller may hold the log's state outside `self.logs`).
-    fn pump_subscription_with(
-        &mut self,
-        id: u64,
-        readable: Offset,
-        start: Offset,
-        out: &mut Vec<Effect>,
-    ) {
+    /// Issues subscription `id`'s next read, up to `readable` (a read that falls below a trim
+    /// point is answered when it finishes: `read_done`).
+    fn pump_subscription_with(&mut self, id: u64, readable: Offset, out: &mut Vec<Effect>) {
         let Some(s) = self.subs.get_mut(&id) else {
             return;
         };
         if s.reading || s.next >= readable || s.stalled_at.is_some_and(|r| r >= readable) {
-            return;
-        }
-        // A subscriber that fell behind a trim gets what a read from there gets (storage may
-        // still hold those offsets, but they are no longer served; see `served_start`).
-        if s.next < start {
-            Self::reply(out, s.client, s.request_id, trimmed(start));
-            self.end_subscription(id);
             return;
         }
         s.reading = true;
