@@ -397,6 +397,14 @@ fn err(code: ErrorCode, message: impl Into<String>) -> ClientReply {
     }
 }
 
+/// The answer to a batch past a producer's refused sequence.
+fn fenced(producer: ProducerId, fence: u64) -> ClientReply {
+    err(
+        ErrorCode::Unavailable,
+        format!("sequence {fence} of producer {producer} was refused; resend from it"),
+    )
+}
+
 /// The answer to a read below where this node serves a log from.
 fn trimmed(start: Offset) -> ClientReply {
     err(ErrorCode::OffsetTrimmed, format!("log starts at {start}"))
@@ -627,15 +635,7 @@ impl Replica {
                 // (While storage is failed every batch gets the storage error below instead:
                 // a client must see why, and the fence stays.)
                 if seq > fence && l.failed.is_none() {
-                    return Self::reply(
-                        out,
-                        client,
-                        request_id,
-                        err(
-                            ErrorCode::Unavailable,
-                            format!("sequence {fence} of producer {producer} was refused; resend from it"),
-                        ),
-                    );
+                    return Self::reply(out, client, request_id, fenced(producer, fence));
                 }
                 if seq == fence {
                     l.fences.remove(&producer);
@@ -2133,6 +2133,17 @@ impl Replica {
             let dedup = l
                 .producers
                 .check(h.producer_id, h.producer_seq, h.record_count);
+            if let (Dedup::New, Some(&fence)) = (&dedup, l.fences.get(&h.producer_id)) {
+                if h.producer_seq > fence {
+                    // Queued before an earlier batch of its producer was refused (a failed
+                    // write's waiters are refused when the log is settled, and the producer
+                    // table forgot them): sequencing it would leave a hole before it for good
+                    // (the simulator found the producer refused with `SequenceGap` for ever,
+                    // seed 1046744).
+                    Self::reply(out, q.client, q.request_id, fenced(h.producer_id, fence));
+                    continue;
+                }
+            }
             if !matches!(dedup, Dedup::Gap { .. }) {
                 // An earlier copy of the refused sequence was queued (or is already in the
                 // log): the producer's order is intact again.

@@ -1004,6 +1004,53 @@ fn a_forwarded_append_of_a_full_head_is_refused_once_nobody_holds_it() {
     assert_eq!((rs[0].0, code(&rs[0].1)), (1, Some(ErrorCode::StorageFull)));
 }
 
+/// A batch that queued while the head's failed write was in doubt, and whose producer's
+/// earlier batch is refused when the doubt is settled: it is refused too, or the producer's
+/// sequence would have a hole before it that no resend could fill (the simulator found the
+/// producer refused with `SequenceGap` for ever, seed 1046744).
+#[test]
+fn a_batch_queued_behind_an_in_doubt_one_is_refused_with_it() {
+    let mut h = in_chain(1, vec![recovered(0, vec![], 0)], |c| {
+        c.writes_in_flight_max = 1
+    });
+    h.tick(1);
+    h.peer(2, succ_ack(1, 1, 0, 0));
+    assert_eq!(appends(&h.append(1, batch(&[b"a"], 9, 0))).len(), 1);
+    h.disk(DiskEvent::WriteFailed {
+        log: default_log(),
+        at: Offset(0),
+        code: ErrorCode::StorageFull,
+    });
+    let e = h.append(2, batch(&[b"b"], 9, 1));
+    assert_eq!(code(&replies(&e)[0].1), Some(ErrorCode::StorageFull));
+    let e = h.disk(DiskEvent::Reopened {
+        log: default_log(),
+        end: Offset(0),
+    });
+    let session = *sessions_sent(&e).last().expect("a probe in a new session");
+    // The producer resends `b` (it was refused) while `a` is still in doubt: it queues.
+    let e = h.append(3, batch(&[b"b"], 9, 1));
+    assert!(appends(&e).is_empty() && replies(&e).is_empty(), "{e:?}");
+    // The successor kept nothing: `a` is refused, and `b` must not be sequenced without it.
+    let e = h.peer(2, succ_ack(session, 10, 0, 0));
+    assert!(appends(&e).is_empty(), "b sequenced without a: {e:?}");
+    let rs: Vec<(u64, Option<ErrorCode>)> =
+        replies(&e).iter().map(|(id, r)| (*id, code(r))).collect();
+    assert_eq!(
+        rs,
+        vec![
+            (1, Some(ErrorCode::StorageFull)),
+            (3, Some(ErrorCode::Unavailable))
+        ]
+    );
+    // Resent in order, both are stored.
+    let e = h.append(4, batch(&[b"a"], 9, 0));
+    assert_eq!(appends(&e).len(), 1, "{e:?}");
+    h.durable(1);
+    let e = h.append(5, batch(&[b"b"], 9, 1));
+    assert!(replies(&e).is_empty(), "{e:?}");
+}
+
 /// A client's retry that queued behind the copy it repeats, when the head's write of that copy
 /// fails full after forwarding it: the copy is stored (the successor may keep it), so the retry
 /// must not be refused "stored nowhere"; it waits with the copy. The simulator's checker found
