@@ -356,7 +356,9 @@ impl Client {
         }
     }
 
-    /// Drops whole segments below `before` (retention); returns the log's new first offset.
+    /// Trims `log` below `before` (retention): no replica serves those offsets from then on,
+    /// across restarts too (storage deletes whole segments; the rest goes with its segment).
+    /// Returns where reads of the log now start.
     pub async fn trim(&self, log: &str, before: Offset) -> Result<Offset> {
         let req = ClientRequest::Trim {
             log: log_id(log)?,

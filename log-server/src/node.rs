@@ -282,6 +282,7 @@ async fn ensure_default_log(
         end: Offset(0),
         producers: vec![],
         committed_hint: Offset(0),
+        trim_point: Offset(0),
     });
     Ok(())
 }
@@ -619,9 +620,9 @@ impl CoreLoop {
                         s.read(token, log, from, end, max_bytes);
                     }
                 }
-                Effect::Trim { log, before } => {
+                Effect::Trim { log, before, point } => {
                     if let Some(s) = &self.storage {
-                        s.trim(log, before);
+                        s.trim(log, before, point);
                     }
                 }
                 Effect::SaveCommitted { log, end } => {

@@ -292,3 +292,78 @@ async fn three_processes_replicate_and_agree() {
     assert_eq!(head, committed(&logs[1]), "head and middle differ");
     assert_eq!(head, committed(&logs[2]), "head and tail differ");
 }
+
+/// Reads `log` at `from` pinned to `node` until the answer is not a transient error (a node
+/// restarting, a trim still travelling down the chain); returns the first offset read or the
+/// error code.
+async fn read_first(
+    client: &Client,
+    node: usize,
+    from: Offset,
+    until: impl Fn(&Result<Option<u64>, Option<chainlog_core::ErrorCode>>) -> bool,
+) -> Result<Option<u64>, Option<chainlog_core::ErrorCode>> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let r = client
+            .read_with(
+                "default",
+                from,
+                &ReadOptions {
+                    max_records: 1,
+                    node: Some(node),
+                    ..ReadOptions::default()
+                },
+            )
+            .await
+            .map(|r| r.records.first().map(|x| x.offset.0))
+            .map_err(|e| e.code());
+        if until(&r) || std::time::Instant::now() > deadline {
+            return r;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_trim_holds_on_every_replica_and_across_restarts() {
+    use chainlog_core::ErrorCode;
+    let mut chain = start_chain();
+    let client = Client::connect(client_cfg(&chain)).await.expect("connect");
+    for i in 0..40u32 {
+        client
+            .append("default", format!("r{i}").into_bytes())
+            .await
+            .expect("append");
+    }
+    // Far inside the first segment: nothing is deleted, but reads start at 17 from now on.
+    assert_eq!(
+        client.trim("default", Offset(17)).await.expect("trim"),
+        Offset(17)
+    );
+    let trimmed =
+        |r: &Result<Option<u64>, Option<ErrorCode>>| *r == Err(Some(ErrorCode::OffsetTrimmed));
+    let at_17 = |r: &Result<Option<u64>, Option<ErrorCode>>| *r == Ok(Some(17));
+    for node in 0..3 {
+        assert!(
+            trimmed(&read_first(&client, node, Offset(3), trimmed).await),
+            "node {node} still serves offset 3 after the trim"
+        );
+        assert!(at_17(&read_first(&client, node, Offset(17), at_17).await));
+    }
+    // Every node restarts (killed, not stopped): the trim point was durable before the trim
+    // was answered or passed on.
+    for s in &mut chain.servers {
+        tokio::task::block_in_place(|| s.restart());
+    }
+    for node in 0..3 {
+        let r = read_first(&client, node, Offset(3), |r| {
+            trimmed(r) || matches!(r, Ok(Some(_)))
+        })
+        .await;
+        assert!(
+            trimmed(&r),
+            "node {node} serves offset 3 again after a restart: {r:?}"
+        );
+        assert!(at_17(&read_first(&client, node, Offset(17), at_17).await));
+    }
+}

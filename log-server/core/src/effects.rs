@@ -54,11 +54,17 @@ pub enum Effect {
         end: Offset,
         max_bytes: usize,
     },
-    /// Delete whole segments entirely below `before`; storage answers `DiskEvent::Trimmed`
-    /// once it is durable. `before` past the log's end (every `Append` issued before this)
-    /// empties the log and restarts it at `before`, durably before any later append lands:
-    /// the next `Append` has `base == before`.
-    Trim { log: LogId, before: Offset },
+    /// Delete whole segments entirely below `before`, and make `point` the log's durable
+    /// trim point if it is higher (the node serves nothing below it; recovery returns it as
+    /// `RecoveredLog::trim_point`). Storage answers `DiskEvent::Trimmed` once both are
+    /// durable. `before` past the log's end (every `Append` issued before this) empties the
+    /// log and restarts it at `before`, durably before any later append lands: the next
+    /// `Append` has `base == before`.
+    Trim {
+        log: LogId,
+        before: Offset,
+        point: Offset,
+    },
     /// Remember `end` as a lower bound of the committed end (`RecoveredLog::committed_hint`).
     /// Best effort and lazy: storage may coalesce these and persist them with its next sync.
     SaveCommitted { log: LogId, end: Offset },
@@ -99,9 +105,12 @@ pub enum DiskEvent {
         token: ReadToken,
         result: Result<Vec<Bytes>, ErrorCode>,
     },
+    /// After a `Trim`, or a trim of storage's own (retention): the log durably starts at
+    /// `start` (a segment's base) and its durable trim point is `point`.
     Trimmed {
         log: LogId,
         start: Offset,
+        point: Offset,
     },
 }
 
@@ -129,6 +138,10 @@ pub struct RecoveredLog {
     /// A lower bound of the chain's committed end, as last saved by `Effect::SaveCommitted`
     /// (0 if never saved). Lets a restarted node notice that recovery cut committed data.
     pub committed_hint: Offset,
+    /// The highest `point` of an `Effect::Trim` storage made durable (0 if none). Storage
+    /// drops whole segments only, so `start` may lie below it; the node serves nothing below
+    /// it, so a trim stays a trim across restarts.
+    pub trim_point: Offset,
 }
 
 /// Batches per producer remembered for deduplication of retries: as many as a producer may

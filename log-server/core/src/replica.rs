@@ -230,12 +230,16 @@ struct LogState {
     /// The start storage reported durable (`Trimmed`, or recovery). Only this one is told to
     /// the successor.
     start_durable: Offset,
-    /// The highest `before` of a trim asked of storage since this node started. Nothing below
-    /// it is served from the moment it is asked: storage may drop those segments under a read
+    /// The highest trim point asked of storage (since this node started, or made durable
+    /// before it: `RecoveredLog::trim_point`). Nothing below it is served from the moment it
+    /// is asked: storage may drop those segments under a read
     /// before `Trimmed` raises `start` (the simulator's verifier got `OffsetTrimmed` for a
     /// read at the start it had just been told, seed 219340), and storage trims whole
     /// segments, so `start` may stay below it.
     trim_asked: Offset,
+    /// The trim point storage made durable (`Trimmed`, or recovery). Told to the successor
+    /// with the durable start, so every replica stops serving below a client's trim.
+    trim_durable: Offset,
     written_end: Offset,
     durable_end: Offset,
     committed_end: Offset,
@@ -272,13 +276,21 @@ impl LogState {
         self.start.max(self.trim_asked)
     }
 
-    /// Asks storage to trim below `before` (`Effect::Trim`); nothing below it is served now.
-    fn ask_trim(&mut self, before: Offset, out: &mut Vec<Effect>) {
-        self.trim_asked = self.trim_asked.max(before);
+    /// Asks storage to trim below `before` and to keep `point` as the trim point
+    /// (`Effect::Trim`); nothing below either is served from now on.
+    fn ask_trim(&mut self, before: Offset, point: Offset, out: &mut Vec<Effect>) {
+        let point = point.max(before);
+        self.trim_asked = self.trim_asked.max(point);
         out.push(Effect::Trim {
             log: self.id,
             before,
+            point,
         });
+    }
+
+    /// Where reads start here durably: what `TrimOk` answers.
+    fn durable_served_start(&self) -> Offset {
+        self.start.max(self.trim_durable)
     }
 
     fn new(id: LogId, name: String, start: Offset, end: Offset, producers: ProducerTable) -> Self {
@@ -288,6 +300,7 @@ impl LogState {
             start,
             start_durable: start,
             trim_asked: start,
+            trim_durable: Offset::ZERO,
             written_end: end,
             durable_end: end,
             committed_end: Offset::ZERO,
@@ -476,6 +489,9 @@ impl Replica {
         for r in recovered {
             let producers = ProducerTable::from_recovered(&r.producers, PRODUCERS_PER_LOG_MAX);
             let mut l = LogState::new(r.log, r.name, r.start, r.end, producers);
+            // A trim point inside the oldest segment kept: what a client trimmed stays trimmed.
+            l.trim_asked = l.trim_asked.max(r.trim_point);
+            l.trim_durable = r.trim_point;
             // The hint may exceed what recovery kept (a corrupt segment was cut): this node
             // then knows it lacks committed data and repairs it from a neighbour. A chain of one
             // has no neighbour and no one else to agree with: what it holds durably is
@@ -932,8 +948,8 @@ impl Replica {
         // held here: a head that restarted short and is still fetching its lost suffix must
         // not skip past it (its successor trims no further than it).
         let before = before.min(l.readable_end());
-        if before <= l.start {
-            let start = l.start;
+        if before <= l.durable_served_start() {
+            let start = l.durable_served_start();
             return Self::reply(out, client, request_id, ClientReply::TrimOk { start });
         }
         if l.trim_waiters.len() >= WAITERS_PER_LOG_MAX {
@@ -946,7 +962,7 @@ impl Replica {
         }
         l.trim_waiters.push((client, request_id));
         // The successor hears of it once it is durable here (`DiskEvent::Trimmed`).
-        l.ask_trim(before, out);
+        l.ask_trim(before, before, out);
     }
 
     /// A create of a log that exists or is being created: the same name waits with the others
@@ -1192,25 +1208,27 @@ impl Replica {
                     });
                 }
             }
-            PeerMessage::Trim { before, .. } => {
+            PeerMessage::Trim { before, point, .. } => {
                 if self.cfg.bug_no_restart_at_pred_start {
                     let before = before.min(l.committed_end).min(l.written_end);
                     if before > l.start {
-                        l.ask_trim(before, out);
+                        l.ask_trim(before, before, out);
                     }
                     return;
                 }
                 // The predecessor holds nothing below `before` durably and trims only
                 // committed offsets: everything below is committed.
                 l.committed_end = l.committed_end.max(before);
-                if l.failed.is_some() || before <= l.start {
+                if l.failed.is_some() || (before <= l.start && point <= l.trim_asked) {
                     return;
                 }
                 if before > l.written_end {
-                    Self::restart_at(l, before, out);
+                    Self::restart_at(l, before, point, out);
                 } else {
-                    // Told downstream once durable (`DiskEvent::Trimmed`).
-                    l.ask_trim(before, out);
+                    // Its segments go only below `before` (a successor never starts past its
+                    // predecessor), but it serves nothing below `point` (the client's trim),
+                    // like its predecessor. Told downstream once durable (`Trimmed`).
+                    l.ask_trim(before, point, out);
                 }
             }
             _ => {}
@@ -1241,6 +1259,20 @@ impl Replica {
                 if !s.known {
                     s.known = true;
                     s.sent_end = written_end;
+                    // A trim told in an older session may have been lost with its connection:
+                    // tell it again, so every replica stops serving below a client's trim.
+                    if let (Some(succ), true) = (self.place.succ, l.trim_durable > Offset::ZERO) {
+                        out.push(Effect::Send {
+                            to: succ,
+                            msg: PeerMessage::Trim {
+                                epoch: self.chain.epoch,
+                                session: self.succ_session,
+                                log,
+                                before: l.start_durable,
+                                point: l.trim_durable,
+                            },
+                        });
+                    }
                 }
                 s.last_ack_seq = seq;
                 s.last_heard = now;
@@ -1466,7 +1498,7 @@ impl Replica {
     /// this node holds, so it cannot send what we lack and we take its stream from there.
     /// Storage drops every record and starts the log at `start` before the appends that
     /// follow (they are queued behind it); only committed offsets lie below `start`.
-    fn restart_at(l: &mut LogState, start: Offset, out: &mut Vec<Effect>) {
+    fn restart_at(l: &mut LogState, start: Offset, point: Offset, out: &mut Vec<Effect>) {
         assert!(start > l.written_end, "restart_at must move past the end");
         l.window.clear();
         l.window_bytes = 0;
@@ -1475,7 +1507,7 @@ impl Replica {
         l.written_end = start;
         l.durable_end = start;
         l.committed_end = l.committed_end.max(start);
-        l.ask_trim(start, out);
+        l.ask_trim(start, point, out);
     }
 
     fn trim_window(l: &mut LogState) {
@@ -1672,13 +1704,14 @@ impl Replica {
                     }
                 }
             }
-            DiskEvent::Trimmed { log, start } => {
+            DiskEvent::Trimmed { log, start, point } => {
                 if let Some(l) = self.logs.get_mut(&log) {
                     l.start = l.start.max(start);
                     l.start_durable = l.start_durable.max(start);
-                    // Where this node's log durably starts (reads stay refused below the
-                    // point asked: `served_start`).
-                    let start = l.start;
+                    l.trim_durable = l.trim_durable.max(point);
+                    // Where reads of this node's log durably start (they stay refused below
+                    // the point asked: `served_start`).
+                    let start = l.durable_served_start();
                     for (client, request_id) in l.trim_waiters.drain(..) {
                         Self::reply(out, client, request_id, ClientReply::TrimOk { start });
                     }
@@ -1692,6 +1725,7 @@ impl Replica {
                                 session: self.succ_session,
                                 log,
                                 before: l.start_durable,
+                                point: l.trim_durable,
                             },
                         });
                     }
@@ -2370,6 +2404,7 @@ impl Replica {
                             session,
                             log: l.id,
                             before: l.start_durable,
+                            point: l.trim_durable,
                         },
                     });
                 }

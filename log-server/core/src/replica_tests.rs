@@ -20,6 +20,7 @@ fn recovered(end: u64, producers: Vec<ProducerBatch>, hint: u64) -> RecoveredLog
         end: Offset(end),
         producers,
         committed_hint: Offset(hint),
+        trim_point: Offset(0),
     }
 }
 
@@ -260,6 +261,34 @@ fn reads_serve_committed_and_wait_for_commits() {
     );
     let e = h2.client(1, read(2, 0));
     assert_eq!(code(&replies(&e)[0].1), Some(ErrorCode::OffsetTrimmed));
+    // A trim point saved inside the oldest segment: nothing below it is served after a
+    // restart either, and the refusal names it as the start.
+    let mut h3 = H::single(
+        |_| {},
+        vec![RecoveredLog {
+            start: Offset(2),
+            trim_point: Offset(6),
+            ..recovered(9, vec![], 9)
+        }],
+    );
+    let e = h3.client(1, read(4, 0));
+    assert_eq!(code(&replies(&e)[0].1), Some(ErrorCode::OffsetTrimmed));
+    assert!(
+        matches!(&replies(&e)[0].1, ClientReply::Error { message, .. } if message.contains("starts at 6")),
+        "{:?}",
+        replies(&e)
+    );
+    let e = h3.client(2, read(6, 0));
+    assert!(
+        e.iter().any(|x| matches!(
+            x,
+            Effect::Read {
+                from: Offset(6),
+                ..
+            }
+        )),
+        "a read at the trim point goes to storage: {e:?}"
+    );
 }
 
 fn build_stored(base: u64, payloads: &[&[u8]]) -> Bytes {
@@ -672,6 +701,7 @@ fn pred_trim(before: u64) -> PeerMessage {
         session: 5,
         log: default_log(),
         before: Offset(before),
+        point: Offset(before),
     }
 }
 
@@ -680,6 +710,19 @@ fn trims(effects: &[Effect]) -> Vec<Offset> {
         .iter()
         .filter_map(|e| match e {
             Effect::Trim { before, .. } => Some(*before),
+            _ => None,
+        })
+        .collect()
+}
+
+fn sent_trim_points(effects: &[Effect]) -> Vec<(Offset, Offset)> {
+    effects
+        .iter()
+        .filter_map(|e| match e {
+            Effect::Send {
+                msg: PeerMessage::Trim { before, point, .. },
+                ..
+            } => Some((*before, *point)),
             _ => None,
         })
         .collect()
@@ -748,6 +791,7 @@ fn a_successor_behind_its_predecessors_start_restarts_its_log_there() {
     let e = h.disk(DiskEvent::Trimmed {
         log: default_log(),
         start: Offset(30),
+        point: Offset(30),
     });
     assert!(sent_trims(&e).is_empty(), "a tail has no successor");
     assert_eq!(h.log_status().start, Offset(30));
@@ -767,6 +811,7 @@ fn a_trim_within_what_the_successor_holds_only_drops_its_front() {
     h.disk(DiskEvent::Trimmed {
         log: default_log(),
         start: Offset(25),
+        point: Offset(25),
     });
     assert!(trims(&h.peer(1, pred_trim(25))).is_empty());
     assert!(trims(&h.peer(1, pred_trim(10))).is_empty());
@@ -878,22 +923,62 @@ fn a_trim_goes_downstream_only_once_durable_and_only_what_the_head_holds() {
         result: Ok(vec![build_stored(22, &stored)]),
     });
     refused_at_25(&e3, 7);
-    // Storage trims whole segments: the trim answers where the log durably starts (20);
-    // reads below 25 stay refused.
+    // Storage trims whole segments (the log durably starts at 20) and made the point 25
+    // durable: the trim answers 25, reads below it stay refused, and the successor is told
+    // both: it may drop segments below 20 and must serve nothing below 25.
     let e = h.disk(DiskEvent::Trimmed {
         log: default_log(),
         start: Offset(20),
+        point: Offset(25),
     });
     assert_eq!(
         replies(&e),
-        vec![(3, ClientReply::TrimOk { start: Offset(20) })]
+        vec![(3, ClientReply::TrimOk { start: Offset(25) })]
     );
     assert_eq!(h.log_status().start, Offset(25));
     assert_eq!(
-        sent_trims(&e),
-        vec![Offset(20)],
-        "the durable start, not the one asked"
+        sent_trim_points(&e),
+        vec![(Offset(20), Offset(25))],
+        "segments go by the durable start, reads by the point"
     );
+    // A successor told so drops segments below 20 only, and refuses reads below 25.
+    let mut s = in_chain(2, vec![recovered_from(0, 40, 40)], |_| {});
+    let e = s.peer(
+        1,
+        PeerMessage::Trim {
+            epoch: Epoch(3),
+            session: 5,
+            log: default_log(),
+            before: Offset(20),
+            point: Offset(25),
+        },
+    );
+    assert!(
+        e.iter().any(|x| matches!(
+            x,
+            Effect::Trim {
+                before: Offset(20),
+                point: Offset(25),
+                ..
+            }
+        )),
+        "{e:?}"
+    );
+    refused_at_25(&s.client(9, read_22()), 9);
+    // A later trim message that only repeats the point changes nothing.
+    s.disk(DiskEvent::Trimmed {
+        log: default_log(),
+        start: Offset(20),
+        point: Offset(25),
+    });
+    let again = PeerMessage::Trim {
+        epoch: Epoch(3),
+        session: 5,
+        log: default_log(),
+        before: Offset(20),
+        point: Offset(25),
+    };
+    assert!(trims(&s.peer(1, again)).is_empty());
     // A head that restarted short (committed 40, holds 0..10 while it fetches the rest from
     // its successor) trims no further than it holds.
     let mut h = in_chain(1, vec![recovered_from(0, 10, 40)], |_| {});
@@ -921,6 +1006,39 @@ fn succ_ack(session: u64, seq: u64, written: u64, chain: u64) -> PeerMessage {
         committed_end: Offset(0),
         resend: false,
     }
+}
+
+/// A node that restarted with a durable trim point tells its successor at the first ack of
+/// every session: a `Trim` lost with an old connection must not leave a replica serving what a
+/// client trimmed.
+#[test]
+fn a_trim_point_is_told_again_in_every_new_session() {
+    let mut h = in_chain(
+        1,
+        vec![RecoveredLog {
+            trim_point: Offset(25),
+            ..recovered_from(20, 40, 40)
+        }],
+        |_| {},
+    );
+    h.tick(1);
+    let session = h.r.succ_session;
+    let e = h.peer(2, succ_ack(session, 1, 40, 40));
+    assert_eq!(sent_trim_points(&e), vec![(Offset(20), Offset(25))]);
+    // Later acks of the session do not repeat it.
+    assert!(sent_trim_points(&h.peer(2, succ_ack(session, 2, 40, 40))).is_empty());
+    // A new connection, a new session: told again.
+    h.r.on_link(h.now, NodeId(2), false, &mut h.out);
+    h.r.on_link(h.now, NodeId(2), true, &mut h.out);
+    h.out.clear();
+    let session = h.r.succ_session;
+    let e = h.peer(2, succ_ack(session, 1, 40, 40));
+    assert_eq!(sent_trim_points(&e), vec![(Offset(20), Offset(25))]);
+    // Without a trim point there is nothing to tell.
+    let mut h = in_chain(1, vec![recovered_from(20, 40, 40)], |_| {});
+    h.tick(1);
+    let session = h.r.succ_session;
+    assert!(sent_trim_points(&h.peer(2, succ_ack(session, 1, 40, 40))).is_empty());
 }
 
 fn sessions_sent(effects: &[Effect]) -> Vec<u64> {

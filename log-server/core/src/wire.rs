@@ -741,14 +741,16 @@ pub enum PeerMessage {
         batches: Vec<Bytes>,
     },
     /// Predecessor → successor: the predecessor's log durably starts at `before` (a trim it
-    /// made durable, or its answer to a successor that lacks offsets it no longer holds).
-    /// Everything below is committed. The successor drops what it holds below `before`; if
-    /// that is all it holds, its log restarts empty at `before`.
+    /// made durable, or its answer to a successor that lacks offsets it no longer holds),
+    /// and it serves nothing below `point`, its durable trim point. Everything below either
+    /// is committed. The successor drops what it holds below `before` (if that is all it
+    /// holds, its log restarts empty at `before`) and stops serving below `point`.
     Trim {
         epoch: Epoch,
         session: u64,
         log: LogId,
         before: Offset,
+        point: Offset,
     },
 }
 
@@ -962,9 +964,10 @@ impl PeerMessage {
                     b.put_u32_le(batches.len() as u32);
                 })
             }
-            PeerMessage::Trim { before, .. } => encode_frame(Kind::Peer, 0, vec![], |b| {
+            PeerMessage::Trim { before, point, .. } => encode_frame(Kind::Peer, 0, vec![], |b| {
                 prefix(b, PEER_TRIM);
                 b.put_u64_le(before.0);
+                b.put_u64_le(point.0);
             }),
         }
     }
@@ -1114,11 +1117,20 @@ impl PeerMessage {
             }
             PEER_TRIM => {
                 need(&body, 8, "peer trim")?;
+                let before = Offset(body.get_u64_le());
+                // A node of the first layout sends no trim point: it serves from `before`.
+                let point = if body.is_empty() {
+                    before
+                } else {
+                    need(&body, 8, "peer trim point")?;
+                    Offset(body.get_u64_le())
+                };
                 PeerMessage::Trim {
                     epoch,
                     session,
                     log,
-                    before: Offset(body.get_u64_le()),
+                    before,
+                    point,
                 }
             }
             s => return Err(Error::Malformed(format!("unknown peer message {s}"))),
@@ -1214,8 +1226,28 @@ mod peer_tests {
                 session,
                 log,
                 before: Offset(3),
+                point: Offset(7),
             },
         ]
+    }
+
+    #[test]
+    fn a_trim_of_the_first_layout_has_its_start_for_point() {
+        let m = PeerMessage::Trim {
+            epoch: Epoch(2),
+            session: 9,
+            log: LogId(4),
+            before: Offset(3),
+            point: Offset(7),
+        };
+        let e = m.encode().to_vec();
+        let body = &e[FRAME_HEADER_LEN..e.len() - 8];
+        match PeerMessage::decode(Bytes::copy_from_slice(body)) {
+            Ok(PeerMessage::Trim { before, point, .. }) => {
+                assert_eq!((before, point), (Offset(3), Offset(3)))
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

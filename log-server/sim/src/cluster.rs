@@ -267,8 +267,9 @@ pub struct SimNode {
     full_until: Option<u64>,
     /// Logs whose writes failed full and wait for space (the writer's free-space check).
     failed_full: std::collections::BTreeSet<LogId>,
-    /// The highest trim point this process asked per log: it serves nothing below it from
-    /// then on (the disk may keep a segment that straddles it). Gone with the process.
+    /// The highest trim point asked per log: the node serves nothing below it from then on
+    /// (the disk may keep a segment that straddles it), across restarts too (the disk keeps
+    /// the point).
     trim_asked: BTreeMap<LogId, Offset>,
     /// Logs whose writes failed: appends not at the durable end were issued before the core
     /// saw the failure and are dropped, as the real writer does.
@@ -455,9 +456,10 @@ fn effect_digest(h: &mut u64, e: &Effect) {
             mix(h, from.0);
             mix(h, end.0);
         }
-        Effect::Trim { log, before } => {
+        Effect::Trim { log, before, point } => {
             mix(h, 7);
             mix(h, log.0 ^ before.0);
+            mix(h, point.0);
         }
         Effect::SaveCommitted { log, end } => {
             mix(h, 8);
@@ -781,7 +783,12 @@ impl Cluster {
         node.failed_full.clear();
         node.dropping.clear();
         node.write_failed_due.clear();
-        node.trim_asked.clear();
+        node.trim_asked = node
+            .disk
+            .logs
+            .iter()
+            .map(|(id, l)| (*id, l.trim_point))
+            .collect();
         self.checker.on_removed(&removed, false);
         if flip {
             // Everything it held durably may have been vouched for (an ack still in flight
@@ -1195,20 +1202,20 @@ impl Cluster {
                     let result = self.nodes[n].disk.read(log, from, end, max_bytes, pad);
                     self.disk_done(n, inc, DiskEvent::ReadDone { token, result });
                 }
-                Effect::Trim { log, before } => {
+                Effect::Trim { log, before, point } => {
                     let committed = self.checker.max_committed.get(&log).copied();
-                    if committed.unwrap_or(Offset::ZERO) < before {
+                    if committed.unwrap_or(Offset::ZERO) < before.max(point) {
                         self.fail(format!(
-                            "node {} trims {log} below {before}, past anything known committed \
-                             ({committed:?})",
+                            "node {} trims {log} below {before} (point {point}), past anything \
+                             known committed ({committed:?})",
                             n + 1
                         ));
                     }
                     let asked = self.nodes[n].trim_asked.entry(log).or_default();
-                    *asked = (*asked).max(before);
-                    let (start, removed) = self.nodes[n].disk.trim(log, before);
+                    *asked = (*asked).max(before).max(point);
+                    let (start, point, removed) = self.nodes[n].disk.trim(log, before, point);
                     self.checker.on_removed(&removed, true);
-                    self.disk_done(n, inc, DiskEvent::Trimmed { log, start });
+                    self.disk_done(n, inc, DiskEvent::Trimmed { log, start, point });
                 }
                 Effect::SaveCommitted { log, end } => {
                     self.nodes[n].disk.save_committed(log, end);
@@ -1308,10 +1315,17 @@ impl Cluster {
                     committed_end,
                     batches,
                 },
-            ) => self
-                .checker
-                .check_served(n, *log, *from, *committed_end, batches)
-                .map(|_| ()),
+            ) => (if batches.is_empty() {
+                // A wait that timed out serves nothing: no trim point applies.
+                Ok(())
+            } else {
+                self.served_at_or_past_trim(n, *log, *from)
+            })
+            .and_then(|()| {
+                self.checker
+                    .check_served(n, *log, *from, *committed_end, batches)
+                    .map(|_| ())
+            }),
             (
                 ReqKind::Subscribe { log, .. },
                 ClientReply::Records {
@@ -1320,10 +1334,10 @@ impl Cluster {
                 },
             ) => {
                 let from = self.sub_expect.get(&rid).copied().unwrap_or(Offset::ZERO);
-                match self
-                    .checker
-                    .check_served(n, *log, from, *committed_end, batches)
-                {
+                match self.served_at_or_past_trim(n, *log, from).and_then(|()| {
+                    self.checker
+                        .check_served(n, *log, from, *committed_end, batches)
+                }) {
                     Ok(Some(end)) => {
                         self.sub_expect.insert(rid, end);
                         Ok(())
@@ -1351,11 +1365,12 @@ impl Cluster {
             }
             (ReqKind::Trim { log, .. }, ClientReply::TrimOk { start }) => {
                 let asked = self.trim_asked.get(log).copied().unwrap_or(Offset::ZERO);
+                // Reads start at the disk's start or its trim point, both durable.
                 let held = self.nodes[n]
                     .disk
                     .logs
                     .get(log)
-                    .map_or(Offset::ZERO, |l| l.start);
+                    .map_or(Offset::ZERO, |l| l.start.max(l.trim_point));
                 if *start > asked {
                     Err(format!(
                         "node {} trimmed {log} to {start}, past every trim asked ({asked})",
@@ -1363,7 +1378,7 @@ impl Cluster {
                     ))
                 } else if *start > held {
                     Err(format!(
-                        "node {} answered TrimOk({start}) for {log} but its disk starts at {held}",
+                        "node {} answered TrimOk({start}) for {log} but its disk serves from {held}",
                         n + 1
                     ))
                 } else {
@@ -1414,6 +1429,24 @@ impl Cluster {
         }
         let d = self.net.range(5, 100);
         self.schedule(d, Ev::Reply { rid, reply });
+    }
+
+    /// A read or push from `from` is refused once the node was asked to trim past it, even
+    /// by a process that has restarted since (a client trimmed it: it must not come back).
+    fn served_at_or_past_trim(&self, n: usize, log: LogId, from: Offset) -> Result<(), String> {
+        let asked = self.nodes[n]
+            .trim_asked
+            .get(&log)
+            .copied()
+            .unwrap_or(Offset::ZERO);
+        if from < asked {
+            Err(format!(
+                "node {} served {log} from {from}, below its trim point {asked}",
+                n + 1
+            ))
+        } else {
+            Ok(())
+        }
     }
 
     fn send_request(
@@ -1761,13 +1794,9 @@ impl Cluster {
             }
             (Kind::Subscriber, ClientReply::Error { code, message }) => {
                 if code == ErrorCode::OffsetTrimmed {
-                    // Like a consumer that fell behind retention: go on from the log's start.
-                    let node = info.node;
-                    let start = self.nodes[node]
-                        .disk
-                        .logs
-                        .get(&self.log)
-                        .map_or(Offset::ZERO, |l| l.start);
+                    // Like a consumer that fell behind retention: go on from where the node
+                    // serves the log from (its trim point may lie past what its disk holds).
+                    let start = self.log_start(info.node, self.log);
                     let c = &mut self.clients[ci];
                     c.sub_next = c.sub_next.max(start);
                 } else if !retriable(code) {

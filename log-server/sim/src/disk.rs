@@ -17,6 +17,9 @@ pub struct StoredBatch {
     pub bytes: Bytes,
 }
 
+/// Offsets per simulated segment (trims drop whole segments).
+const SEGMENT_OFFSETS: u64 = 32;
+
 #[derive(Clone, Debug)]
 pub struct LogDisk {
     pub name: String,
@@ -28,6 +31,8 @@ pub struct LogDisk {
     pub hint_saved: Offset,
     /// Latest `SaveCommitted`, persisted by the next sync.
     pub hint_pending: Offset,
+    /// Highest `before` of a trim: durable at once, like the real storage's trim file.
+    pub trim_point: Offset,
 }
 
 impl LogDisk {
@@ -103,6 +108,7 @@ impl SimDisk {
                 synced: 0,
                 hint_saved: Offset::ZERO,
                 hint_pending: Offset::ZERO,
+                trim_point: Offset::ZERO,
             },
         );
         Ok(())
@@ -259,15 +265,26 @@ impl SimDisk {
         )
     }
 
-    /// Drops whole batches entirely below `before`; returns the new start and what went.
+    /// Keeps `point` as the trim point if higher and drops whole segments entirely below
+    /// `before`; returns the new start, the trim point and what went.
     /// `before` past the end empties the log and restarts it at `before` (a replica whose
     /// predecessor trimmed past everything it holds). Durable at once, like the real
     /// storage's trim, which deletes and fsyncs the directory before it reports.
-    pub fn trim(&mut self, log: LogId, before: Offset) -> (Offset, Removed) {
+    pub fn trim(&mut self, log: LogId, before: Offset, point: Offset) -> (Offset, Offset, Removed) {
         let Some(l) = self.logs.get_mut(&log) else {
-            return (Offset::ZERO, vec![]);
+            return (Offset::ZERO, Offset::ZERO, vec![]);
         };
-        let n = l.batches.partition_point(|b| b.end <= before);
+        l.trim_point = l.trim_point.max(point);
+        let mut n = l.batches.partition_point(|b| b.end <= before);
+        if let Some(kept) = l.batches.get(n) {
+            // Whole segments only, like the real storage: the batches sharing a segment with
+            // the first one kept stay too, so a node may hold (and must not serve) offsets
+            // well below the trim point.
+            let seg = kept.base.0 / SEGMENT_OFFSETS;
+            while n > 0 && l.batches[n - 1].base.0 / SEGMENT_OFFSETS == seg {
+                n -= 1;
+            }
+        }
         let gone: Vec<StoredBatch> = l.batches.drain(..n).collect();
         l.synced = l.synced.saturating_sub(n);
         // The running sync counted batches from the old front: it covers `n` fewer now (else
@@ -281,7 +298,11 @@ impl SimDisk {
         if l.batches.is_empty() && before > l.start {
             l.start = before;
         }
-        (l.start, gone.into_iter().map(|b| (log, b)).collect())
+        (
+            l.start,
+            l.trim_point,
+            gone.into_iter().map(|b| (log, b)).collect(),
+        )
     }
 
     /// Power loss: each log keeps its synced batches and a random prefix of the rest, maybe
@@ -361,6 +382,7 @@ impl SimDisk {
                 end: l.end(),
                 producers: l.producers(),
                 committed_hint: l.hint_saved,
+                trim_point: l.trim_point,
             });
         }
         (out, removed)
@@ -403,7 +425,7 @@ mod tests {
             d.append(LogId(1), Offset(i), &[b(i, 1)]).expect("append");
         }
         assert!(d.want_sync());
-        let (start, removed) = d.trim(LogId(1), Offset(10));
+        let (start, _, removed) = d.trim(LogId(1), Offset(10), Offset(10));
         assert_eq!((start, removed.len()), (Offset(10), 3));
         d.append(LogId(1), Offset(10), &[b(10, 1)])
             .expect("append at the new start");

@@ -6,6 +6,7 @@
 //! ```text
 //! <dir>/logs/<log id as 16 hex digits>/meta                      name and id of the log
 //! <dir>/logs/<id>/committed                                      committed-end hint (2 slots)
+//! <dir>/logs/<id>/trim                                           trim point (replaced whole)
 //! <dir>/logs/<id>/00000000000000000000.seg                       segment: 4 KiB header, batches
 //! <dir>/logs/<id>/00000000000000000000.idx                       index of a sealed segment
 //! <dir>/spare/                                                   pre-zeroed spare segments
@@ -27,6 +28,9 @@ const INDEX_VERSION: u16 = 1;
 const META_MAGIC: u32 = 0x544d_4c43; // "CLMT"
 const META_VERSION: u16 = 1;
 const HINT_MAGIC: u32 = 0x5448_4c43; // "CLHT"
+const TRIM_MAGIC: u32 = 0x5054_4c43; // "CLTP"
+const TRIM_VERSION: u16 = 1;
+pub const TRIM_FILE_BYTES: usize = 20;
 /// Each hint slot is one 512-byte sector, so a torn write damages at most the slot written.
 pub const HINT_SLOT_BYTES: u64 = 512;
 pub const HINT_FILE_BYTES: u64 = 2 * HINT_SLOT_BYTES;
@@ -35,6 +39,7 @@ pub const SEGMENT_SUFFIX: &str = ".seg";
 pub const INDEX_SUFFIX: &str = ".idx";
 pub const META_FILE: &str = "meta";
 pub const HINT_FILE: &str = "committed";
+pub const TRIM_FILE: &str = "trim";
 pub const LOGS_DIR: &str = "logs";
 pub const LOCK_FILE: &str = "LOCK";
 pub const SPARE_DIR: &str = "spare";
@@ -312,6 +317,29 @@ pub fn decode_hint(file: &[u8]) -> Option<(u64, Offset)> {
     best
 }
 
+/// The trim file: the highest trim point asked of the log. Written to a temporary name and
+/// renamed over the old one, so a crash leaves the old point or the new one, never a mix.
+pub fn encode_trim(point: Offset) -> [u8; TRIM_FILE_BYTES] {
+    let mut b = [0u8; TRIM_FILE_BYTES];
+    b[0..4].copy_from_slice(&TRIM_MAGIC.to_le_bytes());
+    b[4..6].copy_from_slice(&TRIM_VERSION.to_le_bytes());
+    b[8..16].copy_from_slice(&point.0.to_le_bytes());
+    let crc = checksum(&b[..16]);
+    b[16..20].copy_from_slice(&crc.to_le_bytes());
+    b
+}
+
+pub fn decode_trim(b: &[u8]) -> Option<Offset> {
+    if b.len() != TRIM_FILE_BYTES
+        || u32_at(b, 0) != TRIM_MAGIC
+        || u16_at(b, 4) != TRIM_VERSION
+        || checksum(&b[..16]) != u32_at(b, 16)
+    {
+        return None;
+    }
+    Some(Offset(u64_at(b, 8)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -385,5 +413,13 @@ mod tests {
         assert_eq!(decode_hint(&f), Some((2, Offset(200))));
         f[520] ^= 1;
         assert_eq!(decode_hint(&f), Some((1, Offset(100))));
+        let t = encode_trim(Offset(77));
+        assert_eq!(decode_trim(&t), Some(Offset(77)));
+        assert_eq!(decode_trim(&t[..19]), None);
+        for byte in 0..t.len() {
+            let mut bad = t;
+            bad[byte] ^= 4;
+            assert_eq!(decode_trim(&bad), None, "flip in byte {byte}");
+        }
     }
 }

@@ -298,6 +298,7 @@ pub(crate) enum Cmd {
     Trim {
         log: LogId,
         before: Offset,
+        point: Offset,
     },
     SaveCommitted {
         log: LogId,
@@ -547,11 +548,12 @@ impl Storage {
         }
     }
 
-    /// Deletes whole segments entirely below `before` (never the active one); reports `Trimmed`.
-    /// `before` past the log's end (everything written before this call) empties the log and
-    /// restarts it at `before`: the next append goes there.
-    pub fn trim(&self, log: LogId, before: Offset) {
-        self.send(Cmd::Trim { log, before });
+    /// Makes `point` the log's durable trim point if it is higher, then deletes whole segments
+    /// entirely below `before` (never the active one); reports `Trimmed`. `before` past the
+    /// log's end (everything written before this call) empties the log and restarts it at
+    /// `before`: the next append goes there.
+    pub fn trim(&self, log: LogId, before: Offset, point: Offset) {
+        self.send(Cmd::Trim { log, before, point });
     }
 
     /// Remembers `end` as a lower bound of the committed end (lazily persisted).

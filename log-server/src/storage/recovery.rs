@@ -79,6 +79,8 @@ pub(crate) struct Recovered {
     pub producers: ProducerTable,
     pub hint_seq: u64,
     pub committed_hint: Offset,
+    /// The trim file's point (0 without one).
+    pub trim_point: Offset,
     /// Where the log ends (and the next segment would start if there are none).
     pub end: Offset,
 }
@@ -349,6 +351,16 @@ pub(crate) fn recover_log(
         Some(b) => format::decode_hint(&b).unwrap_or((0, Offset::ZERO)),
         None => (0, Offset::ZERO),
     };
+    let trim_path = dir.join(format::TRIM_FILE);
+    let trim_point = match read_file_opt(&trim_path)? {
+        Some(b) => format::decode_trim(&b).unwrap_or_else(|| {
+            // Written whole by a rename, so only rot damages it. Serving from the oldest
+            // segment again is a lesser harm than refusing to start: all of it was committed.
+            tracing::warn!(path = %trim_path.display(), "trim file is damaged: ignored, the log is served from its oldest segment");
+            Offset::ZERO
+        }),
+        None => Offset::ZERO,
+    };
 
     let mut bases = Vec::new();
     let listing = std::fs::read_dir(dir).map_err(|e| StorageError::io("list log dir", dir, e))?;
@@ -565,6 +577,7 @@ pub(crate) fn recover_log(
         producers,
         hint_seq,
         committed_hint,
+        trim_point,
         end,
     })
 }

@@ -853,10 +853,24 @@ fn trim_deletes_whole_segments_only() {
             .iter()
             .map(|p| format::parse_base(p.file_name().unwrap().to_str().unwrap(), ".seg").unwrap())
             .collect();
-        // Just below the third segment's base: only the first segment is entirely below.
-        n.st().trim(log, Offset(bases[2].0 - 1));
+        // A successor's trim: segments go below its predecessor's start only (none here),
+        // though reads stop below the point.
+        n.st()
+            .trim(log, Offset(bases[1].0 - 1), Offset(bases[2].0 + 1));
         match n.next() {
-            DiskEvent::Trimmed { start, .. } => assert_eq!(start, bases[1]),
+            DiskEvent::Trimmed { start, point, .. } => {
+                assert_eq!((start, point), (Offset(0), Offset(bases[2].0 + 1)))
+            }
+            e => panic!("unexpected {e:?}"),
+        }
+        assert_eq!(seg_files(dir.path(), log).len(), files.len());
+        // Just below the third segment's base: only the first segment is entirely below.
+        n.st()
+            .trim(log, Offset(bases[2].0 - 1), Offset(bases[2].0 - 1));
+        match n.next() {
+            DiskEvent::Trimmed { start, point, .. } => {
+                assert_eq!((start, point), (bases[1], Offset(bases[2].0 + 1)))
+            }
             e => panic!("unexpected {e:?}"),
         }
         assert_eq!(seg_files(dir.path(), log).len(), files.len() - 1);
@@ -866,7 +880,7 @@ fn trim_deletes_whole_segments_only() {
         );
         assert!(!n.read(log, bases[1], end, 100).unwrap().is_empty());
         // Trimming up to the end keeps the active segment.
-        n.st().trim(log, end);
+        n.st().trim(log, end, end);
         match n.next() {
             DiskEvent::Trimmed { start, .. } => assert_eq!(start, *bases.last().unwrap()),
             e => panic!("unexpected {e:?}"),
@@ -876,8 +890,54 @@ fn trim_deletes_whole_segments_only() {
         let n = Node::open(&cfg);
         let r = n.recovered(log);
         assert_eq!((r.start, r.end), (*bases.last().unwrap(), end));
+        // The point asked survives the restart, though its segment is still there.
+        assert_eq!(r.trim_point, end);
+        // A lower trim keeps the higher point.
+        n.st().trim(log, bases[1], bases[1]);
+        match n.next() {
+            DiskEvent::Trimmed { point, .. } => assert_eq!(point, end),
+            e => panic!("unexpected {e:?}"),
+        }
+        n.shutdown();
+        let n = Node::open(&cfg);
+        assert_eq!(n.recovered(log).trim_point, end);
         n.shutdown();
     }
+}
+
+#[test]
+fn a_damaged_trim_file_is_ignored() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = small_cfg(dir.path(), IoMode::Buffered);
+    let n = Node::open(&cfg);
+    let log = LogId::from_name("t");
+    n.create(log, "t");
+    let end = n.append(log, Offset(0), vec![batch(log, Offset(0), 5, 10, (0, 0))]);
+    n.st().trim(log, Offset(3), Offset(3));
+    assert!(matches!(
+        n.next(),
+        DiskEvent::Trimmed {
+            start: Offset(0),
+            ..
+        }
+    ));
+    n.shutdown();
+    let n = Node::open(&cfg);
+    assert_eq!(n.recovered(log).trim_point, Offset(3));
+    n.shutdown();
+    let path = dir
+        .path()
+        .join(format::LOGS_DIR)
+        .join(format::log_dir_name(log))
+        .join(format::TRIM_FILE);
+    let mut b = std::fs::read(&path).unwrap();
+    b[9] ^= 0x10;
+    std::fs::write(&path, &b).unwrap();
+    // Served from the oldest segment again (all committed), rather than refusing to start.
+    let n = Node::open(&cfg);
+    let r = n.recovered(log);
+    assert_eq!((r.start, r.end, r.trim_point), (Offset(0), end, Offset(0)));
+    n.shutdown();
 }
 
 #[test]
@@ -893,7 +953,7 @@ fn trim_past_the_end_restarts_the_log_there() {
         // append at the new start are queued together, in that order.
         let start = end.plus(1000);
         let b = batch(log, start, 3, 100, (0, 0));
-        n.st().trim(log, start);
+        n.st().trim(log, start, start);
         n.st().append(log, start, vec![b.clone()]);
         match n.next() {
             DiskEvent::Trimmed { start: s, .. } => assert_eq!(s, start),
@@ -1496,7 +1556,7 @@ fn unusable_first_segment_header_keeps_the_log_position() {
     let log = LogId::from_name("h0");
     n.create(log, "h0");
     let end = fill_segments(&n, log, 3);
-    n.st().trim(log, end);
+    n.st().trim(log, end, end);
     let start = match n.next() {
         DiskEvent::Trimmed { start, .. } => start,
         e => panic!("unexpected {e:?}"),

@@ -45,7 +45,8 @@ const REOPEN_FREE_SEGMENTS: u64 = 2;
 enum Item {
     Batch(Bytes, BatchHeader),
     Truncate(Offset),
-    Trim(Offset),
+    /// (before, point)
+    Trim(Offset, Offset),
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -126,6 +127,8 @@ struct LogW {
     hint_saved: Offset,
     hint_seq: u64,
     hint_unsynced: bool,
+    /// The trim point in the log's trim file (durable).
+    trim_point: Offset,
     view: Arc<RwLock<LogView>>,
 }
 
@@ -286,6 +289,7 @@ impl Writer {
                 end: rec.end,
                 producers: rec.producers.to_vec(),
                 committed_hint: rec.committed_hint,
+                trim_point: rec.trim_point,
             });
             tracing::info!(log = %rec.log, name = %rec.name, start = %rec.start(), end = %rec.end, segments = rec.segs.len(), "recovered log");
             w.install(rec, VecDeque::new())?;
@@ -306,10 +310,12 @@ impl Writer {
             }
             None => Arc::new(RwLock::new(view_of(&rec))),
         };
-        let (old_hint, old_seq) = self
+        let (old_hint, old_seq, old_trim) = self
             .logs
             .get(&rec.log)
-            .map_or((Offset::ZERO, 0), |l| (l.hint, l.hint_seq));
+            .map_or((Offset::ZERO, 0, Offset::ZERO), |l| {
+                (l.hint, l.hint_seq, l.trim_point)
+            });
         let active_file = match rec.segs.last() {
             Some(s) if s.align == self.align => {
                 Some(Arc::new(disk::open_rw(&s.path, self.direct)?))
@@ -345,6 +351,7 @@ impl Writer {
             hint_saved: rec.committed_hint,
             hint_seq: rec.hint_seq.max(old_seq),
             hint_unsynced: false,
+            trim_point: rec.trim_point.max(old_trim),
             view: view.clone(),
         };
         if !l.queue.is_empty() {
@@ -433,7 +440,7 @@ impl Writer {
                 l.queue.push_back(Item::Truncate(end));
                 self.pending.insert(log);
             }
-            Cmd::Trim { log, before } => {
+            Cmd::Trim { log, before, point } => {
                 let Some(l) = self.logs.get_mut(&log) else {
                     tracing::warn!(%log, "trim of an unknown log ignored");
                     return;
@@ -441,7 +448,7 @@ impl Writer {
                 // Past the end, the log restarts empty at `before`: appends queued behind the
                 // trim continue from there.
                 l.accepted_end = l.accepted_end.max(before);
-                l.queue.push_back(Item::Trim(before));
+                l.queue.push_back(Item::Trim(before, point));
                 self.pending.insert(log);
             }
             Cmd::SaveCommitted { log, end } => {
@@ -552,10 +559,10 @@ impl Writer {
                     l.queue.pop_front();
                     self.truncate(id, end);
                 }
-                Some(Item::Trim(before)) => {
-                    let before = *before;
+                Some(Item::Trim(before, point)) => {
+                    let (before, point) = (*before, *point);
                     l.queue.pop_front();
-                    self.trim(id, before);
+                    self.trim(id, before, point);
                 }
                 Some(Item::Batch(..)) => {
                     // A group needs its write and its sync in the ring together.
@@ -795,11 +802,19 @@ impl Writer {
                     tracing::error!(log = %id, "fsync of the log directory failed: {e}");
                     l.failing.get_or_insert(code_of(&e));
                 }
-                let trimmed = std::mem::take(&mut l.trim_unsynced).then(|| l.start());
+                let trimmed =
+                    std::mem::take(&mut l.trim_unsynced).then(|| (l.start(), l.trim_point));
                 self.take_recycled(id, ok);
                 self.spares.replenish();
-                if let Some(start) = trimmed {
-                    emit(&self.events, DiskEvent::Trimmed { log: id, start });
+                if let Some((start, point)) = trimmed {
+                    emit(
+                        &self.events,
+                        DiskEvent::Trimmed {
+                            log: id,
+                            start,
+                            point,
+                        },
+                    );
                 }
                 self.settle(id);
             }
@@ -1230,10 +1245,17 @@ impl Writer {
         if let Err(e) = &r {
             tracing::error!(log = %id, "fsync of log dir after deleting segments: {e}");
         }
-        let start = l.start();
+        let (start, point) = (l.start(), l.trim_point);
         self.take_recycled(id, r.is_ok());
         self.spares.replenish();
-        emit(&self.events, DiskEvent::Trimmed { log: id, start });
+        emit(
+            &self.events,
+            DiskEvent::Trimmed {
+                log: id,
+                start,
+                point,
+            },
+        );
     }
 
     fn apply_retention(&mut self, id: LogId) {
@@ -1266,17 +1288,22 @@ impl Writer {
         }
     }
 
-    fn trim(&mut self, id: LogId, before: Offset) {
+    fn trim(&mut self, id: LogId, before: Offset, point: Offset) {
+        self.save_trim_point(id, point);
         if self.logs.get(&id).is_some_and(|l| before > l.durable_end) {
             // Everything written is before `before` (nothing is in flight when a trim runs).
             match self.restart_at(id, before) {
-                Ok(()) => emit(
-                    &self.events,
-                    DiskEvent::Trimmed {
-                        log: id,
-                        start: before,
-                    },
-                ),
+                Ok(()) => {
+                    let point = self.logs.get(&id).map_or(point, |l| l.trim_point);
+                    emit(
+                        &self.events,
+                        DiskEvent::Trimmed {
+                            log: id,
+                            start: before,
+                            point,
+                        },
+                    )
+                }
                 Err(e) => {
                     tracing::error!(log = %id, "restarting the log at {before} failed: {e}; the log refuses writes until the node is restarted");
                     if let Some(l) = self.logs.get_mut(&id) {
@@ -1313,6 +1340,7 @@ impl Writer {
                 DiskEvent::Trimmed {
                     log: id,
                     start: l.start(),
+                    point: l.trim_point,
                 },
             );
         }
@@ -1499,6 +1527,35 @@ impl Writer {
             tracing::error!(%log, name, "create failed: {e}");
             code_of_storage(&e)
         })
+    }
+
+    /// Makes `point` the log's durable trim point if it is past the saved one, before the
+    /// trim is reported, so a restarted node still serves nothing below it. A failure (say,
+    /// no room for the new file on a full disk) must not stop the trim that frees space: the
+    /// point is then lost at a restart and the node serves its oldest segment again, which
+    /// holds only committed records.
+    fn save_trim_point(&mut self, id: LogId, point: Offset) {
+        let Some(l) = self.logs.get_mut(&id) else {
+            return;
+        };
+        if point <= l.trim_point {
+            return;
+        }
+        let tmp = l
+            .dir
+            .join(format!("{}{}", format::TMP_PREFIX, format::TRIM_FILE));
+        let dst = l.dir.join(format::TRIM_FILE);
+        let r = write_synced(&tmp, &format::encode_trim(point)).and_then(|()| {
+            std::fs::rename(&tmp, &dst).map_err(|e| StorageError::io("rename", &dst, e))?;
+            Ok(disk::fsync_dir(&l.dir)?)
+        });
+        match r {
+            Ok(()) => l.trim_point = point,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                tracing::warn!(log = %id, "saving trim point {point}: {e}; after a restart this node serves the log from its oldest segment");
+            }
+        }
     }
 
     /// Writes the committed hint if it moved (page cache only unless `sync`): it is a lower
