@@ -81,7 +81,8 @@ enum Cmd {
     },
     /// Create a log.
     CreateLog { name: String },
-    /// Delete whole segments below an offset (retention).
+    /// Trim a log below an offset (retention): no replica serves those records again, and
+    /// storage deletes the whole segments below it.
     Trim {
         #[arg(long, default_value = "default")]
         log: String,

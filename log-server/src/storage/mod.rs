@@ -177,6 +177,8 @@ pub struct LogStats {
     pub name: String,
     pub segments: usize,
     pub start: Offset,
+    /// The durable trim point: nothing below it is served, though its segment may remain.
+    pub trim_point: Offset,
     pub durable_end: Offset,
 }
 
@@ -260,6 +262,7 @@ pub(crate) struct SegView {
 pub(crate) struct LogView {
     pub name: String,
     pub start: Offset,
+    pub trim_point: Offset,
     pub durable_end: Offset,
     pub segs: Vec<SegView>,
 }
@@ -576,6 +579,7 @@ impl Storage {
                     name: v.name.clone(),
                     segments: v.segs.len(),
                     start: v.start,
+                    trim_point: v.trim_point,
                     durable_end: v.durable_end,
                 }
             })

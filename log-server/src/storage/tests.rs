@@ -892,6 +892,7 @@ fn trim_deletes_whole_segments_only() {
         assert_eq!((r.start, r.end), (*bases.last().unwrap(), end));
         // The point asked survives the restart, though its segment is still there.
         assert_eq!(r.trim_point, end);
+        assert_eq!(n.st().stats().logs[0].trim_point, end, "status shows it");
         // A lower trim keeps the higher point.
         n.st().trim(log, bases[1], bases[1]);
         match n.next() {

@@ -188,6 +188,7 @@ fn view_of(rec: &Recovered) -> LogView {
     LogView {
         name: rec.name.clone(),
         start: rec.start(),
+        trim_point: rec.trim_point,
         durable_end: rec.end,
         segs: rec.segs.iter().map(seg_view).collect(),
     }
@@ -305,7 +306,10 @@ impl Writer {
     fn install(&mut self, rec: Recovered, queue: VecDeque<Item>) -> Result<(), StorageError> {
         let view = match self.logs.get(&rec.log) {
             Some(old) => {
-                *old.view.write().unwrap_or_else(|e| e.into_inner()) = view_of(&rec);
+                let mut v = view_of(&rec);
+                // A truncate re-read the log: the point saved meanwhile still holds.
+                v.trim_point = v.trim_point.max(old.trim_point);
+                *old.view.write().unwrap_or_else(|e| e.into_inner()) = v;
                 old.view.clone()
             }
             None => Arc::new(RwLock::new(view_of(&rec))),
@@ -1550,7 +1554,10 @@ impl Writer {
             Ok(disk::fsync_dir(&l.dir)?)
         });
         match r {
-            Ok(()) => l.trim_point = point,
+            Ok(()) => {
+                l.trim_point = point;
+                l.view.write().unwrap_or_else(|e| e.into_inner()).trim_point = point;
+            }
             Err(e) => {
                 let _ = std::fs::remove_file(&tmp);
                 tracing::warn!(log = %id, "saving trim point {point}: {e}; after a restart this node serves the log from its oldest segment");
