@@ -30,7 +30,8 @@ use tokio::sync::{mpsc, watch, Semaphore};
 
 /// How long a new connection may take to say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
-/// Core tick period: drives resends, idle commits, read waits.
+/// Core tick period while a replica has work in flight: drives idle commits and delayed
+/// acks (idle, the replica asks for fewer ticks: `Replica::tick_deadline`).
 const TICK: Duration = Duration::from_millis(1);
 /// Reconnect back-off to the successor.
 const RECONNECT_MIN: Duration = Duration::from_millis(20);
@@ -323,8 +324,13 @@ impl CoreLoop {
         mut rx: mpsc::UnboundedReceiver<Event>,
         mut stop: watch::Receiver<bool>,
     ) {
-        let mut tick = tokio::time::interval(TICK);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The next tick: `TICK` after the last one while the replica has work in flight, else
+        // when it says (`tick_deadline`). Reset only when that moves: an earlier deadline
+        // costs the timer driver a wake-up of its own.
+        let mut last_tick = now_us(self.start);
+        let mut tick_at = self.tick_instant(last_tick.plus_us(TICK.as_micros() as u64));
+        let tick = tokio::time::sleep_until(tick_at);
+        tokio::pin!(tick);
         let mut effects: Vec<Effect> = Vec::with_capacity(256);
         let Some(ring_fd) = self.ring_fd.take() else {
             tracing::error!("core loop started without its storage eventfd");
@@ -350,8 +356,9 @@ impl CoreLoop {
                         }
                     }
                 }
-                _ = tick.tick() => {
+                _ = &mut tick => {
                     let now = now_us(self.start);
+                    last_tick = now;
                     self.replica.on_tick(now, &mut effects);
                 }
             }
@@ -373,11 +380,22 @@ impl CoreLoop {
             if let Some(s) = &self.storage {
                 s.drive();
             }
+            let fast = last_tick.plus_us(TICK.as_micros() as u64);
+            let want = self.tick_instant(self.replica.tick_deadline(last_tick).unwrap_or(fast));
+            if want != tick_at {
+                tick_at = want;
+                tick.as_mut().reset(want);
+            }
         }
         if let Some(s) = self.storage.take() {
             let _ = tokio::task::spawn_blocking(move || s.shutdown()).await;
         }
         tracing::info!(node = self.shared.node.0, "node stopped");
+    }
+
+    /// The runtime's instant of the core's `t` (microseconds since this node started).
+    fn tick_instant(&self, t: Instant) -> tokio::time::Instant {
+        tokio::time::Instant::from_std(self.start + Duration::from_micros(t.0))
     }
 
     fn handle(&mut self, ev: Event, out: &mut Vec<Effect>) {

@@ -291,6 +291,65 @@ fn reads_serve_committed_and_wait_for_commits() {
     );
 }
 
+#[test]
+fn an_idle_node_asks_for_few_ticks() {
+    let mut h = H::single(
+        |c| c.resend_timeout_us = 200_000,
+        vec![recovered(0, vec![], 0)],
+    );
+    let idle = h.r.idle_tick_us();
+    assert_eq!(idle, 50_000);
+    assert_eq!(h.r.tick_deadline(Instant(10)), Some(Instant(10 + idle)));
+    // An append in flight: the fast tick.
+    h.append(1, batch(&[b"a"], 0, 0));
+    assert_eq!(h.r.tick_deadline(Instant(10)), None);
+    h.durable(1);
+    assert_eq!(h.r.tick_deadline(Instant(10)), Some(Instant(10 + idle)));
+    // A read waiting for a commit: its deadline, if sooner.
+    let log = default_log();
+    let read = ClientRequest::Read {
+        log,
+        from: Offset(1),
+        max_records: 1,
+        max_bytes: 1 << 10,
+        wait_ms: 5,
+    };
+    assert!(h.client(2, read).is_empty());
+    let deadline = h.now.plus_us(5_000);
+    assert_eq!(h.r.tick_deadline(Instant(10)), Some(deadline));
+    // A short resend timeout keeps idle ticks within a quarter of it.
+    let h = H::single(
+        |c| c.resend_timeout_us = 8_000,
+        vec![recovered(0, vec![], 0)],
+    );
+    assert_eq!(h.r.idle_tick_us(), 2_000);
+}
+
+/// A middle that received a batch owes its predecessor an arrival ack (1 ms later, at a fast
+/// tick) and its successor the batch: it is busy until both are settled.
+#[test]
+fn a_node_with_an_unreported_arrival_keeps_the_fast_tick() {
+    let mut h = in_chain(2, vec![recovered(0, vec![], 0)], |_| {});
+    let b = build_stored(0, &[b"x"]);
+    h.peer(
+        1,
+        PeerMessage::Append {
+            epoch: Epoch(3),
+            session: 5,
+            log: default_log(),
+            base: Offset(0),
+            committed_end: Offset(0),
+            batches: vec![b],
+        },
+    );
+    assert_eq!(h.r.tick_deadline(Instant(1)), None);
+    h.durable(1);
+    assert!(
+        h.r.tick_deadline(Instant(1)).is_some(),
+        "durable, acked, idle"
+    );
+}
+
 fn build_stored(base: u64, payloads: &[&[u8]]) -> Bytes {
     record::build(default_log(), Offset(base), Epoch(3), payloads).unwrap()
 }

@@ -263,6 +263,11 @@ pub struct SimNode {
     cfg: ReplicaConfig,
     sync_delay_us: Option<(u64, u64)>,
     restart_scheduled: bool,
+    /// When the replica last ticked, and when its next tick is scheduled: the runtime's rule,
+    /// `TICK_US` after the last while work is in flight, else `Replica::tick_deadline`. Ticks
+    /// scheduled for another time are stale and skipped.
+    last_tick: u64,
+    tick_at: u64,
     /// The disk is full until then: every write fails with `StorageFull`.
     full_until: Option<u64>,
     /// Logs whose writes failed full and wait for space (the writer's free-space check).
@@ -588,6 +593,8 @@ impl Cluster {
                 cfg,
                 sync_delay_us: None,
                 restart_scheduled: false,
+                last_tick: 0,
+                tick_at: 0,
                 full_until: None,
                 failed_full: Default::default(),
                 dropping: Default::default(),
@@ -763,6 +770,8 @@ impl Cluster {
             now,
         ));
         let inc = node.inc;
+        node.last_tick = self.now;
+        node.tick_at = self.now + TICK_US;
         self.schedule(TICK_US, Ev::Tick { node: n, inc });
         self.update_links();
     }
@@ -956,7 +965,25 @@ impl Cluster {
         f(r, now, &mut out);
         self.apply(n, &mut out);
         self.out = out;
+        self.plan_tick(n);
         Some(n)
+    }
+
+    /// Schedules node `n`'s next tick as the runtime does after every turn.
+    fn plan_tick(&mut self, n: usize) {
+        let node = &self.nodes[n];
+        let Some(r) = node.replica.as_ref() else {
+            return;
+        };
+        let want = r
+            .tick_deadline(Instant(node.last_tick))
+            .map_or(node.last_tick + TICK_US, |t| t.0)
+            .max(self.now);
+        if want != node.tick_at {
+            let inc = node.inc;
+            self.nodes[n].tick_at = want;
+            self.schedule(want - self.now, Ev::Tick { node: n, inc });
+        }
     }
 
     fn alive_inc(&self, n: usize, inc: u64) -> bool {
@@ -966,10 +993,10 @@ impl Cluster {
     fn handle(&mut self, ev: Ev) -> Option<usize> {
         match ev {
             Ev::Tick { node, inc } => {
-                if !self.alive_inc(node, inc) {
+                if !self.alive_inc(node, inc) || self.nodes[node].tick_at != self.now {
                     return None;
                 }
-                self.schedule(TICK_US, Ev::Tick { node, inc });
+                self.nodes[node].last_tick = self.now;
                 self.check_free_space(node, inc);
                 self.with_replica(node, |r, now, out| r.on_tick(now, out))
             }
