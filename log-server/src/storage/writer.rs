@@ -45,8 +45,7 @@ const REOPEN_FREE_SEGMENTS: u64 = 2;
 enum Item {
     Batch(Bytes, BatchHeader),
     Truncate(Offset),
-    /// (before, point)
-    Trim(Offset, Offset),
+    Trim { before: Offset, point: Offset },
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -452,7 +451,7 @@ impl Writer {
                 // Past the end, the log restarts empty at `before`: appends queued behind the
                 // trim continue from there.
                 l.accepted_end = l.accepted_end.max(before);
-                l.queue.push_back(Item::Trim(before, point));
+                l.queue.push_back(Item::Trim { before, point });
                 self.pending.insert(log);
             }
             Cmd::SaveCommitted { log, end } => {
@@ -563,7 +562,7 @@ impl Writer {
                     l.queue.pop_front();
                     self.truncate(id, end);
                 }
-                Some(Item::Trim(before, point)) => {
+                Some(Item::Trim { before, point }) => {
                     let (before, point) = (*before, *point);
                     l.queue.pop_front();
                     self.trim(id, before, point);
