@@ -210,6 +210,10 @@ struct SuccLog {
     no_log: bool,
     /// Our start, last told to a successor that lacked offsets below it (rate limit).
     start_told: Option<(Offset, Instant)>,
+    /// The successor's durable trim point, as its last ack reported it (this session).
+    trim_known: Offset,
+    /// When we last told it our trim point (rate limit).
+    trim_told_at: Option<Instant>,
 }
 
 /// This log's side of the link from the predecessor.
@@ -221,6 +225,8 @@ struct PredLog {
     chain_moved_at: Option<Instant>,
     force: bool,
     resend: bool,
+    /// The durable trim point last reported upstream.
+    trim_sent: Offset,
     serving_fetch: Option<ReadToken>,
 }
 
@@ -1221,7 +1227,12 @@ impl Replica {
                 // The predecessor holds nothing below `before` durably and trims only
                 // committed offsets: everything below is committed.
                 l.committed_end = l.committed_end.max(before);
-                if l.failed.is_some() || (before <= l.start && point <= l.trim_asked) {
+                if l.failed.is_some() {
+                    return;
+                }
+                if before <= l.start && point <= l.trim_asked {
+                    // Nothing new: the predecessor resent it because no ack told it our point.
+                    l.pred.force = true;
                     return;
                 }
                 if before > l.written_end {
@@ -1251,30 +1262,18 @@ impl Replica {
                 chain_end,
                 committed_end,
                 resend,
+                trim_point,
                 ..
             } => {
                 let s = &mut l.succ;
                 s.commit_known = s.commit_known.max(committed_end);
+                s.trim_known = s.trim_known.max(trim_point);
                 if s.known && seq <= s.last_ack_seq {
                     return; // reordered: an older view
                 }
                 if !s.known {
                     s.known = true;
                     s.sent_end = written_end;
-                    // A trim told in an older session may have been lost with its connection:
-                    // tell it again, so every replica stops serving below a client's trim.
-                    if let (Some(succ), true) = (self.place.succ, l.trim_durable > Offset::ZERO) {
-                        out.push(Effect::Send {
-                            to: succ,
-                            msg: PeerMessage::Trim {
-                                epoch: self.chain.epoch,
-                                session: self.succ_session,
-                                log,
-                                before: l.start_durable,
-                                point: l.trim_durable,
-                            },
-                        });
-                    }
                 }
                 s.last_ack_seq = seq;
                 s.last_heard = now;
@@ -1561,6 +1560,8 @@ impl Replica {
             s.rewound = None;
             s.no_log = false;
             s.start_told = None;
+            s.trim_known = Offset::ZERO;
+            s.trim_told_at = None;
             self.dirty.insert(l.id);
         }
     }
@@ -1720,6 +1721,7 @@ impl Replica {
                     // Now durable here: the successor may drop it too (best effort; a lost
                     // message leaves it holding more, which is harmless).
                     if let (Some(succ), true) = (self.place.succ, self.succ_up) {
+                        l.succ.trim_told_at = Some(now);
                         out.push(Effect::Send {
                             to: succ,
                             msg: PeerMessage::Trim {
@@ -2287,6 +2289,27 @@ impl Replica {
             return;
         }
         self.forward(l, succ, now, out);
+        // The successor reports a trim point below ours (it missed a `Trim`): tell it again,
+        // at most once per resend timeout, so every replica stops serving below a client's
+        // trim.
+        if l.trim_durable > l.succ.trim_known
+            && l.failed.is_none()
+            && l.succ
+                .trim_told_at
+                .is_none_or(|t| now.saturating_since(t) >= timeout)
+        {
+            l.succ.trim_told_at = Some(now);
+            out.push(Effect::Send {
+                to: succ,
+                msg: PeerMessage::Trim {
+                    epoch,
+                    session,
+                    log: l.id,
+                    before: l.start_durable,
+                    point: l.trim_durable,
+                },
+            });
+        }
         if l.committed_end > l.succ.commit_sent {
             let send = if self.is_head() {
                 let due = *l
@@ -2474,7 +2497,8 @@ impl Replica {
             .chain_moved_at
             .is_some_and(|t| now.saturating_since(t) >= ARRIVAL_ACK_DELAY_US);
         let chain_due = chain_moved && ((self.ticking && arrival_old) || p.chain_sent.is_none());
-        if ack_end > p.ack_sent || chain_due || p.force || p.resend {
+        let trim_due = l.trim_durable > p.trim_sent;
+        if ack_end > p.ack_sent || chain_due || trim_due || p.force || p.resend {
             self.ack_seq += 1;
             out.push(Effect::Send {
                 to: pred,
@@ -2488,9 +2512,11 @@ impl Replica {
                     chain_end,
                     committed_end: l.committed_end,
                     resend: p.resend,
+                    trim_point: l.trim_durable,
                 },
             });
             p.ack_sent = p.ack_sent.max(ack_end);
+            p.trim_sent = p.trim_sent.max(l.trim_durable);
             p.chain_sent = Some(chain_end);
             p.chain_moved_at = None;
             p.force = false;

@@ -901,6 +901,7 @@ fn a_predecessor_tells_a_successor_behind_its_start_where_it_starts() {
         chain_end: Offset(10),
         committed_end: Offset(20),
         resend: false,
+        trim_point: Offset(0),
     };
     let session = h.r.succ_session;
     let e = h.peer(2, ack(1, session));
@@ -1054,6 +1055,10 @@ fn a_trim_goes_downstream_only_once_durable_and_only_what_the_head_holds() {
 // ---------------------------------------------------------------- full disk in a chain
 
 fn succ_ack(session: u64, seq: u64, written: u64, chain: u64) -> PeerMessage {
+    succ_ack_trim(session, seq, written, chain, 0)
+}
+
+fn succ_ack_trim(session: u64, seq: u64, written: u64, chain: u64, trim: u64) -> PeerMessage {
     PeerMessage::Ack {
         epoch: Epoch(3),
         session,
@@ -1064,40 +1069,86 @@ fn succ_ack(session: u64, seq: u64, written: u64, chain: u64) -> PeerMessage {
         chain_end: Offset(chain),
         committed_end: Offset(0),
         resend: false,
+        trim_point: Offset(trim),
     }
 }
 
-/// A node that restarted with a durable trim point tells its successor at the first ack of
-/// every session: a `Trim` lost with an old connection must not leave a replica serving what a
-/// client trimmed.
+/// A predecessor tells its successor its trim point until the successor's acks report it:
+/// a `Trim` lost on the way (or with an old connection) must not leave a replica serving what
+/// a client trimmed.
 #[test]
-fn a_trim_point_is_told_again_in_every_new_session() {
+fn a_trim_point_is_told_until_the_successor_reports_it() {
     let mut h = in_chain(
         1,
         vec![RecoveredLog {
             trim_point: Offset(25),
             ..recovered_from(20, 40, 40)
         }],
-        |_| {},
+        |c| c.resend_timeout_us = 10_000,
     );
     h.tick(1);
     let session = h.r.succ_session;
-    let e = h.peer(2, succ_ack(session, 1, 40, 40));
+    let ack = |seq: u64, trim: u64| succ_ack_trim(session, seq, 40, 40, trim);
+    // The session's first ack says the successor keeps no point: told at once.
+    let e = h.peer(2, ack(1, 0));
     assert_eq!(sent_trim_points(&e), vec![(Offset(20), Offset(25))]);
-    // Later acks of the session do not repeat it.
-    assert!(sent_trim_points(&h.peer(2, succ_ack(session, 2, 40, 40))).is_empty());
-    // A new connection, a new session: told again.
+    // Not again before the resend timeout...
+    assert!(sent_trim_points(&h.peer(2, ack(2, 0))).is_empty());
+    assert!(sent_trim_points(&h.tick(5_000)).is_empty());
+    // ...then again, as long as its acks report less.
+    assert_eq!(
+        sent_trim_points(&h.tick(11_000)),
+        vec![(Offset(20), Offset(25))]
+    );
+    // Once an ack reports the point, never again.
+    h.peer(2, ack(3, 25));
+    assert!(sent_trim_points(&h.tick(30_000)).is_empty());
+    // A new connection starts a new session: learned afresh from its first ack.
     h.r.on_link(h.now, NodeId(2), false, &mut h.out);
     h.r.on_link(h.now, NodeId(2), true, &mut h.out);
     h.out.clear();
     let session = h.r.succ_session;
-    let e = h.peer(2, succ_ack(session, 1, 40, 40));
-    assert_eq!(sent_trim_points(&e), vec![(Offset(20), Offset(25))]);
+    let e = h.peer(2, succ_ack_trim(session, 1, 40, 40, 25));
+    assert!(sent_trim_points(&e).is_empty(), "it kept the point: {e:?}");
     // Without a trim point there is nothing to tell.
     let mut h = in_chain(1, vec![recovered_from(20, 40, 40)], |_| {});
     h.tick(1);
     let session = h.r.succ_session;
     assert!(sent_trim_points(&h.peer(2, succ_ack(session, 1, 40, 40))).is_empty());
+}
+
+/// A successor reports its durable trim point upstream once it has it, and answers a `Trim`
+/// it already kept with an ack (the predecessor resent it because it had not heard).
+#[test]
+fn a_successor_reports_its_trim_point_upstream() {
+    let mut h = in_chain(2, vec![recovered_from(0, 40, 40)], |_| {});
+    let trim = PeerMessage::Trim {
+        epoch: Epoch(3),
+        session: 5,
+        log: default_log(),
+        before: Offset(0),
+        point: Offset(25),
+    };
+    // The predecessor's session starts with the first message it sends.
+    h.peer(1, trim.clone());
+    let e = h.disk(DiskEvent::Trimmed {
+        log: default_log(),
+        start: Offset(0),
+        point: Offset(25),
+    });
+    let reported = |e: &[Effect]| {
+        e.iter()
+            .filter_map(|x| match x {
+                Effect::Send {
+                    msg: PeerMessage::Ack { trim_point, .. },
+                    ..
+                } => Some(*trim_point),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(reported(&e), vec![Offset(25)], "{e:?}");
+    assert_eq!(reported(&h.peer(1, trim)), vec![Offset(25)]);
 }
 
 fn sessions_sent(effects: &[Effect]) -> Vec<u64> {
@@ -1295,6 +1346,7 @@ fn a_resend_abandons_the_storage_read_in_flight() {
         chain_end: Offset(written),
         committed_end: Offset(written),
         resend,
+        trim_point: Offset(0),
     };
     let stored = |base: u64| build_stored(base, &[b"a", b"b", b"c"]);
     // The successor holds 0..10: the head reads on from storage.

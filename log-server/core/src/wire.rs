@@ -697,7 +697,8 @@ pub enum PeerMessage {
     /// `written_end`: what this node has received in order; `chain_end`: the longest log from
     /// here to the tail (a restarted head adopts up to it before sequencing). `resend`: this
     /// node saw a gap and wants everything from `written_end`. `committed_end`: what this node
-    /// knows committed (a predecessor re-sends a lost `Commit`). `seq` orders acks of one
+    /// knows committed (a predecessor re-sends a lost `Commit`). `trim_point`: this node's
+    /// durable trim point (a predecessor re-sends a lost `Trim`). `seq` orders acks of one
     /// sender.
     Ack {
         epoch: Epoch,
@@ -709,6 +710,7 @@ pub enum PeerMessage {
         chain_end: Offset,
         committed_end: Offset,
         resend: bool,
+        trim_point: Offset,
     },
     /// Predecessor → successor: create this log (idempotent).
     CreateLog {
@@ -932,6 +934,7 @@ impl PeerMessage {
                 chain_end,
                 committed_end,
                 resend,
+                trim_point,
                 ..
             } => encode_frame(Kind::Peer, 0, vec![], |b| {
                 prefix(b, PEER_ACK);
@@ -941,6 +944,7 @@ impl PeerMessage {
                 b.put_u64_le(chain_end.0);
                 b.put_u64_le(committed_end.0);
                 b.put_u8(u8::from(*resend));
+                b.put_u64_le(trim_point.0);
             }),
             PeerMessage::CreateLog { name, .. } => encode_frame(Kind::Peer, 0, vec![], |b| {
                 prefix(b, PEER_CREATE_LOG);
@@ -1063,6 +1067,13 @@ impl PeerMessage {
                     1 => true,
                     v => return Err(Error::Malformed(format!("peer ack: resend flag {v}"))),
                 };
+                // A node of the first layout reports no trim point.
+                let trim_point = if body.is_empty() {
+                    Offset::ZERO
+                } else {
+                    need(&body, 8, "peer ack trim point")?;
+                    Offset(body.get_u64_le())
+                };
                 PeerMessage::Ack {
                     epoch,
                     session,
@@ -1073,6 +1084,7 @@ impl PeerMessage {
                     chain_end,
                     committed_end,
                     resend,
+                    trim_point,
                 }
             }
             PEER_CREATE_LOG => {
@@ -1195,6 +1207,7 @@ mod peer_tests {
                 chain_end: Offset(13),
                 committed_end: Offset(9),
                 resend: true,
+                trim_point: Offset(4),
             },
             PeerMessage::CreateLog {
                 epoch,
@@ -1229,6 +1242,32 @@ mod peer_tests {
                 point: Offset(7),
             },
         ]
+    }
+
+    #[test]
+    fn an_ack_of_the_first_layout_reports_no_trim_point() {
+        let m = PeerMessage::Ack {
+            epoch: Epoch(2),
+            session: 9,
+            log: LogId(4),
+            seq: 3,
+            written_end: Offset(10),
+            ack_end: Offset(9),
+            chain_end: Offset(10),
+            committed_end: Offset(8),
+            resend: false,
+            trim_point: Offset(7),
+        };
+        let e = m.encode().to_vec();
+        let body = &e[FRAME_HEADER_LEN..e.len() - 8];
+        match PeerMessage::decode(Bytes::copy_from_slice(body)) {
+            Ok(PeerMessage::Ack {
+                ack_end,
+                trim_point,
+                ..
+            }) => assert_eq!((ack_end, trim_point), (Offset(9), Offset(0))),
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -2147,6 +2147,22 @@ impl Cluster {
                     .all(|x| x.sub_next >= sub_end)
             })?;
         }
+        // A client's trim holds on every replica once healed: each keeps (durably) a trim
+        // point at least its predecessor's, though a `Trim` may have been lost on the way.
+        self.run_until(
+            "every replica to keep its predecessor's trim point",
+            &mut budget,
+            |c| {
+                c.nodes.windows(2).all(|w| {
+                    w[0].disk.logs.iter().all(|(id, pred)| {
+                        w[1].disk
+                            .logs
+                            .get(id)
+                            .is_some_and(|succ| succ.trim_point >= pred.trim_point)
+                    })
+                })
+            },
+        )?;
         let disks: Vec<&SimDisk> = self.nodes.iter().map(|x| &x.disk).collect();
         if let Err(v) = self.checker.check_final_disks(&disks, &self.trim_asked) {
             self.fail(v);
