@@ -296,6 +296,17 @@ impl LogState {
         });
     }
 
+    /// Tells a successor where this log durably starts and its durable trim point.
+    fn trim_message(&self, epoch: Epoch, session: u64) -> PeerMessage {
+        PeerMessage::Trim {
+            epoch,
+            session,
+            log: self.id,
+            before: self.start_durable,
+            point: self.trim_durable,
+        }
+    }
+
     /// Where reads start here durably: what `TrimOk` answers.
     fn durable_served_start(&self) -> Offset {
         self.start.max(self.trim_durable)
@@ -1724,13 +1735,7 @@ impl Replica {
                         l.succ.trim_told_at = Some(now);
                         out.push(Effect::Send {
                             to: succ,
-                            msg: PeerMessage::Trim {
-                                epoch: self.chain.epoch,
-                                session: self.succ_session,
-                                log,
-                                before: l.start_durable,
-                                point: l.trim_durable,
-                            },
+                            msg: l.trim_message(self.chain.epoch, self.succ_session),
                         });
                     }
                     self.dirty.insert(log);
@@ -2301,13 +2306,7 @@ impl Replica {
             l.succ.trim_told_at = Some(now);
             out.push(Effect::Send {
                 to: succ,
-                msg: PeerMessage::Trim {
-                    epoch,
-                    session,
-                    log: l.id,
-                    before: l.start_durable,
-                    point: l.trim_durable,
-                },
+                msg: l.trim_message(epoch, session),
             });
         }
         if l.committed_end > l.succ.commit_sent {
@@ -2424,13 +2423,7 @@ impl Replica {
                     l.succ.start_told = Some((l.start_durable, now));
                     out.push(Effect::Send {
                         to: succ,
-                        msg: PeerMessage::Trim {
-                            epoch,
-                            session,
-                            log: l.id,
-                            before: l.start_durable,
-                            point: l.trim_durable,
-                        },
+                        msg: l.trim_message(epoch, session),
                     });
                 }
                 break;

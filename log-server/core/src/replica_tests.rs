@@ -934,6 +934,19 @@ fn a_trim_goes_downstream_only_once_durable_and_only_what_the_head_holds() {
         }
         other => panic!("{other:?}"),
     };
+    // A head holding 0..40 with a read at 22 issued before a trim to 25, and the read's token.
+    let read_then_trim_to_25 = |read_id: u64, trim_id: u64| {
+        let mut h = in_chain(1, vec![recovered_from(0, 40, 40)], |_| {});
+        let (token, _, _) = reads(&h.client(read_id, read_22()))[0];
+        h.client(
+            trim_id,
+            ClientRequest::Trim {
+                log: default_log(),
+                before: Offset(25),
+            },
+        );
+        (h, token)
+    };
     let mut h = in_chain(1, vec![recovered_from(0, 40, 40)], |_| {});
     let e = h.client(
         3,
@@ -950,16 +963,7 @@ fn a_trim_goes_downstream_only_once_durable_and_only_what_the_head_holds() {
     let e = h.client(4, read_22());
     refused_at_25(&e, 4);
     // A read issued before the trim whose segments went under it says the same.
-    let mut h2 = in_chain(1, vec![recovered_from(0, 40, 40)], |_| {});
-    let e2 = h2.client(5, read_22());
-    let (token, _, _) = reads(&e2)[0];
-    h2.client(
-        6,
-        ClientRequest::Trim {
-            log: default_log(),
-            before: Offset(25),
-        },
-    );
+    let (mut h2, token) = read_then_trim_to_25(5, 6);
     let e2 = h2.disk(DiskEvent::ReadDone {
         token,
         result: Err(ErrorCode::OffsetTrimmed),
@@ -967,16 +971,7 @@ fn a_trim_goes_downstream_only_once_durable_and_only_what_the_head_holds() {
     refused_at_25(&e2, 5);
     // So does one whose read storage answered before it dropped the segments: those bytes
     // may be on no replica by now (seed 973606).
-    let mut h3 = in_chain(1, vec![recovered_from(0, 40, 40)], |_| {});
-    let e3 = h3.client(7, read_22());
-    let (token, _, _) = reads(&e3)[0];
-    h3.client(
-        8,
-        ClientRequest::Trim {
-            log: default_log(),
-            before: Offset(25),
-        },
-    );
+    let (mut h3, token) = read_then_trim_to_25(7, 8);
     let stored: Vec<&[u8]> = vec![b"x"; 18];
     let e3 = h3.disk(DiskEvent::ReadDone {
         token,

@@ -135,6 +135,15 @@ impl LogW {
     fn start(&self) -> Offset {
         self.segs.first().map_or(self.durable_end, |s| s.base)
     }
+
+    /// The report of a trim (or retention) once its deletions and point are durable.
+    fn trimmed(&self) -> DiskEvent {
+        DiskEvent::Trimmed {
+            log: self.id,
+            start: self.start(),
+            point: self.trim_point,
+        }
+    }
 }
 
 pub(crate) struct Writer {
@@ -805,19 +814,11 @@ impl Writer {
                     tracing::error!(log = %id, "fsync of the log directory failed: {e}");
                     l.failing.get_or_insert(code_of(&e));
                 }
-                let trimmed =
-                    std::mem::take(&mut l.trim_unsynced).then(|| (l.start(), l.trim_point));
+                let trimmed = std::mem::take(&mut l.trim_unsynced).then(|| l.trimmed());
                 self.take_recycled(id, ok);
                 self.spares.replenish();
-                if let Some((start, point)) = trimmed {
-                    emit(
-                        &self.events,
-                        DiskEvent::Trimmed {
-                            log: id,
-                            start,
-                            point,
-                        },
-                    );
+                if let Some(ev) = trimmed {
+                    emit(&self.events, ev);
                 }
                 self.settle(id);
             }
@@ -1248,17 +1249,10 @@ impl Writer {
         if let Err(e) = &r {
             tracing::error!(log = %id, "fsync of log dir after deleting segments: {e}");
         }
-        let (start, point) = (l.start(), l.trim_point);
+        let ev = l.trimmed();
         self.take_recycled(id, r.is_ok());
         self.spares.replenish();
-        emit(
-            &self.events,
-            DiskEvent::Trimmed {
-                log: id,
-                start,
-                point,
-            },
-        );
+        emit(&self.events, ev);
     }
 
     fn apply_retention(&mut self, id: LogId) {
@@ -1338,14 +1332,7 @@ impl Writer {
         if deleted {
             self.finish_deletes(id);
         } else if let Some(l) = self.logs.get(&id) {
-            emit(
-                &self.events,
-                DiskEvent::Trimmed {
-                    log: id,
-                    start: l.start(),
-                    point: l.trim_point,
-                },
-            );
+            emit(&self.events, l.trimmed());
         }
     }
 
