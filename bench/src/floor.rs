@@ -68,6 +68,10 @@ pub struct DiskFloor {
     pub p99_us: f64,
     pub max_us: f64,
     pub runs: Vec<FloorRun>,
+    /// Share of the machine's CPU time stolen by the hypervisor while this floor ran (set by
+    /// the suite; absent in older reports).
+    #[serde(default)]
+    pub host_steal_share: Option<f64>,
 }
 
 /// Bytes the server stores for a batch holding one record of `record_bytes`.
@@ -186,6 +190,7 @@ pub fn disk_floor(
         p99_us: best.p99_us,
         max_us: best.max_us,
         runs,
+        host_steal_share: None,
     })
 }
 

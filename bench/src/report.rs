@@ -46,6 +46,8 @@ pub struct RoundResult {
     pub chain_retained: Option<AppendResult>,
     #[serde(default)]
     pub chain_retained_storage: Option<StorageCounters>,
+    #[serde(default)]
+    pub chain_retained_cpu: Option<crate::cpu::CpuUse>,
     /// At the top level: the service chain with its files growing as a growing log's do, once
     /// per way of growing them ([`crate::service::Space`]: pre-zeroed, unwritten).
     #[serde(default)]
@@ -555,6 +557,32 @@ fn rounds_list(v: &[f64]) -> String {
         .join(", ")
 }
 
+/// A share as a whole percentage (`7%`); `–` when not measured.
+pub fn percent(x: Option<f64>) -> String {
+    match x {
+        Some(x) if x.is_finite() => format!("{:.0}%", 100.0 * x),
+        _ => "–".into(),
+    }
+}
+
+/// Per round, the steal shares of the disk floor and of one server run at level `i`, as
+/// `floor / run` pairs: the runs a round's ratio compares, and how much CPU the host took from
+/// each.
+fn steal_pairs(
+    rounds: &[RoundResult],
+    i: usize,
+    run: &dyn Fn(&RoundResult) -> Option<f64>,
+) -> String {
+    rounds
+        .iter()
+        .map(|r| {
+            let floor = at(&r.floors, i).and_then(|f| f.host_steal_share);
+            format!("{} / {}", percent(floor), percent(run(r)))
+        })
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
 /// Integer-ish rendering for rates and microseconds.
 fn n(x: f64) -> String {
     if x.is_nan() {
@@ -775,7 +803,12 @@ impl SuiteReport {
             );
         }
         let _ = writeln!(s, "\n## Targets (≤ {TARGET_RATIO_MAX}×)\n");
-        if let Some(top) = self.levels.iter().max_by_key(|l| l.inflight) {
+        let top = self
+            .levels
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, l)| l.inflight);
+        if let Some((top_i, top)) = top {
             let _ = writeln!(
                 s,
                 "- single node at {} in flight: floor ÷ single = **{:.2}** → {} (rounds: {}; against the N-writes layout alone: {:.2})",
@@ -802,6 +835,13 @@ impl SuiteReport {
                 verdict(top.chain_vs_floor),
                 rounds_list(&top.chain_vs_floor_rounds),
                 top.chain_vs_per_batch_floor
+            );
+            let _ = writeln!(
+                s,
+                "  - CPU time the hypervisor gave other guests (steal) in each round, disk floor / chain run: {}",
+                steal_pairs(&self.rounds, top_i, &|r| {
+                    at(&r.chain_cpu, top_i)?.as_ref()?.host_steal_share
+                })
             );
             if !top.service_chain_records_per_s.is_nan() {
                 let _ = writeln!(
@@ -870,6 +910,13 @@ impl SuiteReport {
                 crate::suite::RETAINED_RETENTION_BYTES >> 20,
                 crate::suite::FILL_RECYCLED_MIN
             );
+            if let Some(i) = self.levels.iter().position(|l| l.inflight == t.inflight) {
+                let _ = writeln!(
+                    s,
+                    "  - steal in each round, disk floor / chain under retention: {}",
+                    steal_pairs(&self.rounds, i, &|r| r.chain_retained_cpu?.host_steal_share)
+                );
+            }
         }
         let failed: Vec<String> = self
             .rounds
@@ -936,6 +983,7 @@ mod tests {
             p50_us: p50,
             p99_us: p50 * 2.0,
             max_us: p50 * 3.0,
+            host_steal_share: Some(0.02),
         }
     }
 
@@ -1022,9 +1070,17 @@ mod tests {
                 Some(crate::cpu::CpuUse {
                     server_s: 3.6,
                     client_s: 1.8,
+                    host_steal_share: None,
                 }),
             ],
-            chain_cpu: vec![],
+            chain_cpu: vec![
+                None,
+                Some(crate::cpu::CpuUse {
+                    server_s: 4.0,
+                    client_s: 1.0,
+                    host_steal_share: Some(0.01 * i as f64),
+                }),
+            ],
             single_status: vec![],
             chain_status: vec![],
             // The head's own turnaround drifts with the round; the others stay put.
@@ -1040,6 +1096,7 @@ mod tests {
                 segments_recycled: 6,
                 ..StorageCounters::default()
             }),
+            chain_retained_cpu: None,
             // Pre-zeroed beats unwritten in every round but the middle one.
             service_chain_growing: vec![
                 ServiceFloor {
@@ -1145,6 +1202,15 @@ mod tests {
             "{md}"
         );
         assert!(md.contains("under retention 0 (it recycled 6)"), "{md}");
+        // Round i's chain lost i% to steal, every floor 2%; the retained runs were not sampled.
+        assert!(
+            md.contains("(steal) in each round, disk floor / chain run: 2% / 0%, 2% / 1%, 2% / 2%"),
+            "{md}"
+        );
+        assert!(
+            md.contains("disk floor / chain under retention: 2% / –, 2% / –, 2% / –"),
+            "{md}"
+        );
         // Best growing per round: 20k, 15k, 20k against floor/3 of 30k, 60k, 15k and the
         // chain's 20k; the in-place service chain's 24k, 48k, 12k.
         let g = report.growing_service.as_ref().unwrap();

@@ -2,7 +2,7 @@
 //! local chain (real `log-server` processes on temp dirs) at each in-flight level, so slow
 //! periods of this shared disk hit floor and server alike; then medians and ratios.
 
-use crate::cpu::{process_cpu_s, CpuUse};
+use crate::cpu::{host_ticks, steal_share, CpuSample, CpuUse};
 use crate::floor::{disk_floor_async, DiskFloor};
 use crate::loopback::loopback_rtt;
 use crate::report::{
@@ -222,9 +222,8 @@ async fn run_on(
         fill_until_recycling(&client, cfg, inflight).await?;
     }
     wait_for_spares(&client, server.addrs.len(), what).await?;
-    let cpu_now = |pid| (process_cpu_s(Some(pid)), process_cpu_s(None));
     let before = storage_counters(&client).await;
-    let cpu_before = cpu_now(server.pid());
+    let cpu_before = CpuSample::now(server.pid());
     let load = AppendLoad {
         log: LOG_NAME.into(),
         inflight,
@@ -234,7 +233,7 @@ async fn run_on(
         rate_per_s: None,
     };
     let r = run_append(&client, &load).await?;
-    let cpu = CpuUse::between(cpu_before, cpu_now(server.pid()));
+    let cpu = CpuUse::between(cpu_before, CpuSample::now(server.pid()));
     server.check_alive()?;
     // One status document per node: the head's (first) for the counters, all for the
     // turnaround.
@@ -263,13 +262,14 @@ async fn run_on(
     if let (Some(d), Some(c)) = (storage, cpu) {
         let per = 1e6 / r.records_total.max(1) as f64;
         eprintln!(
-            "         head: {:.1} records/batch, {:.1} batches/fsync, {} spares zeroed, {} segments recycled; cpu µs/record: server {:.0}, client {:.0}",
+            "         head: {:.1} records/batch, {:.1} batches/fsync, {} spares zeroed, {} segments recycled; cpu µs/record: server {:.0}, client {:.0}; host steal {}",
             r.records_total as f64 / d.batches.max(1) as f64,
             d.batches_per_fsync(),
             d.spares_zeroed,
             d.segments_recycled,
             c.server_s * per,
-            c.client_s * per
+            c.client_s * per,
+            crate::report::percent(c.host_steal_share)
         );
     }
     Ok(ServerRun {
@@ -337,13 +337,15 @@ async fn one_round(round: usize, cfg: &SuiteConfig) -> anyhow::Result<RoundResul
         for step in step_order(round) {
             match step {
                 Step::Floor => {
-                    let f = disk_floor_async(
+                    let host_before = host_ticks();
+                    let mut f = disk_floor_async(
                         tmp.path().join("floor"),
                         cfg.record_bytes,
                         inflight,
                         cfg.floor_budget,
                     )
                     .await?;
+                    f.host_steal_share = steal_share(host_before, host_ticks());
                     for r in &f.runs {
                         eprintln!(
                             "  floor  @{inflight:<4} {:>9.0} rec/s {:>7.1} MB/s  p50 {:>8.0} p99 {:>8.0} µs per sync ({} rounds, {:?}{})",
@@ -432,9 +434,9 @@ async fn one_round(round: usize, cfg: &SuiteConfig) -> anyhow::Result<RoundResul
     }
     let (single, single_storage, single_cpu, single_status, _) = unzip_runs(single);
     let (chain, chain_storage, chain_cpu, chain_status, chain_turnaround) = unzip_runs(chain);
-    let (chain_retained, chain_retained_storage) = match chain_retained {
-        Some(r) => (Some(r.result), r.storage),
-        None => (None, None),
+    let (chain_retained, chain_retained_storage, chain_retained_cpu) = match chain_retained {
+        Some(r) => (Some(r.result), r.storage, r.cpu),
+        None => (None, None, None),
     };
     Ok(RoundResult {
         round,
@@ -453,6 +455,7 @@ async fn one_round(round: usize, cfg: &SuiteConfig) -> anyhow::Result<RoundResul
         chain_turnaround,
         chain_retained,
         chain_retained_storage,
+        chain_retained_cpu,
         service_chain_growing,
     })
 }
