@@ -1608,6 +1608,13 @@ impl Replica {
         // Dedup state for batches this node no longer holds would answer a retry with
         // offsets that will hold other records.
         l.producers.forget_from(end);
+        // Appends already waiting on such a batch (sequenced here before the failure, or
+        // retries matched to it since, while only a successor might still hold it) are in
+        // doubt until this head holds the chain's longest log again: then they commit if it
+        // adopted the batch back, and are refused if nobody held it. A retry matched after
+        // the failure was not counted when it failed (the simulator found one answered with
+        // offsets that new appends had filled, seed 1493634).
+        l.in_doubt |= l.commit_waiters.range(end.plus(1)..).next().is_some();
         // The successor's view of this log may be older than what was forwarded to it: the
         // head must not sequence at `end` before it knows the longest log downstream afresh.
         l.succ.chain_end = None;

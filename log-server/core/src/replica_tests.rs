@@ -1274,6 +1274,62 @@ fn a_batch_queued_behind_an_in_doubt_one_is_refused_with_it() {
     assert!(replies(&e).is_empty(), "{e:?}");
 }
 
+/// A retry that arrives while the head's write of a batch it adopted from its successor has
+/// failed full is matched to that batch (dedup) and waits for its commit. If the reopened head
+/// then learns that nobody holds the batch any more (the successor lost it too), the retry is
+/// refused, not answered later with offsets that new appends filled (the simulator's checker
+/// found an acknowledged append holding other records, seed 1493634).
+#[test]
+fn a_retry_waiting_on_a_batch_lost_while_the_head_was_full_is_refused() {
+    // The batch as a head stores it: stamped at offset 0.
+    let mut h0 = in_chain(1, vec![recovered(0, vec![], 0)], |_| {});
+    h0.tick(1);
+    h0.peer(2, succ_ack(1, 1, 0, 0));
+    let stored = appends(&h0.append(1, batch(&[b"a"], 9, 0)))[0].1[0].clone();
+    // A head that restarted short of its successor adopts the batch; its write fails full.
+    let mut h = in_chain(1, vec![recovered(0, vec![], 0)], |c| {
+        c.writes_in_flight_max = 1
+    });
+    h.tick(1);
+    let session = h.r.succ_session;
+    h.peer(2, succ_ack(session, 1, 1, 1));
+    let e = h.peer(
+        2,
+        PeerMessage::FetchReply {
+            epoch: Epoch(3),
+            session,
+            log: default_log(),
+            base: Offset(0),
+            batches: vec![stored],
+        },
+    );
+    assert_eq!(appends(&e).len(), 1, "adopted: {e:?}");
+    h.disk(DiskEvent::WriteFailed {
+        log: default_log(),
+        at: Offset(0),
+        code: ErrorCode::StorageFull,
+    });
+    // The producer's retry matches the adopted batch: it waits with it.
+    let e = h.append(2, batch(&[b"a"], 9, 0));
+    assert!(replies(&e).is_empty(), "{e:?}");
+    // Reopened; in the new session the successor reports it holds nothing (it lost the batch).
+    let e = h.disk(DiskEvent::Reopened {
+        log: default_log(),
+        end: Offset(0),
+    });
+    let session = *sessions_sent(&e).last().expect("a probe in a new session");
+    let e = h.peer(2, succ_ack(session, 10, 0, 0));
+    let rs: Vec<(u64, Option<ErrorCode>)> =
+        replies(&e).iter().map(|(id, r)| (*id, code(r))).collect();
+    assert_eq!(rs, vec![(2, Some(ErrorCode::StorageFull))], "{e:?}");
+    // Another producer's batch takes offset 0 and commits; only it is answered.
+    let e = h.append(3, batch(&[b"x"], 7, 0));
+    assert_eq!(appends(&e).len(), 1, "{e:?}");
+    let mut e = h.durable(1);
+    e.extend(h.peer(2, succ_ack(session, 11, 1, 1)));
+    assert_eq!(replies(&e), vec![(3, ok(0, 1))]);
+}
+
 /// A client's retry that queued behind the copy it repeats, when the head's write of that copy
 /// fails full after forwarding it: the copy is stored (the successor may keep it), so the retry
 /// must not be refused "stored nowhere"; it waits with the copy. The simulator's checker found
