@@ -1156,6 +1156,17 @@ fn sessions_sent(effects: &[Effect]) -> Vec<u64> {
         .collect()
 }
 
+/// The successor's answer to a `Fetch` from offset 0 of the default log.
+fn fetch_reply(session: u64, batches: Vec<Bytes>) -> PeerMessage {
+    PeerMessage::FetchReply {
+        epoch: Epoch(3),
+        session,
+        log: default_log(),
+        base: Offset(0),
+        batches,
+    }
+}
+
 /// A head whose write failed full after forwarding an append: the append is neither answered
 /// nor refused; after the reopen the head learns (new session) what the successor kept, and
 /// the append then commits if the successor kept it, or is refused if nobody did.
@@ -1199,16 +1210,7 @@ fn head_full_after_forwarding(successor_kept: bool) -> Vec<(u64, ClientReply)> {
             !h.log_status().ready,
             "the head must adopt the successor's suffix first"
         );
-        out = h.peer(
-            2,
-            PeerMessage::FetchReply {
-                epoch: Epoch(3),
-                session,
-                log: default_log(),
-                base: Offset(0),
-                batches: vec![stored],
-            },
-        );
+        out = h.peer(2, fetch_reply(session, vec![stored]));
         assert_eq!(appends(&out).len(), 1, "adopted from the successor");
         out.extend(h.durable(1));
     }
@@ -1293,16 +1295,7 @@ fn a_retry_waiting_on_a_batch_lost_while_the_head_was_full_is_refused() {
     h.tick(1);
     let session = h.r.succ_session;
     h.peer(2, succ_ack(session, 1, 1, 1));
-    let e = h.peer(
-        2,
-        PeerMessage::FetchReply {
-            epoch: Epoch(3),
-            session,
-            log: default_log(),
-            base: Offset(0),
-            batches: vec![stored],
-        },
-    );
+    let e = h.peer(2, fetch_reply(session, vec![stored]));
     assert_eq!(appends(&e).len(), 1, "adopted: {e:?}");
     h.disk(DiskEvent::WriteFailed {
         log: default_log(),
