@@ -1225,6 +1225,11 @@ impl Replica {
                             batches: vec![],
                         },
                     });
+                    // Nothing to give: the predecessor fetches because an ack of ours said we
+                    // hold more, and that may be stale (a write that failed full was rolled back
+                    // since, and the ack that said so was lost). Tell it where we are, or it
+                    // fetches in vain for ever and never sequences again (seed 1816695).
+                    l.pred.force = true;
                 }
             }
             PeerMessage::Trim { before, point, .. } => {
@@ -1922,6 +1927,11 @@ impl Replica {
                     return;
                 }
                 let v = batches.unwrap_or_default();
+                if v.is_empty() {
+                    // As for a fetch answered from nothing up front: our position with it.
+                    l.pred.force = true;
+                    self.dirty.insert(log);
+                }
                 let base = v
                     .first()
                     .and_then(|b| BatchHeader::decode(b).ok())

@@ -1146,6 +1146,49 @@ fn a_successor_reports_its_trim_point_upstream() {
     assert_eq!(reported(&h.peer(1, trim)), vec![Offset(25)]);
 }
 
+/// A successor asked for offsets it does not hold answers with nothing and with an ack of
+/// where it is: the fetch means the predecessor believes an older ack (say, one counting a
+/// write that failed full and was rolled back since, its correction lost), and without a fresh
+/// one it would fetch in vain for ever (the simulator's liveness check, seed 1816695).
+#[test]
+fn a_successor_that_has_nothing_to_fetch_says_where_it_is() {
+    let mut h = in_chain(2, vec![recovered(0, vec![], 0)], |_| {});
+    let fetch = PeerMessage::Fetch {
+        epoch: Epoch(3),
+        session: 5,
+        log: default_log(),
+        from: Offset(0),
+        max_bytes: 4096,
+    };
+    let acks = |e: &[Effect]| {
+        e.iter()
+            .filter_map(|x| match x {
+                Effect::Send {
+                    msg: PeerMessage::Ack { written_end, .. },
+                    ..
+                } => Some(*written_end),
+                _ => None,
+            })
+            .collect::<Vec<_>>()
+    };
+    let empty_replies = |e: &[Effect]| {
+        e.iter()
+            .filter(|x| {
+                matches!(x, Effect::Send { msg: PeerMessage::FetchReply { batches, .. }, .. }
+                    if batches.is_empty())
+            })
+            .count()
+    };
+    // The session's first message is answered with an ack anyway; every later fetch of
+    // nothing is answered with one too.
+    h.peer(1, fetch.clone());
+    for _ in 0..2 {
+        let e = h.peer(1, fetch.clone());
+        assert_eq!(empty_replies(&e), 1, "{e:?}");
+        assert_eq!(acks(&e), vec![Offset(0)], "{e:?}");
+    }
+}
+
 fn sessions_sent(effects: &[Effect]) -> Vec<u64> {
     effects
         .iter()
