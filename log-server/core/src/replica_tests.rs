@@ -1160,17 +1160,7 @@ fn a_successor_that_has_nothing_to_fetch_says_where_it_is() {
         from: Offset(0),
         max_bytes: 4096,
     };
-    let acks = |e: &[Effect]| {
-        e.iter()
-            .filter_map(|x| match x {
-                Effect::Send {
-                    msg: PeerMessage::Ack { written_end, .. },
-                    ..
-                } => Some(*written_end),
-                _ => None,
-            })
-            .collect::<Vec<_>>()
-    };
+    let acks = |e: &[Effect]| acks_sent(e).into_iter().map(|a| a.0).collect::<Vec<_>>();
     let empty_replies = |e: &[Effect]| {
         e.iter()
             .filter(|x| {
