@@ -11,6 +11,7 @@ use crate::storage::{IoMode, Storage, StorageConfig};
 use anyhow::Context;
 use bytes::Bytes;
 use chainlog_core::effects::{ClientId, DiskEvent, Effect, RecoveredLog};
+use chainlog_core::replica::BUSY_TICK_US;
 use chainlog_core::types::{ClusterId, Epoch, Instant, LogId, NodeId, Offset};
 use chainlog_core::wire::{
     ClientReply, ClientRequest, Encoded, Hello, HelloOk, Kind, PeerMessage, Role, PROTOCOL_VERSION,
@@ -30,9 +31,6 @@ use tokio::sync::{mpsc, watch, Semaphore};
 
 /// How long a new connection may take to say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
-/// Core tick period while a replica has work in flight: drives idle commits and delayed
-/// acks (idle, the replica asks for fewer ticks: `Replica::tick_deadline`).
-const TICK: Duration = Duration::from_millis(1);
 /// Reconnect back-off to the successor.
 const RECONNECT_MIN: Duration = Duration::from_millis(20);
 const RECONNECT_MAX: Duration = Duration::from_millis(500);
@@ -324,11 +322,11 @@ impl CoreLoop {
         mut rx: mpsc::UnboundedReceiver<Event>,
         mut stop: watch::Receiver<bool>,
     ) {
-        // The next tick: `TICK` after the last one while the replica has work in flight, else
-        // when it says (`tick_deadline`). Reset only when that moves: an earlier deadline
-        // costs the timer driver a wake-up of its own.
+        // The next tick: when the replica says (`Replica::next_tick`: 1 ms after the last one
+        // while it has work in flight, far less often idle). Reset only when that moves: an
+        // earlier deadline costs the timer driver a wake-up of its own.
         let mut last_tick = now_us(self.start);
-        let mut tick_at = self.tick_instant(last_tick.plus_us(TICK.as_micros() as u64));
+        let mut tick_at = self.tick_instant(last_tick.plus_us(BUSY_TICK_US));
         let tick = tokio::time::sleep_until(tick_at);
         tokio::pin!(tick);
         let mut effects: Vec<Effect> = Vec::with_capacity(256);
@@ -380,8 +378,7 @@ impl CoreLoop {
             if let Some(s) = &self.storage {
                 s.drive();
             }
-            let fast = last_tick.plus_us(TICK.as_micros() as u64);
-            let want = self.tick_instant(self.replica.tick_deadline(last_tick).unwrap_or(fast));
+            let want = self.tick_instant(self.replica.next_tick(last_tick));
             if want != tick_at {
                 tick_at = want;
                 tick.as_mut().reset(want);

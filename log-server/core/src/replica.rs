@@ -45,6 +45,8 @@ pub const WAITERS_PER_LOG_MAX: usize = 256;
 pub const ARRIVAL_ACK_DELAY_US: u64 = 1_000;
 /// The longest an idle node goes without a tick (see `Replica::tick_deadline`).
 pub const IDLE_TICK_MAX_US: u64 = 50_000;
+/// The tick period while a replica has work in flight (see `Replica::next_tick`).
+pub const BUSY_TICK_US: u64 = 1_000;
 
 /// Tunables of one replica. Defaults come from [`ReplicaConfig::new`].
 #[derive(Clone, Debug)]
@@ -304,6 +306,29 @@ impl LogState {
             log: self.id,
             before: self.start_durable,
             point: self.trim_durable,
+        }
+    }
+
+    /// Answers a predecessor's `Fetch`. An empty answer also asks for an ack of where this log
+    /// is: the fetch shows the predecessor believes an older ack of ours, which may have
+    /// counted a write that failed full and was rolled back since (with that correction lost,
+    /// a head fetched in vain for ever and never sequenced again, seed 1816695).
+    fn fetch_reply(
+        &mut self,
+        epoch: Epoch,
+        session: u64,
+        base: Offset,
+        batches: Vec<Bytes>,
+    ) -> PeerMessage {
+        if batches.is_empty() {
+            self.pred.force = true;
+        }
+        PeerMessage::FetchReply {
+            epoch,
+            session,
+            log: self.id,
+            base,
+            batches,
         }
     }
 
@@ -1191,13 +1216,7 @@ impl Replica {
                 if let Some(batches) = Self::from_window(l, from, max_bytes) {
                     out.push(Effect::Send {
                         to: pred,
-                        msg: PeerMessage::FetchReply {
-                            epoch,
-                            session,
-                            log,
-                            base: from,
-                            batches,
-                        },
+                        msg: l.fetch_reply(epoch, session, from, batches),
                     });
                 } else if from >= l.start && from < l.durable_end {
                     if l.pred.serving_fetch.is_none() {
@@ -1217,19 +1236,8 @@ impl Replica {
                 } else {
                     out.push(Effect::Send {
                         to: pred,
-                        msg: PeerMessage::FetchReply {
-                            epoch,
-                            session,
-                            log,
-                            base: from,
-                            batches: vec![],
-                        },
+                        msg: l.fetch_reply(epoch, session, from, vec![]),
                     });
-                    // Nothing to give: the predecessor fetches because an ack of ours said we
-                    // hold more, and that may be stale (a write that failed full was rolled back
-                    // since, and the ack that said so was lost). Tell it where we are, or it
-                    // fetches in vain for ever and never sequences again (seed 1816695).
-                    l.pred.force = true;
                 }
             }
             PeerMessage::Trim { before, point, .. } => {
@@ -1928,9 +1936,7 @@ impl Replica {
                 }
                 let v = batches.unwrap_or_default();
                 if v.is_empty() {
-                    // As for a fetch answered from nothing up front: our position with it.
-                    l.pred.force = true;
-                    self.dirty.insert(log);
+                    self.dirty.insert(log); // for the ack `fetch_reply` asks for
                 }
                 let base = v
                     .first()
@@ -1938,19 +1944,13 @@ impl Replica {
                     .map_or(l.written_end, |h| h.base_offset);
                 out.push(Effect::Send {
                     to: pred,
-                    msg: PeerMessage::FetchReply {
-                        epoch,
-                        session,
-                        log,
-                        base,
-                        batches: v,
-                    },
+                    msg: l.fetch_reply(epoch, session, base, v),
                 });
             }
         }
     }
 
-    /// Called every ~1 ms: timers (idle commits, probes, resends, read deadlines).
+    /// Called when `next_tick` says: timers (idle commits, probes, resends, read deadlines).
     pub fn on_tick(&mut self, now: Instant, out: &mut Vec<Effect>) {
         while let Some(&(deadline, id)) = self.wait_deadlines.first() {
             if deadline > now {
@@ -2552,6 +2552,13 @@ impl Replica {
             Some(&(deadline, _)) => deadline.min(idle),
             None => idle,
         })
+    }
+
+    /// When the runtime ticks next after a tick at `last_tick`: [`Replica::tick_deadline`],
+    /// or `BUSY_TICK_US` later while work is in flight.
+    pub fn next_tick(&self, last_tick: Instant) -> Instant {
+        self.tick_deadline(last_tick)
+            .unwrap_or(last_tick.plus_us(BUSY_TICK_US))
     }
 
     /// The longest a node waits between ticks when idle.

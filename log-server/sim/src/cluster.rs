@@ -7,6 +7,7 @@ use crate::rng::Rng;
 use bytes::Bytes;
 use chainlog_core::effects::{ClientId, DiskEvent, Effect, PRODUCER_BATCHES_KEPT};
 use chainlog_core::record::BatchBuilder;
+use chainlog_core::replica::BUSY_TICK_US;
 use chainlog_core::wire::{ClientReply, ClientRequest, PeerMessage, FRAME_HEADER_LEN};
 use chainlog_core::{
     ChainConfig, ClusterId, Epoch, ErrorCode, Instant, LogId, NodeId, Offset, ProducerId, Replica,
@@ -33,7 +34,6 @@ const SALT_FULL: u64 = 8;
 /// How often a node whose log failed full checks for free space (the real writer: once a
 /// second, on its tick; scaled down like every other sim timing).
 const FULL_CHECK_US: u64 = 5000;
-const TICK_US: u64 = 1000;
 const FAULT_TICK_US: u64 = 1000;
 /// Client id used by the liveness verifier.
 const VERIFIER: usize = 1000;
@@ -264,7 +264,7 @@ pub struct SimNode {
     sync_delay_us: Option<(u64, u64)>,
     restart_scheduled: bool,
     /// When the replica last ticked, and when its next tick is scheduled: the runtime's rule,
-    /// `TICK_US` after the last while work is in flight, else `Replica::tick_deadline`. Ticks
+    /// `Replica::next_tick` (the first one `BUSY_TICK_US` after a start). Ticks
     /// scheduled for another time are stale and skipped.
     last_tick: u64,
     tick_at: u64,
@@ -771,8 +771,8 @@ impl Cluster {
         ));
         let inc = node.inc;
         node.last_tick = self.now;
-        node.tick_at = self.now + TICK_US;
-        self.schedule(TICK_US, Ev::Tick { node: n, inc });
+        node.tick_at = self.now + BUSY_TICK_US;
+        self.schedule(BUSY_TICK_US, Ev::Tick { node: n, inc });
         self.update_links();
     }
 
@@ -975,10 +975,7 @@ impl Cluster {
         let Some(r) = node.replica.as_ref() else {
             return;
         };
-        let want = r
-            .tick_deadline(Instant(node.last_tick))
-            .map_or(node.last_tick + TICK_US, |t| t.0)
-            .max(self.now);
+        let want = r.next_tick(Instant(node.last_tick)).0.max(self.now);
         if want != node.tick_at {
             let inc = node.inc;
             self.nodes[n].tick_at = want;
