@@ -102,6 +102,11 @@ impl FrameHeader {
     }
 }
 
+/// Request id of an `Error` frame about the whole connection rather than one request (sent
+/// before the server closes it: a frame it cannot read, no Hello, a reader too slow for its
+/// replies). Clients number their requests from 1.
+pub const CONNECTION_REQUEST_ID: u64 = 0;
+
 /// A frame ready to send: `head` (frame header + fixed fields) followed by zero or more
 /// payload chunks (whole batches) that are sent without copying.
 #[derive(Clone, Debug, Default)]
@@ -398,6 +403,7 @@ impl ClientRequest {
                 need(&body, n, "create-log")?;
                 let name = String::from_utf8(body.split_to(n).to_vec())
                     .map_err(|_| Error::Malformed("log name is not UTF-8".into()))?;
+                no_trailing(&body, "create-log")?;
                 ClientRequest::CreateLog { name }
             }
             Kind::Append => {
@@ -414,28 +420,37 @@ impl ClientRequest {
             }
             Kind::Read => {
                 need(&body, 28, "read")?;
-                ClientRequest::Read {
+                let r = ClientRequest::Read {
                     log: LogId(body.get_u64_le()),
                     from: Offset(body.get_u64_le()),
                     max_records: body.get_u32_le(),
                     max_bytes: body.get_u32_le(),
                     wait_ms: body.get_u32_le(),
-                }
+                };
+                no_trailing(&body, "read")?;
+                r
             }
             Kind::Subscribe => {
                 need(&body, 16, "subscribe")?;
-                ClientRequest::Subscribe {
+                let r = ClientRequest::Subscribe {
                     log: LogId(body.get_u64_le()),
                     from: Offset(body.get_u64_le()),
-                }
+                };
+                no_trailing(&body, "subscribe")?;
+                r
             }
-            Kind::Status => ClientRequest::Status,
+            Kind::Status => {
+                no_trailing(&body, "status")?;
+                ClientRequest::Status
+            }
             Kind::Trim => {
                 need(&body, 16, "trim")?;
-                ClientRequest::Trim {
+                let r = ClientRequest::Trim {
                     log: LogId(body.get_u64_le()),
                     before: Offset(body.get_u64_le()),
-                }
+                };
+                no_trailing(&body, "trim")?;
+                r
             }
             k => return Err(Error::Malformed(format!("{k:?} is not a client request"))),
         })
@@ -498,9 +513,20 @@ impl ClientReply {
             }
             Kind::AppendOk => {
                 need(&body, 12, "append-ok")?;
+                let (base_offset, record_count) = (Offset(body.get_u64_le()), body.get_u32_le());
+                // Callers compute the offsets of every record from these: a range past the
+                // last offset is a lie, not something to overflow on.
+                if record_count == 0 || base_offset.0.checked_add(u64::from(record_count)).is_none()
+                {
+                    return Err(Error::Malformed(format!(
+                        "append-ok for {record_count} records at {}",
+                        base_offset.0
+                    )));
+                }
+                no_trailing(&body, "append-ok")?;
                 ClientReply::AppendOk {
-                    base_offset: Offset(body.get_u64_le()),
-                    record_count: body.get_u32_le(),
+                    base_offset,
+                    record_count,
                 }
             }
             Kind::ReadOk | Kind::Records => {
@@ -662,6 +688,72 @@ mod tests {
                 let _ = ClientReply::decode(kind, body.clone());
                 let _ = Hello::decode(body);
             }
+        }
+    }
+
+    /// The kind and body of an encoded frame.
+    fn split_frame(e: &Encoded) -> (u16, Bytes) {
+        let v = e.to_vec();
+        let mut hb = [0u8; FRAME_HEADER_LEN];
+        hb.copy_from_slice(&v[..FRAME_HEADER_LEN]);
+        let h = FrameHeader::decode(&hb).expect("header");
+        (h.kind, Bytes::copy_from_slice(&v[FRAME_HEADER_LEN..]))
+    }
+
+    /// Every fixed-layout request is exactly its fields: a byte more is a malformed request,
+    /// not something to ignore (a `CreateLog` whose name prefix is short named a shorter log).
+    #[test]
+    fn requests_with_trailing_bytes_are_malformed() {
+        let reqs = [
+            ClientRequest::CreateLog { name: "abc".into() },
+            ClientRequest::Read {
+                log: LogId(1),
+                from: Offset(2),
+                max_records: 3,
+                max_bytes: 4,
+                wait_ms: 5,
+            },
+            ClientRequest::Subscribe {
+                log: LogId(1),
+                from: Offset(2),
+            },
+            ClientRequest::Status,
+            ClientRequest::Trim {
+                log: LogId(1),
+                before: Offset(2),
+            },
+        ];
+        for r in reqs {
+            let (kind, body) = split_frame(&r.encode(1));
+            assert_eq!(ClientRequest::decode(kind, body.clone()).expect("exact"), r);
+            let mut longer = body.to_vec();
+            longer.push(0);
+            let got = ClientRequest::decode(kind, Bytes::from(longer));
+            assert!(matches!(got, Err(Error::Malformed(_))), "{r:?}: {got:?}");
+        }
+    }
+
+    /// A client computes every record's offset from an `AppendOk`: one whose range runs past
+    /// the last offset (or holds no record) is refused at decoding, so no caller overflows.
+    #[test]
+    fn append_ok_past_the_last_offset_is_malformed() {
+        let ok = |base_offset, record_count| {
+            ClientReply::AppendOk {
+                base_offset: Offset(base_offset),
+                record_count,
+            }
+            .encode(1)
+        };
+        let decode = |e: &Encoded| {
+            let (kind, body) = split_frame(e);
+            ClientReply::decode(kind, body)
+        };
+        assert!(decode(&ok(u64::MAX - 3, 3)).is_ok());
+        for (base, n) in [(u64::MAX - 2, 3), (u64::MAX, 1), (5, 0)] {
+            assert!(
+                matches!(decode(&ok(base, n)), Err(Error::Malformed(_))),
+                "{base} {n}"
+            );
         }
     }
 }
