@@ -72,13 +72,18 @@ impl Default for StorageSection {
     }
 }
 
+/// Longest resend timeout a config may set (an hour): a link that shows no ack progress for
+/// longer than that is not waiting for a slow ack, and the core counts in microseconds.
+pub const RESEND_TIMEOUT_MS_MAX: u64 = 3_600_000;
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ReplicationSection {
     /// Un-acknowledged bytes per log in flight to the successor before the head pushes back;
     /// default 32 MiB, minimum 4 MiB (one maximal batch must fit).
     pub pipeline_bytes_max: usize,
-    /// Resend un-acknowledged batches after this long without ack progress; default 200 ms.
+    /// Resend un-acknowledged batches after this long without ack progress; default 200 ms,
+    /// 1 ms to `RESEND_TIMEOUT_MS_MAX`.
     pub resend_timeout_ms: u64,
 }
 
@@ -103,7 +108,9 @@ pub struct NodeConfig {
     pub listen: String,
     /// Data directory (default ./chainlog-data).
     pub dir: PathBuf,
-    /// Client connections accepted at once (default 1024).
+    /// Client connections accepted at once (default 1024). The predecessor is never kept out
+    /// by them: a few connections past this are accepted while their Hello is awaited, and
+    /// only the predecessor keeps one.
     pub connections_max: usize,
     /// CPUs this node's threads run on, as a CPU list (`"1"`, `"0,2-3"`); default: wherever the
     /// OS schedules them. On a small VM, where a wake-up across vCPUs is expensive, pinning a
@@ -202,6 +209,11 @@ impl NodeConfig {
             return Err(ConfigError(format!(
                 "replication.pipeline_bytes_max must be >= {} (one maximal batch)",
                 chainlog_core::limits::BATCH_BYTES_MAX
+            )));
+        }
+        if !(1..=RESEND_TIMEOUT_MS_MAX).contains(&self.replication.resend_timeout_ms) {
+            return Err(ConfigError(format!(
+                "replication.resend_timeout_ms must be in 1..={RESEND_TIMEOUT_MS_MAX}"
             )));
         }
         if self.connections_max == 0 {
@@ -339,6 +351,12 @@ mod tests {
             let mut c = NodeConfig::default();
             c.storage.flushes_in_flight_max = bad;
             assert!(c.validate().is_err(), "flushes_in_flight_max {bad}");
+        }
+        // 0 would panic in the core; 2^61 ms wrapped to 0 µs.
+        for bad in [0, RESEND_TIMEOUT_MS_MAX + 1, 1 << 61] {
+            let mut c = NodeConfig::default();
+            c.replication.resend_timeout_ms = bad;
+            assert!(c.validate().is_err(), "resend_timeout_ms {bad}");
         }
         let mut c = NodeConfig::from_toml("cpus = \"0,2-3\"").expect("cpus list");
         c.validate().expect("valid cpus");
