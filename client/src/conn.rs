@@ -4,8 +4,8 @@
 use crate::error::{Error, Result};
 use bytes::{Bytes, BytesMut};
 use chainlog_core::wire::{
-    ClientReply, ClientRequest, Encoded, FrameHeader, Hello, HelloOk, Kind, Role, FRAME_HEADER_LEN,
-    PROTOCOL_VERSION,
+    ClientReply, ClientRequest, Encoded, FrameHeader, Hello, HelloOk, Kind, Role,
+    CONNECTION_REQUEST_ID, FRAME_HEADER_LEN, PROTOCOL_VERSION,
 };
 use chainlog_core::{ClusterId, Epoch, ErrorCode};
 use std::collections::{HashMap, VecDeque};
@@ -454,26 +454,39 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
 }
 
 async fn read_loop(shared: Arc<Shared>, mut reader: FrameReader<OwnedReadHalf>) {
+    // What the server said of the whole connection (an `Error` for request id 0, which no
+    // request uses) before it closed it: an oversized or malformed frame, a missed Hello, a
+    // reader too slow for its replies.
+    let mut server_said: Option<String> = None;
+    let lost = |reason: String, said: &Option<String>| Error::ConnectionLost {
+        addr: shared.addr.clone(),
+        reason: match said {
+            Some(s) => format!("the server closed it: {s}"),
+            None => reason,
+        },
+    };
     let err = loop {
         let (h, body) = match reader.next().await {
             Ok(Some(f)) => f,
-            Ok(None) => {
-                break Error::ConnectionLost {
-                    addr: shared.addr.clone(),
-                    reason: "closed by the server".into(),
-                }
-            }
-            Err(ReadError::Io(e)) => {
-                break Error::ConnectionLost {
-                    addr: shared.addr.clone(),
-                    reason: e.to_string(),
-                }
-            }
+            Ok(None) => break lost("closed by the server".into(), &server_said),
+            Err(ReadError::Io(e)) => break lost(e.to_string(), &server_said),
             Err(ReadError::Frame(e)) => break Error::protocol(&shared.addr, e.to_string()),
         };
         // A body that does not decode is that request's error; framing is still intact.
         let reply = ClientReply::decode(h.kind, body)
             .map_err(|e| Error::protocol(&shared.addr, e.to_string()));
+        if h.request_id == CONNECTION_REQUEST_ID {
+            // Not any request's answer: requests in flight stay as they are (those that were
+            // stored must not read as refused) and fail as a lost connection, with the reason.
+            let said = match &reply {
+                Ok(ClientReply::Error { code, message }) => format!("{code:?}: {message}"),
+                Ok(_) => "a reply that is not an error, for no request".into(),
+                Err(e) => e.to_string(),
+            };
+            tracing::warn!(addr = %shared.addr, "server: {said}");
+            server_said = Some(said);
+            continue;
+        }
         let stream_tx = {
             let mut st = shared.lock();
             match st.routes.get(&h.request_id) {

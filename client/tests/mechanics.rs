@@ -10,8 +10,8 @@ use chainlog_client::{Client, ClientConfig, ClusterId, Error, ErrorCode, Offset,
 use chainlog_core::record;
 use chainlog_core::session::{Dedup, ProducerTable};
 use chainlog_core::wire::{
-    ClientReply, ClientRequest, Encoded, FrameHeader, Hello, HelloOk, Kind, FRAME_HEADER_LEN,
-    PROTOCOL_VERSION,
+    ClientReply, ClientRequest, Encoded, FrameHeader, Hello, HelloOk, Kind, CONNECTION_REQUEST_ID,
+    FRAME_HEADER_LEN, PROTOCOL_VERSION,
 };
 use chainlog_core::{Epoch, LogId, NodeId};
 use std::time::Duration;
@@ -167,6 +167,33 @@ async fn lost_connection_fails_in_flight_and_next_request_reconnects() {
     assert_eq!(c.status().await.unwrap(), serde_json::json!([1]));
     drop(c);
     let _ = server.await;
+}
+
+/// What a server says of the whole connection before it closes it (an `Error` for no request)
+/// is the reason the requests in flight then fail with: still a lost connection (an append
+/// among them may be stored), not a refusal of any of them.
+#[tokio::test]
+async fn the_servers_reason_for_closing_reaches_the_requests_in_flight() {
+    let (l, addr) = listener().await;
+    let server = tokio::spawn(async move {
+        let mut p = Peer::accept(&l).await;
+        let _ = p.request().await.unwrap();
+        let why = ClientReply::Error {
+            code: ErrorCode::RecordTooLarge,
+            message: "frame of 9999999 bytes over the limit".into(),
+        };
+        p.reply(CONNECTION_REQUEST_ID, why).await;
+    });
+    let c = Client::connect(cfg(&[&addr])).await.unwrap();
+    let e = c.status().await.unwrap_err();
+    match &e {
+        Error::ConnectionLost { reason, .. } => {
+            assert!(reason.contains("RecordTooLarge"), "{reason}");
+            assert!(reason.contains("9999999 bytes over the limit"), "{reason}");
+        }
+        other => panic!("{other:?}"),
+    }
+    server.await.unwrap();
 }
 
 #[tokio::test]

@@ -14,7 +14,8 @@ use chainlog_core::effects::{ClientId, DiskEvent, Effect, RecoveredLog};
 use chainlog_core::replica::BUSY_TICK_US;
 use chainlog_core::types::{ClusterId, Epoch, Instant, LogId, NodeId, Offset};
 use chainlog_core::wire::{
-    ClientReply, ClientRequest, Encoded, Hello, HelloOk, Kind, PeerMessage, Role, PROTOCOL_VERSION,
+    ClientReply, ClientRequest, Encoded, Hello, HelloOk, Kind, PeerMessage, Role,
+    CONNECTION_REQUEST_ID, PROTOCOL_VERSION,
 };
 use chainlog_core::ErrorCode;
 use chainlog_core::{ChainConfig, Replica, ReplicaConfig};
@@ -29,11 +30,19 @@ use std::time::Duration;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::{mpsc, watch, Semaphore};
 
+/// Connections accepted past `connections_max` while their Hello is awaited; only the
+/// predecessor keeps one. A few, so that a predecessor reconnecting while old connections of its
+/// linger (or other nodes dialing by mistake) still gets in.
+const PEER_RESERVED_CONNECTIONS: usize = 4;
 /// How long a new connection may take to say Hello.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// Reconnect back-off to the successor.
 const RECONNECT_MIN: Duration = Duration::from_millis(20);
 const RECONNECT_MAX: Duration = Duration::from_millis(500);
+/// How long the successor may be unreachable before it is logged at warn level.
+const UNREACHABLE_GRACE: Duration = Duration::from_secs(5);
+/// How often the same failure to reach the successor is logged again at warn level.
+const FAILURE_REPEAT_LOG: Duration = Duration::from_secs(30);
 /// Events the core loop takes before it carries out effects and polls again (fairness bound).
 const EVENTS_PER_TURN_MAX: usize = 1024;
 /// Frames a connection writer coalesces into one vectored write.
@@ -119,6 +128,8 @@ struct Shared {
     next_client: AtomicU64,
     next_link_gen: AtomicU64,
     connections: Arc<Semaphore>,
+    /// Slots past `connections` that only the predecessor may keep (see `accept_loop`).
+    peer_reserve: Arc<Semaphore>,
     /// Client appends are read into page-aligned, padded buffers when storage uses O_DIRECT.
     direct_io: bool,
 }
@@ -206,6 +217,7 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         next_client: AtomicU64::new(1),
         next_link_gen: AtomicU64::new(1),
         connections: Arc::new(Semaphore::new(cfg.connections_max)),
+        peer_reserve: Arc::new(Semaphore::new(PEER_RESERVED_CONNECTIONS)),
         direct_io: storage.is_direct(),
         cfg,
     });
@@ -736,22 +748,28 @@ async fn accept_loop(
         };
         match accepted {
             Ok((stream, peer)) => {
-                let permit = match shared.connections.clone().try_acquire_owned() {
-                    Ok(p) => p,
-                    Err(_) => {
-                        tokio::spawn(refuse(
-                            stream,
-                            ErrorCode::LimitExceeded,
-                            "too many connections",
-                        ));
-                        continue;
-                    }
+                // Who connects is known only from the Hello: with every client slot taken, a
+                // connection may still come in on a reserved one, which it keeps only if it is
+                // the predecessor (idle clients must not cut the chain's own link).
+                let (permit, reserved) = match shared.connections.clone().try_acquire_owned() {
+                    Ok(p) => (p, false),
+                    Err(_) => match shared.peer_reserve.clone().try_acquire_owned() {
+                        Ok(p) => (p, true),
+                        Err(_) => {
+                            tokio::spawn(refuse(
+                                stream,
+                                ErrorCode::LimitExceeded,
+                                "too many connections",
+                            ));
+                            continue;
+                        }
+                    },
                 };
                 let shared = shared.clone();
                 let ev_tx = ev_tx.clone();
                 let stop = stop.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = serve_connection(stream, shared, ev_tx, stop).await {
+                    if let Err(e) = serve_connection(stream, reserved, shared, ev_tx, stop).await {
                         tracing::debug!(%peer, error = %e, "connection ended");
                     }
                     drop(permit);
@@ -772,7 +790,7 @@ async fn refuse(stream: TcpStream, code: ErrorCode, message: &str) {
             code,
             message: message.into(),
         }
-        .encode(0)])
+        .encode(CONNECTION_REQUEST_ID)])
         .await;
 }
 
@@ -790,6 +808,7 @@ async fn send_error<W: tokio::io::AsyncWrite + Unpin + Send>(
 /// Handshake, then serve the connection as a client session or as the predecessor's link.
 async fn serve_connection(
     stream: TcpStream,
+    reserved: bool,
     shared: Arc<Shared>,
     ev_tx: mpsc::UnboundedSender<Event>,
     stop: watch::Receiver<bool>,
@@ -807,7 +826,13 @@ async fn serve_connection(
     let first = match tokio::time::timeout(HELLO_TIMEOUT, r.recv()).await {
         Ok(f) => f?,
         Err(_) => {
-            send_error(&mut w, 0, ErrorCode::Timeout, "no hello within 5 s".into()).await;
+            send_error(
+                &mut w,
+                CONNECTION_REQUEST_ID,
+                ErrorCode::Timeout,
+                "no hello within 5 s".into(),
+            )
+            .await;
             return Ok(());
         }
     };
@@ -864,6 +889,19 @@ async fn serve_connection(
         epoch: shared.epoch,
     };
     match hello.role {
+        Role::Client if reserved => {
+            send_error(
+                &mut w,
+                first.header.request_id,
+                ErrorCode::LimitExceeded,
+                format!(
+                    "too many connections: {} clients are connected",
+                    shared.cfg.connections_max
+                ),
+            )
+            .await;
+            Ok(())
+        }
         Role::Client => {
             w.send(&[ok.encode(first.header.request_id)]).await?;
             client_session(r, w, shared, ev_tx, stop).await
@@ -927,8 +965,14 @@ async fn client_session(
         w,
         rx,
         Some(inflight.clone()),
-        Some(queued_bytes),
+        Some(queued_bytes.clone()),
     ));
+    // This task's own replies (errors for frames that do not decode) count against the same
+    // bound as the core's: the writer takes every frame it sends off it.
+    let queue = |frame: Encoded, completes: bool| {
+        queued_bytes.fetch_add(frame.len(), Ordering::Relaxed);
+        let _ = tx.send(Out { frame, completes });
+    };
     let result = loop {
         // Backpressure: stop reading when this connection has too many requests in flight.
         let permit = tokio::select! {
@@ -945,14 +989,11 @@ async fn client_session(
             Ok(Some(f)) => f,
             Ok(None) => break Ok(()),
             Err(NetError::BadFrame(e)) => {
-                let _ = tx.send(Out {
-                    frame: ClientReply::Error {
-                        code: e.code(),
-                        message: e.to_string(),
-                    }
-                    .encode(0),
-                    completes: false,
-                });
+                let error = ClientReply::Error {
+                    code: e.code(),
+                    message: e.to_string(),
+                };
+                queue(error.encode(CONNECTION_REQUEST_ID), false);
                 break Err(NetError::BadFrame(e));
             }
             Err(e) => break Err(e),
@@ -971,14 +1012,11 @@ async fn client_session(
                 });
             }
             Err(e) => {
-                let _ = tx.send(Out {
-                    frame: ClientReply::Error {
-                        code: e.code(),
-                        message: e.to_string(),
-                    }
-                    .encode(request_id),
-                    completes: true,
-                });
+                let error = ClientReply::Error {
+                    code: e.code(),
+                    message: e.to_string(),
+                };
+                queue(error.encode(request_id), true);
             }
         }
     };
@@ -1073,6 +1111,12 @@ async fn peer_session(
                 break;
             }
             Ok(None) => break,
+            Err(e @ NetError::BadFrame(_)) => {
+                // Bytes that fail their checksum or framing: a bug or a corrupting path, not
+                // a peer going away.
+                tracing::warn!(peer = peer.0, error = %e, "bad frame on peer link; dropping link");
+                break;
+            }
             Err(e) => {
                 tracing::debug!(peer = peer.0, error = %e, "peer link read failed");
                 break;
@@ -1106,6 +1150,12 @@ async fn successor_loop(
     mut stop: watch::Receiver<bool>,
 ) {
     let mut backoff = RECONNECT_MIN;
+    // Failures are told to the operator at warn level, not at every retry: a refusal (wrong
+    // epoch, cluster or node: a configuration to fix) at once, an unreachable successor once
+    // it has been so for `UNREACHABLE_GRACE` (nodes of a chain start in any order); the same
+    // failure again every `FAILURE_REPEAT_LOG`.
+    let mut failing_since: Option<tokio::time::Instant> = None;
+    let mut logged: Option<(String, tokio::time::Instant)> = None;
     loop {
         if *stop.borrow() {
             return;
@@ -1113,6 +1163,7 @@ async fn successor_loop(
         match connect_peer(&shared, succ, &addr).await {
             Ok((r, w)) => {
                 backoff = RECONNECT_MIN;
+                (failing_since, logged) = (None, None);
                 tracing::info!(node = shared.node.0, successor = succ.0, %addr, "link to successor up");
                 peer_session(succ, r, w, shared.clone(), ev_tx.clone(), stop.clone()).await;
                 tracing::info!(
@@ -1122,7 +1173,19 @@ async fn successor_loop(
                 );
             }
             Err(e) => {
-                tracing::debug!(successor = succ.0, %addr, error = %e, "connect to successor failed");
+                let since = *failing_since.get_or_insert_with(tokio::time::Instant::now);
+                let what = e.to_string();
+                let repeat = logged
+                    .as_ref()
+                    .is_some_and(|(last, at)| *last == what && at.elapsed() < FAILURE_REPEAT_LOG);
+                let early =
+                    matches!(e, LinkFailure::Unreachable(_)) && since.elapsed() < UNREACHABLE_GRACE;
+                if repeat || early {
+                    tracing::debug!(successor = succ.0, %addr, error = %what, "connect to successor failed");
+                } else {
+                    tracing::warn!(successor = succ.0, %addr, error = %what, "connect to successor failed; retrying");
+                    logged = Some((what, tokio::time::Instant::now()));
+                }
             }
         }
         tokio::select! {
@@ -1133,15 +1196,44 @@ async fn successor_loop(
     }
 }
 
+/// Why a link to the successor could not be made.
+#[derive(Debug)]
+enum LinkFailure {
+    /// No connection or no handshake: the successor is down, starting or unreachable.
+    Unreachable(anyhow::Error),
+    /// The successor answered and refused us, or is not the node the chain names: a
+    /// configuration to fix, not a wait.
+    Refused(String),
+}
+
+impl std::fmt::Display for LinkFailure {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            LinkFailure::Unreachable(e) => write!(f, "{e:#}"),
+            LinkFailure::Refused(why) => f.write_str(why),
+        }
+    }
+}
+
+fn unreachable(e: impl Into<anyhow::Error>) -> LinkFailure {
+    LinkFailure::Unreachable(e.into())
+}
+
 async fn connect_peer(
     shared: &Shared,
     succ: NodeId,
     addr: &str,
-) -> anyhow::Result<(
-    StreamReader<tokio::net::tcp::OwnedReadHalf>,
-    StreamWriter<tokio::net::tcp::OwnedWriteHalf>,
-)> {
-    let stream = tokio::time::timeout(HELLO_TIMEOUT, TcpStream::connect(addr)).await??;
+) -> Result<
+    (
+        StreamReader<tokio::net::tcp::OwnedReadHalf>,
+        StreamWriter<tokio::net::tcp::OwnedWriteHalf>,
+    ),
+    LinkFailure,
+> {
+    let stream = tokio::time::timeout(HELLO_TIMEOUT, TcpStream::connect(addr))
+        .await
+        .map_err(unreachable)?
+        .map_err(unreachable)?;
     let (mut r, mut w) = split_with(stream, peer_policy(shared));
     let hello = Hello {
         version: PROTOCOL_VERSION,
@@ -1149,22 +1241,30 @@ async fn connect_peer(
         role: Role::Peer { node: shared.node },
         epoch: shared.epoch,
     };
-    w.send(&[hello.encode(0)]).await?;
+    w.send(&[hello.encode(0)]).await.map_err(unreachable)?;
     let f = tokio::time::timeout(HELLO_TIMEOUT, r.recv())
-        .await??
-        .ok_or_else(|| anyhow::anyhow!("successor closed during handshake"))?;
+        .await
+        .map_err(unreachable)?
+        .map_err(unreachable)?
+        .ok_or_else(|| unreachable(anyhow::anyhow!("successor closed during handshake")))?;
     if f.header.kind != Kind::HelloOk as u16 {
-        let reply = ClientReply::decode(f.header.kind, f.body)?;
-        anyhow::bail!("successor refused the link: {reply:?}");
+        return Err(LinkFailure::Refused(
+            match ClientReply::decode(f.header.kind, f.body) {
+                Ok(ClientReply::Error { code, message }) => {
+                    format!("successor refused the link: {code:?}: {message}")
+                }
+                Ok(_) => "successor answered the handshake with something else".into(),
+                Err(e) => format!("successor's handshake answer does not decode: {e}"),
+            },
+        ));
     }
-    let ok = HelloOk::decode(f.body)?;
+    let ok = HelloOk::decode(f.body)
+        .map_err(|e| LinkFailure::Refused(format!("successor's HelloOk does not decode: {e}")))?;
     if ok.node != succ || ok.cluster_id != shared.cluster_id {
-        anyhow::bail!(
+        return Err(LinkFailure::Refused(format!(
             "{addr} is node {} of cluster {:016x}, expected node {succ} of {:016x}",
-            ok.node,
-            ok.cluster_id.0,
-            shared.cluster_id.0
-        );
+            ok.node, ok.cluster_id.0, shared.cluster_id.0
+        )));
     }
     Ok((r, w))
 }

@@ -7,7 +7,8 @@ use chainlog_core::record::{self, BatchBuilder, HEADER_LEN};
 use chainlog_core::types::{ClusterId, LogId, Offset, ProducerId};
 use chainlog_core::wire::{ClientReply, ClientRequest, FrameHeader, Kind};
 use chainlog_core::ErrorCode;
-use common::{Raw, Server};
+use common::{free_port, Raw, Server};
+use std::time::{Duration, Instant};
 
 fn append(raw: &mut Raw, id: u64, log: &str, payloads: &[&[u8]]) -> ClientReply {
     let mut b = BatchBuilder::new();
@@ -328,4 +329,108 @@ fn a_subscriber_that_never_reads_is_disconnected_not_buffered() {
         append(&mut fast, 999, "default", &[b"after"]),
         ClientReply::AppendOk { .. }
     ));
+}
+
+/// Starts node `id` (1-based) of the chain over `addrs` with `run --config`, of `cluster` in
+/// `epoch`, with `extra` top-level config lines.
+fn start_node(
+    tmp: &std::path::Path,
+    addrs: &[std::net::SocketAddr],
+    id: usize,
+    cluster: u64,
+    epoch: u64,
+    extra: &str,
+) -> Server {
+    let nodes: Vec<String> = addrs
+        .iter()
+        .enumerate()
+        .map(|(i, a)| format!("{{ id = {}, addr = \"{a}\" }}", i + 1))
+        .collect();
+    let dir = tmp.join(format!("node-{id}"));
+    let cfg = format!(
+        "cluster_id = {cluster:#x}\nnode_id = {id}\nlisten = \"{}\"\ndir = \"{}\"\n{extra}\n[chain]\nepoch = {epoch}\nnodes = [{}]\n",
+        addrs[id - 1],
+        dir.display(),
+        nodes.join(", ")
+    );
+    let path = tmp.join(format!("node-{id}.toml"));
+    std::fs::write(&path, cfg).expect("config");
+    Server::start(
+        addrs[id - 1],
+        vec!["run".into(), "--config".into(), path.display().to_string()],
+        tmp.join(format!("node-{id}.log")),
+    )
+}
+
+fn two_addrs() -> Vec<std::net::SocketAddr> {
+    (0..2)
+        .map(|_| format!("127.0.0.1:{}", free_port()).parse().expect("addr"))
+        .collect()
+}
+
+/// Waits until `server`'s log has a line with `what`, and returns it.
+fn wait_for_line(server: &Server, what: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let log = server.server_log();
+        if let Some(line) = log.lines().find(|l| l.contains(what)) {
+            return line.to_string();
+        }
+        assert!(Instant::now() < deadline, "no {what:?} in the log:\n{log}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A successor that is not of this chain (another cluster, another epoch) is refused at the
+/// handshake, and the node that dials it says why in its log at the default level: a chain
+/// that cannot link must not stall in silence.
+#[test]
+fn a_successor_of_another_cluster_or_epoch_is_refused_and_the_head_says_why() {
+    for (succ_cluster, succ_epoch, code) in [(0x5eee, 1, "WrongCluster"), (0x5eed, 2, "WrongEpoch")]
+    {
+        let tmp = tempfile::tempdir().expect("tempdir");
+        let addrs = two_addrs();
+        let _succ = start_node(tmp.path(), &addrs, 2, succ_cluster, succ_epoch, "");
+        let head = start_node(tmp.path(), &addrs, 1, 0x5eed, 1, "");
+        let said = wait_for_line(&head, "connect to successor failed");
+        assert!(said.contains("WARN"), "{said}");
+        assert!(said.contains("successor refused the link"), "{said}");
+        assert!(said.contains(code), "expected {code}: {said}");
+        assert!(!head.server_log().contains("link to successor up"));
+    }
+}
+
+/// Clients that hold every connection slot of a node do not keep its predecessor out: the
+/// chain links and acknowledges appends, and one more client is refused with a typed error.
+#[test]
+fn clients_holding_every_slot_do_not_keep_the_predecessor_out() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let addrs = two_addrs();
+    let tail = start_node(tmp.path(), &addrs, 2, 0x5eed, 1, "connections_max = 2");
+    let (_idle1, hello) = Raw::client(tail.addr, 0);
+    hello.expect("first client");
+    let (_idle2, hello) = Raw::client(tail.addr, 0);
+    hello.expect("second client");
+    let (_, hello) = Raw::client(tail.addr, 0);
+    match hello {
+        Err(ClientReply::Error { code, .. }) => assert_eq!(code, ErrorCode::LimitExceeded),
+        other => panic!("a third client: {other:?}"),
+    }
+    let head = start_node(tmp.path(), &addrs, 1, 0x5eed, 1, "");
+    wait_for_line(&head, "link to successor up");
+    let (mut c, hello) = Raw::client(head.addr, 0);
+    hello.expect("client of the head");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut id = 1;
+    loop {
+        match append(&mut c, id, "default", &[b"through the chain"]) {
+            ClientReply::AppendOk { .. } => break,
+            other => assert!(
+                Instant::now() < deadline,
+                "append never acknowledged: {other:?}"
+            ),
+        }
+        id += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
 }
