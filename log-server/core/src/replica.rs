@@ -216,6 +216,32 @@ struct SuccLog {
     trim_known: Offset,
     /// When we last told it our trim point (rate limit).
     trim_told_at: Option<Instant>,
+    /// Storage reads sent on to the successor this session that its acks do not yet show
+    /// received: (end offset, bytes), oldest first. Reads are issued only while these hold
+    /// less than `pipeline_bytes_max`: a successor catching up from far behind would otherwise
+    /// be streamed to as fast as storage reads, and the link's queue grow without bound.
+    streamed: VecDeque<(Offset, usize)>,
+    streamed_bytes: usize,
+}
+
+impl SuccLog {
+    /// The successor's acks show it has everything below `written_end`.
+    fn streamed_received(&mut self, written_end: Offset) {
+        while let Some(&(end, bytes)) = self.streamed.front() {
+            if end > written_end {
+                break;
+            }
+            self.streamed.pop_front();
+            self.streamed_bytes -= bytes;
+        }
+    }
+
+    /// Streamed reads are presumed lost (a rewind or a silent successor): they no longer
+    /// hold back the next read.
+    fn streamed_forget(&mut self) {
+        self.streamed.clear();
+        self.streamed_bytes = 0;
+    }
 }
 
 /// This log's side of the link from the predecessor.
@@ -1302,6 +1328,7 @@ impl Replica {
                 s.last_ack_seq = seq;
                 s.last_heard = now;
                 s.written_end = written_end;
+                s.streamed_received(written_end);
                 s.ack_end = s.ack_end.max(ack_end);
                 s.chain_end = Some(chain_end);
                 s.sent_end = s.sent_end.max(written_end);
@@ -1313,6 +1340,7 @@ impl Replica {
                     if !again {
                         s.sent_end = written_end;
                         s.rewound = Some((written_end, now));
+                        s.streamed_forget();
                         // A storage read still in flight was issued from the old position:
                         // its batches would move `sent_end` past the gap again (and the
                         // successor ask again, forever). Abandon it; the pump reads anew.
@@ -1585,6 +1613,7 @@ impl Replica {
             s.no_log = false;
             s.start_told = None;
             s.trim_known = Offset::ZERO;
+            s.streamed_forget();
             s.trim_told_at = None;
             self.dirty.insert(l.id);
         }
@@ -1904,6 +1933,9 @@ impl Replica {
                         };
                         l.succ.sent_end = l.succ.sent_end.max(last.end_offset());
                         l.succ.commit_sent = l.succ.commit_sent.max(l.committed_end);
+                        let bytes = crate::wire::total_len(&v);
+                        l.succ.streamed.push_back((last.end_offset(), bytes));
+                        l.succ.streamed_bytes += bytes;
                         out.push(Effect::Send {
                             to: succ,
                             msg: PeerMessage::Append {
@@ -2310,6 +2342,12 @@ impl Replica {
             }
             return;
         }
+        if now.saturating_since(l.succ.last_heard) >= timeout && probe_due(&l.succ) {
+            // Silent for a resend timeout (the probe below asks where it is): streamed reads
+            // it never acknowledged no longer hold the stream back, so a lost ack cannot stall
+            // it; at most a window more goes out per timeout.
+            l.succ.streamed_forget();
+        }
         self.forward(l, succ, now, out);
         // The successor reports a trim point below ours (it missed a `Trim`): tell it again,
         // at most once per resend timeout, so every replica stops serving below a client's
@@ -2445,7 +2483,10 @@ impl Replica {
                 }
                 break;
             }
-            if l.succ.reading.is_some() || l.succ.read_backoff_until.is_some_and(|t| now < t) {
+            if l.succ.reading.is_some()
+                || l.succ.read_backoff_until.is_some_and(|t| now < t)
+                || l.succ.streamed_bytes >= self.cfg.pipeline_bytes_max
+            {
                 break;
             }
             // Storage serves only what is durable here; the window covers the rest.

@@ -1459,6 +1459,61 @@ fn a_resend_abandons_the_storage_read_in_flight() {
     assert_eq!(reads(&e)[0].1, Offset(13));
 }
 
+/// A successor catching up from far behind is streamed to only as far as the pipeline window
+/// ahead of what its acks show received: storage reads faster than the link carries them, and
+/// without this the link's queue grew with the whole backlog. Its acks, and a silence of a
+/// resend timeout, let the stream go on.
+#[test]
+fn catching_up_from_storage_keeps_at_most_a_window_unreceived() {
+    let mut h = in_chain(1, vec![recovered_from(0, 40, 40)], |c| {
+        c.pipeline_bytes_max = 1;
+    });
+    let session = h.r.succ_session;
+    let timeout = h.r.cfg.resend_timeout_us;
+    let ack = |seq: u64, written: u64| PeerMessage::Ack {
+        epoch: Epoch(3),
+        session,
+        log: default_log(),
+        seq,
+        written_end: Offset(written),
+        ack_end: Offset(written),
+        chain_end: Offset(written),
+        committed_end: Offset(written),
+        resend: false,
+        trim_point: Offset(0),
+    };
+    let stored = |base: u64| build_stored(base, &[b"a", b"b", b"c"]);
+    let e = h.peer(2, ack(1, 10));
+    let r = reads(&e);
+    assert_eq!(r[0].1, Offset(10));
+    let e = h.disk(DiskEvent::ReadDone {
+        token: r[0].0,
+        result: Ok(vec![stored(10)]),
+    });
+    assert_eq!(sent_bases(&e), vec![Offset(10)]);
+    assert!(
+        reads(&e).is_empty(),
+        "a window's worth is out: no read until it arrives"
+    );
+    assert!(reads(&h.tick(1_000)).is_empty());
+    // Received only in part: still waiting.
+    assert!(reads(&h.peer(2, ack(2, 12))).is_empty());
+    // All of it received: the next read goes.
+    let r = reads(&h.peer(2, ack(3, 13)));
+    assert_eq!(r.len(), 1);
+    assert_eq!(r[0].1, Offset(13));
+    let e = h.disk(DiskEvent::ReadDone {
+        token: r[0].0,
+        result: Ok(vec![stored(13)]),
+    });
+    assert_eq!(sent_bases(&e), vec![Offset(13)]);
+    assert!(reads(&e).is_empty());
+    // The successor falls silent: after a resend timeout the head probes, and streams on
+    // instead of waiting for an ack that may never come.
+    let e = h.tick(1_000 + 2 * timeout);
+    assert!(!reads(&e).is_empty(), "{e:?}");
+}
+
 fn acks_sent(effects: &[Effect]) -> Vec<(Offset, Offset, Offset)> {
     effects
         .iter()
