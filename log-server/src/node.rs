@@ -60,6 +60,25 @@ type OutTx = mpsc::UnboundedSender<Out>;
 /// that is disconnected (with a `LimitExceeded` error) rather than allowed to grow memory.
 const CLIENT_QUEUE_BYTES_MAX: usize = 64 << 20;
 
+/// A peer link as the core loop sees it: which link session it is, its outbound queue and that
+/// queue's size, and how to end it.
+struct PeerOut {
+    gen: u64,
+    tx: OutTx,
+    queued_bytes: Arc<AtomicUsize>,
+    kicked: Arc<tokio::sync::Notify>,
+}
+
+/// Bytes that may wait for one peer link's socket. An honest predecessor has at most its
+/// window un-acknowledged in memory, as much again streamed from storage to a successor
+/// catching up, and a window resent after a gap; a successor queues acks and answers to the
+/// predecessor's rate-limited fetches. Three windows and two maximal batches cover all of it.
+fn peer_queue_bytes_max(pipeline_bytes_max: usize) -> usize {
+    pipeline_bytes_max
+        .saturating_mul(3)
+        .saturating_add(2 * chainlog_core::limits::BATCH_BYTES_MAX)
+}
+
 /// A client connection as the core loop sees it: its outbound queue and that queue's size.
 struct ClientOut {
     tx: OutTx,
@@ -85,8 +104,7 @@ enum Event {
     },
     LinkUp {
         peer: NodeId,
-        gen: u64,
-        tx: OutTx,
+        link: PeerOut,
     },
     LinkDown {
         peer: NodeId,
@@ -245,12 +263,14 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
         ring_fd: Some(ring_fd),
         clients: BTreeMap::new(),
         links: BTreeMap::new(),
+        peer_queue_bytes_max: peer_queue_bytes_max(shared.cfg.replication.pipeline_bytes_max),
         start,
         listen,
         metrics: Metrics::default(),
         append_started: BTreeMap::new(),
         turnaround: Vec::new(),
         gone: Vec::new(),
+        links_dropped: Vec::new(),
         forwarded: false,
     };
     let done = tokio::spawn(core.run(ev_rx, stop_rx));
@@ -305,7 +325,9 @@ struct CoreLoop {
     /// Readable when the storage ring has posted completions: the loop then drives storage.
     ring_fd: Option<CompletionSignal>,
     clients: BTreeMap<ClientId, ClientOut>,
-    links: BTreeMap<NodeId, (u64, OutTx)>,
+    links: BTreeMap<NodeId, PeerOut>,
+    /// Bytes that may wait for one peer link's socket (`peer_queue_bytes_max`).
+    peer_queue_bytes_max: usize,
     start: std::time::Instant,
     listen: SocketAddr,
     metrics: Metrics,
@@ -316,6 +338,8 @@ struct CoreLoop {
     turnaround: Vec<(usize, std::time::Instant)>,
     /// Clients dropped while carrying out effects (slow consumers), told to the core next.
     gone: Vec<ClientId>,
+    /// Peer links dropped while carrying out effects (peers not reading), told to the core next.
+    links_dropped: Vec<NodeId>,
     /// This turn handed batches to the successor's link.
     forwarded: bool,
 }
@@ -376,6 +400,11 @@ impl CoreLoop {
             while let Some(id) = self.gone.pop() {
                 let now = now_us(self.start);
                 self.replica.on_client_gone(now, id, &mut effects);
+                self.carry_out(&mut effects);
+            }
+            while let Some(peer) = self.links_dropped.pop() {
+                let now = now_us(self.start);
+                self.replica.on_link(now, peer, false, &mut effects);
                 self.carry_out(&mut effects);
             }
             // The successor's copy is on the chain's critical path (the tail's fdatasync ends
@@ -441,23 +470,23 @@ impl CoreLoop {
                 self.clients.remove(&id);
                 self.replica.on_client_gone(now, id, out);
             }
-            Event::LinkUp { peer, gen, tx } => {
+            Event::LinkUp { peer, link } => {
                 self.metrics.link_reset();
-                if let Some((_, old)) = self.links.insert(peer, (gen, tx)) {
+                if let Some(old) = self.links.insert(peer, link) {
                     drop(old);
                     self.replica.on_link(now, peer, false, out);
                 }
                 self.replica.on_link(now, peer, true, out);
             }
             Event::LinkDown { peer, gen } => {
-                if self.links.get(&peer).map(|(g, _)| *g) == Some(gen) {
+                if self.links.get(&peer).map(|l| l.gen) == Some(gen) {
                     self.links.remove(&peer);
                     self.replica.on_link(now, peer, false, out);
                 }
             }
             Event::Peer { from, gen, msg, at } => {
                 // A message from a link that has since been replaced belongs to an old session.
-                if self.links.get(&from).map(|(g, _)| *g) == Some(gen) {
+                if self.links.get(&from).map(|l| l.gen) == Some(gen) {
                     self.note_received(&msg, at);
                     let append = matches!(msg, PeerMessage::Append { .. });
                     let before = out.len();
@@ -547,6 +576,34 @@ impl CoreLoop {
         }
     }
 
+    /// Queues `frame` on the link to `to`. A peer whose link holds more than
+    /// `peer_queue_bytes_max` unsent is not reading (an honest neighbour never has that much
+    /// waiting: the pipeline window bounds what goes downstream, and what goes upstream is
+    /// acks and answers to its own requests): the link is dropped, as a slow client is,
+    /// rather than allowed to grow memory; the neighbour reconnects with a new session.
+    fn send_peer(&mut self, to: NodeId, frame: Encoded) {
+        let Some(link) = self.links.get(&to) else {
+            return;
+        };
+        let len = frame.len();
+        if link.queued_bytes.load(Ordering::Relaxed) + len > self.peer_queue_bytes_max {
+            tracing::warn!(
+                peer = to.0,
+                limit = self.peer_queue_bytes_max,
+                "peer link not reading: dropping it"
+            );
+            link.kicked.notify_one();
+            self.links.remove(&to);
+            self.links_dropped.push(to);
+            return;
+        }
+        link.queued_bytes.fetch_add(len, Ordering::Relaxed);
+        let _ = link.tx.send(Out {
+            frame,
+            completes: false,
+        });
+    }
+
     fn reply(&mut self, client: ClientId, request_id: u64, reply: &ClientReply) {
         let Some(c) = self.clients.get(&client) else {
             return;
@@ -590,12 +647,7 @@ impl CoreLoop {
             match e {
                 Effect::Send { to, msg } => {
                     self.note_sent(&msg);
-                    if let Some((_, tx)) = self.links.get(&to) {
-                        let _ = tx.send(Out {
-                            frame: msg.encode(),
-                            completes: false,
-                        });
-                    }
+                    self.send_peer(to, msg.encode());
                     if let Some(at) = received {
                         self.metrics.received_to_forward(at.elapsed());
                     }
@@ -1072,11 +1124,20 @@ async fn peer_session(
 ) {
     let gen = shared.next_link_gen.fetch_add(1, Ordering::Relaxed);
     let (tx, rx) = mpsc::unbounded_channel::<Out>();
-    let _ = ev_tx.send(Event::LinkUp { peer, gen, tx });
-    let writer = tokio::spawn(writer_loop(w, rx, None, None));
+    let queued_bytes = Arc::new(AtomicUsize::new(0));
+    let kicked = Arc::new(tokio::sync::Notify::new());
+    let link = PeerOut {
+        gen,
+        tx,
+        queued_bytes: queued_bytes.clone(),
+        kicked: kicked.clone(),
+    };
+    let _ = ev_tx.send(Event::LinkUp { peer, link });
+    let writer = tokio::spawn(writer_loop(w, rx, None, Some(queued_bytes)));
     loop {
         let f = tokio::select! {
             _ = stop.changed() => break,
+            _ = kicked.notified() => break,
             f = r.recv() => f,
         };
         match f {

@@ -434,3 +434,63 @@ fn clients_holding_every_slot_do_not_keep_the_predecessor_out() {
         std::thread::sleep(Duration::from_millis(50));
     }
 }
+
+/// A predecessor that sends but never reads cannot make a node queue answers for it without
+/// bound: past the peer link's byte limit the node drops the link (as it does a slow client)
+/// and goes on serving. The answers here are `NoLog`s, one per message about an unknown log.
+#[test]
+fn a_predecessor_that_never_reads_is_dropped_not_buffered() {
+    use chainlog_core::types::{Epoch, NodeId};
+    use chainlog_core::wire::{Hello, PeerMessage, Role, PROTOCOL_VERSION};
+    use std::io::Write;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let addrs = two_addrs();
+    // The smallest window, so the link's limit (a few windows) is reached soon.
+    let tail = start_node(
+        tmp.path(),
+        &addrs,
+        2,
+        0x5eed,
+        1,
+        "[replication]\npipeline_bytes_max = 4194304",
+    );
+    let mut pred = Raw::connect(tail.addr);
+    let hello = Hello {
+        version: PROTOCOL_VERSION,
+        cluster_id: ClusterId(0x5eed),
+        role: Role::Peer { node: NodeId(1) },
+        epoch: Epoch(1),
+    };
+    pred.send_bytes(&hello.encode(0).to_vec());
+    let (h, _) = pred.recv().expect("hello answer");
+    assert_eq!(h.kind, Kind::HelloOk as u16);
+    let mut burst = Vec::new();
+    for i in 0..2_000u64 {
+        let m = PeerMessage::Commit {
+            epoch: Epoch(1),
+            session: 1,
+            log: LogId(0xdead_0000 + i),
+            committed_end: Offset(0),
+        };
+        burst.extend_from_slice(&m.encode().to_vec());
+    }
+    // Each burst asks for 2 000 answers of ~40 bytes; about 100 MiB of them is far past the
+    // limit and what the sockets' buffers hold.
+    const BURSTS_MAX: usize = 1_250;
+    let mut dropped = false;
+    for _ in 0..BURSTS_MAX {
+        if pred.s.write_all(&burst).is_err() {
+            dropped = true;
+            break;
+        }
+    }
+    assert!(dropped, "the node kept the link:\n{}", tail.server_log());
+    wait_for_line(&tail, "peer link not reading");
+    // Still serving.
+    let (mut c, hello) = Raw::client(tail.addr, 0);
+    hello.expect("a client after the drop");
+    assert!(matches!(
+        c.request(1, &ClientRequest::Status),
+        ClientReply::StatusOk { .. }
+    ));
+}
