@@ -333,6 +333,10 @@ pub struct Failpoints {
     pub no_free_space: AtomicU64,
     /// Next N zeroings of a failed write's range fail (its bytes stay on disk).
     pub zero_fail: AtomicU64,
+    /// Next N directory fsyncs after a segment roll fail.
+    pub dir_sync_fail: AtomicU64,
+    /// Next N deletions of a segment (retention, trim) can neither recycle nor remove its file.
+    pub delete_fail: AtomicU64,
 }
 
 impl Failpoints {

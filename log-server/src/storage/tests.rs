@@ -513,6 +513,60 @@ fn a_failed_range_that_cannot_be_zeroed_is_no_proof_of_storing_nothing() {
     }
 }
 
+/// The directory fsync that makes a rolled segment's name durable fails: nothing written into
+/// that segment is reported durable (the name may not survive a crash, and the records with
+/// it), the log fails with a storage error and stays failed, and a restart finds the log
+/// ending where the old segment did.
+#[test]
+fn a_failed_directory_sync_after_a_roll_reports_nothing_in_the_new_segment_durable() {
+    for mode in modes() {
+        let dir = tempfile::tempdir().unwrap();
+        let cfg = small_cfg(dir.path(), mode);
+        let n = Node::open(&cfg);
+        let log = LogId::from_name("d");
+        n.create(log, "d");
+        let created = n.st().stats().segments_created;
+        n.st()
+            .failpoints()
+            .dir_sync_fail
+            .store(1, Ordering::Release);
+        let mut durable = Offset(0);
+        let failed = loop {
+            assert!(durable.0 < 4096, "{mode:?}: no roll");
+            let b = batch(log, durable, 8, 4000, (0, 0));
+            let end = end_of(durable, std::slice::from_ref(&b));
+            n.st().append(log, durable, vec![b]);
+            match n.next() {
+                DiskEvent::Durable { log: l, end: e } => {
+                    assert_eq!((l, e), (log, end), "{mode:?}");
+                    assert_eq!(
+                        n.st().stats().segments_created,
+                        created,
+                        "{mode:?}: reported durable in the segment whose name is not"
+                    );
+                    durable = e;
+                }
+                DiskEvent::WriteFailed { log: l, at, code } => {
+                    assert_eq!(l, log);
+                    break (at, code);
+                }
+                e => panic!("unexpected {e:?}"),
+            }
+        };
+        let rolls = n.st().stats().segments_created - created;
+        assert_eq!(rolls, 1, "{mode:?}: failed at the roll");
+        assert_eq!(failed, (durable, ErrorCode::StorageError), "{mode:?}");
+        // Stays failed: the next append is refused too.
+        n.st()
+            .append(log, durable, vec![batch(log, durable, 1, 10, (0, 0))]);
+        assert_eq!(n.next_failed(), (log, durable, ErrorCode::StorageError));
+        n.shutdown();
+        let n = Node::open(&cfg);
+        assert_eq!(n.recovered(log).end, durable, "{mode:?}");
+        n.shutdown();
+    }
+}
+
 /// A log that failed full is reopened at its durable end by the writer's once-a-second
 /// free-space check, only once the check finds room; one that failed with EIO is not.
 #[test]
@@ -1057,6 +1111,44 @@ fn retention_by_size_and_age_deletes_oldest_segments() {
     }
     assert_eq!(seg_files(dir.path(), log).len(), 1);
     n.shutdown();
+}
+
+/// A segment retention cannot delete (its file can be neither recycled nor removed) stays
+/// part of the log, and the next pass deletes it. Dropped from the log while its file stayed,
+/// it left a gap on disk once a newer segment went, and recovery kept the stale file as the
+/// log and dropped every newer segment: the log came back as old data.
+#[test]
+fn a_segment_that_cannot_be_deleted_stays_in_the_log() {
+    for mode in modes() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut cfg = small_cfg(dir.path(), mode);
+        cfg.retention_bytes = Some(2 << 20);
+        let n = Node::open(&cfg);
+        let log = LogId::from_name("keep");
+        n.create(log, "keep");
+        n.st().failpoints().delete_fail.store(1, Ordering::Release);
+        let (end, trimmed) = append_with_retention(&n, log, Offset(0), 400);
+        assert!(trimmed.is_some(), "{mode:?}: retention never ran");
+        assert_eq!(
+            n.st().failpoints().delete_fail.load(Ordering::Acquire),
+            0,
+            "{mode:?}: no deletion was attempted"
+        );
+        let s = n.st().stats();
+        assert!(s.segments_deleted >= 2, "{mode:?}: {s:?}");
+        let start = s.logs[0].start;
+        assert_eq!(
+            seg_files(dir.path(), log).len(),
+            s.logs[0].segments,
+            "{mode:?}"
+        );
+        n.shutdown();
+        let n = Node::open(&cfg);
+        let r = n.recovered(log);
+        assert_eq!((r.start, r.end), (start, end), "{mode:?}");
+        assert!(!n.read_all(log, start, end).is_empty(), "{mode:?}");
+        n.shutdown();
+    }
 }
 
 /// Appends `count` 16 KiB batches, each waited for, collecting `Trimmed` starts; returns the

@@ -100,6 +100,9 @@ struct LogW {
     /// A rolled segment's directory entry is not yet durable: groups in it may complete but
     /// are not reported durable until it is.
     dir_sync_pending: bool,
+    /// That directory fsync failed: the segment's name may not survive a crash, so nothing
+    /// written into it is ever reported durable (the log fails and stays failed).
+    dir_sync_failed: bool,
     /// After a failed write: appends that do not start at `accepted_end` were sent before the
     /// caller saw the failure and are dropped.
     failed: bool,
@@ -348,6 +351,7 @@ impl Writer {
             inflight: VecDeque::new(),
             failing: None,
             dir_sync_pending: false,
+            dir_sync_failed: false,
             failed: false,
             broken: false,
             full: false,
@@ -809,10 +813,19 @@ impl Writer {
                     return;
                 };
                 l.dir_sync_pending = false;
-                let ok = c.result.is_ok();
-                if let Err(e) = c.result {
-                    tracing::error!(log = %id, "fsync of the log directory failed: {e}");
-                    l.failing.get_or_insert(code_of(&e));
+                let result = if Failpoints::take(&self.failpoints.dir_sync_fail) {
+                    Err(io::Error::other("injected"))
+                } else {
+                    c.result.map(|_| ())
+                };
+                let ok = result.is_ok();
+                if let Err(e) = result {
+                    tracing::error!(log = %id, "fsync of the log directory failed: {e}; the log refuses writes until the node is restarted");
+                    // Not `StorageFull` even for ENOSPC: a log reopened after a full disk
+                    // would go on writing into the segment whose name is not durable.
+                    l.dir_sync_failed = true;
+                    l.broken = true;
+                    l.failing = Some(ErrorCode::StorageError);
                 }
                 let trimmed = std::mem::take(&mut l.trim_unsynced).then(|| l.trimmed());
                 self.take_recycled(id, ok);
@@ -964,7 +977,10 @@ impl Writer {
             return;
         };
         let before = l.durable_end;
-        while !l.dir_sync_pending && l.inflight.front().is_some_and(|g| g.synced) {
+        while !l.dir_sync_pending
+            && !l.dir_sync_failed
+            && l.inflight.front().is_some_and(|g| g.synced)
+        {
             let Some(g) = l.inflight.pop_front() else {
                 break;
             };
@@ -1196,7 +1212,11 @@ impl Writer {
         Ok(())
     }
 
-    /// Deletes the oldest segment (never the last). Returns false if there is none to delete.
+    /// Deletes the oldest segment (never the last). Returns false if there is none to delete,
+    /// or if its file could be neither recycled nor removed: it then stays part of the log
+    /// (retention tries again later). Dropping it from the log while its file stays would
+    /// leave a gap on disk once the next one goes, and recovery, which keeps a log's oldest
+    /// run of segments, would take the stale file for the log and drop every newer segment.
     fn delete_oldest(&mut self, id: LogId) -> bool {
         let Some(l) = self.logs.get_mut(&id) else {
             return false;
@@ -1204,33 +1224,40 @@ impl Writer {
         if l.segs.len() <= 1 {
             return false;
         }
-        let s = l.segs.remove(0);
+        let (path, base, cap) = (l.segs[0].path.clone(), l.segs[0].base, l.segs[0].cap);
+        let injected = Failpoints::take(&self.failpoints.delete_fail);
+        // A whole-size segment becomes the next spare instead of zeroing a new one: a
+        // growing file, or zeroing one, costs as much disk time again as the appends.
+        let recycled = !injected && cap == self.cfg.segment_bytes && {
+            let to = self.spares.recycle_path();
+            match std::fs::rename(&path, &to) {
+                Ok(()) => {
+                    l.recycled_unsynced.push(to);
+                    true
+                }
+                Err(e) => {
+                    tracing::warn!(log = %id, "could not recycle segment {}: {e}", path.display());
+                    false
+                }
+            }
+        };
+        if !recycled {
+            let removed = if injected {
+                Err(io::Error::other("injected"))
+            } else {
+                std::fs::remove_file(&path)
+            };
+            if let Err(e) = removed {
+                tracing::error!(log = %id, "removing segment {}: {e}; it stays in the log", path.display());
+                return false;
+            }
+        }
+        let _ = std::fs::remove_file(l.dir.join(format::index_name(base)));
+        l.segs.remove(0);
         {
             let mut v = l.view.write().unwrap_or_else(|e| e.into_inner());
             v.segs.remove(0);
             v.start = l.segs[0].base;
-        }
-        let _ = std::fs::remove_file(l.dir.join(format::index_name(s.base)));
-        // A whole-size segment becomes the next spare instead of zeroing a new one: a
-        // growing file, or zeroing one, costs as much disk time again as the appends.
-        let recycled = s.cap == self.cfg.segment_bytes
-            && {
-                let to = self.spares.recycle_path();
-                match std::fs::rename(&s.path, &to) {
-                    Ok(()) => {
-                        l.recycled_unsynced.push(to);
-                        true
-                    }
-                    Err(e) => {
-                        tracing::warn!(log = %id, "could not recycle segment {}: {e}", s.path.display());
-                        false
-                    }
-                }
-            };
-        if !recycled {
-            if let Err(e) = std::fs::remove_file(&s.path) {
-                tracing::error!(log = %id, "removing segment {}: {e}", s.path.display());
-            }
         }
         Counters::add(&self.counters.segments_deleted, 1);
         true
