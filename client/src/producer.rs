@@ -501,6 +501,20 @@ impl Pipeline {
                     // `switch_producer` restamps it under the fresh id (no attempt limit,
                     // that happens once nothing is in flight).
                     self.resend.push_back(batch);
+                } else if gap
+                    && !batch.maybe_stored
+                    && self.producer.0 != 0
+                    && batch.attempts < inner.cfg.retries_max
+                {
+                    // A gap nothing here explains: the server's view of this producer is not
+                    // ours. It takes an unknown producer at any sequence, so a later batch of
+                    // ours can be stored there (sent to a new head while this one went to the
+                    // old) and no rewind can fill the hole: every batch after it would be
+                    // refused for good. This one was stored nowhere; it goes again as the
+                    // first batch of a fresh producer id.
+                    self.abandon = true;
+                    batch.attempts += 1;
+                    self.resend.push_back(batch);
                 } else {
                     self.give_up(batch, e);
                 }
@@ -970,6 +984,44 @@ mod tests {
         assert!(matches!(rx6.await.unwrap(), Err(Error::InDoubt { .. })));
         // It was not the fresh producer's: that one stays in use.
         assert!(!p.abandon);
+    }
+
+    /// A gap refusal with nothing in doubt or refused before it: a later batch of this
+    /// producer reached another node that took it as the producer's first (the server takes an
+    /// unknown producer at any sequence). Rewinding to the refused sequence refused every batch
+    /// after it for good; the refused batch (stored nowhere) instead goes again as the first
+    /// batch of a fresh producer id, and its caller is not failed.
+    #[tokio::test]
+    async fn an_unexplained_gap_moves_to_a_fresh_producer_instead_of_rewinding() {
+        let sem = Arc::new(Semaphore::new(1 << 20));
+        let c = client(3);
+        let mut p = pipeline(4, vec![], None);
+        let (b, mut rx) = batch_rx(&sem, 0, 2);
+        assert!(!p.recovering());
+        p.complete(
+            &c.inner,
+            in_flight(b, true),
+            Err(server(ErrorCode::SequenceGap)),
+        );
+        assert!(rx.try_recv().is_err(), "the caller still waits");
+        assert_eq!((p.rewind, p.abandon), (None, true));
+        p.apply_rewind();
+        p.switch_producer(ProducerId(9));
+        let ids: Vec<(ProducerId, u64)> = p.resend.iter().map(|b| (b.producer, b.seq)).collect();
+        assert_eq!(ids, vec![(ProducerId(9), 0)]);
+        assert_eq!(p.next_seq, 2);
+        // Its retries spent, it fails as refused (it was stored nowhere).
+        let Some(mut b) = p.resend.pop_front() else {
+            panic!("resent")
+        };
+        b.attempts = 3;
+        p.complete(
+            &c.inner,
+            in_flight(b, true),
+            Err(server(ErrorCode::SequenceGap)),
+        );
+        let e = rx.await.unwrap().unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::SequenceGap));
     }
 
     #[tokio::test]
