@@ -402,13 +402,22 @@ pub(crate) fn decode_records(
                 format!("batch of {}, asked for {log}", h.log_id),
             ));
         }
-        if let Some(e) = expect {
-            if h.base_offset != e {
+        match expect {
+            Some(e) if h.base_offset != e => {
                 return Err(Error::protocol(
                     addr,
                     format!("batches not contiguous: {} after end {e}", h.base_offset),
                 ));
             }
+            // Records from `from` on, or none: a first batch past it would skip records
+            // without a word (a trimmed start is answered `OffsetTrimmed`, not with later data).
+            None if h.base_offset > from => {
+                return Err(Error::protocol(
+                    addr,
+                    format!("records asked from {from} start at {}", h.base_offset),
+                ));
+            }
+            _ => {}
         }
         expect = Some(h.end_offset());
         let recs = record::records(b).map_err(|e| Error::protocol(addr, e.to_string()))?;
@@ -576,9 +585,18 @@ mod tests {
         assert_eq!(got.len(), 2);
         // A gap between batches or another log's batch is a protocol error, not data.
         let b3 = record::build(log, Offset(20), Epoch(1), &[b"z"]).unwrap();
-        assert!(decode_records("x:1", log, Offset(0), 100, &[b1.clone(), b3]).is_err());
+        assert!(decode_records("x:1", log, Offset(10), 100, &[b1.clone(), b3]).is_err());
         let other = record::build(LogId(1), Offset(13), Epoch(1), &[b"z"]).unwrap();
-        assert!(decode_records("x:1", log, Offset(0), 100, &[b1, other]).is_err());
+        assert!(decode_records("x:1", log, Offset(10), 100, &[b1.clone(), other]).is_err());
+        // So is an answer that starts past where it was asked from: records would be skipped
+        // (a subscription's next frame, or a read, from 12 answered from 13).
+        assert!(decode_records("x:1", log, Offset(10), 100, std::slice::from_ref(&b1)).is_ok());
+        let skipped = decode_records("x:1", log, Offset(12), 100, std::slice::from_ref(&b2));
+        assert!(
+            matches!(&skipped, Err(Error::Protocol { message, .. }) if message.contains("start at 13")),
+            "{skipped:?}"
+        );
+        assert!(decode_records("x:1", log, Offset(13), 100, &[b2]).is_ok());
     }
 
     #[test]
