@@ -89,6 +89,26 @@ pub fn fdatasync(file: &File) -> Result<()> {
     file.sync_data().map_err(|e| HwError::io("fdatasync", e))
 }
 
+/// Creates `dir` and any missing parents, each made durable in its parent (a directory that
+/// already exists is taken as it is): the entries a data directory's files hang from must
+/// survive a crash as the files' own syncs do.
+pub fn create_dir_synced(dir: &Path) -> Result<()> {
+    if dir.is_dir() {
+        return Ok(());
+    }
+    let parent = match dir.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    create_dir_synced(parent)?;
+    match std::fs::create_dir(dir) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists && dir.is_dir() => return Ok(()),
+        Err(e) => return Err(HwError::io("create dir", e)),
+    }
+    fsync_dir(parent)
+}
+
 /// Makes a directory entry change (create, rename, unlink) durable.
 pub fn fsync_dir(dir: &Path) -> Result<()> {
     let d = File::open(dir).map_err(|e| HwError::io("open dir for fsync", e))?;
@@ -223,7 +243,7 @@ impl SpareFiles {
         pending: Arc<AtomicU64>,
     ) -> Result<SpareFiles> {
         assert!(keep >= 1);
-        std::fs::create_dir_all(&dir).map_err(|e| HwError::io("create spare dir", e))?;
+        create_dir_synced(&dir)?;
         let mut ready = Vec::new();
         let mut seq = 0u64;
         let entries = std::fs::read_dir(&dir).map_err(|e| HwError::io("list spare dir", e))?;
@@ -437,6 +457,20 @@ mod tests {
             "a temp dir's filesystem has room"
         );
         assert!(free_bytes(&d.path().join("missing")).is_err());
+    }
+
+    #[test]
+    fn create_dir_synced_makes_missing_parents_and_takes_what_exists() {
+        let d = tempfile::tempdir().unwrap();
+        let deep = d.path().join("a").join("b").join("c");
+        create_dir_synced(&deep).unwrap();
+        assert!(deep.is_dir());
+        create_dir_synced(&deep).unwrap();
+        // A file in the way is an error, not a directory.
+        let f = d.path().join("file");
+        std::fs::write(&f, b"x").unwrap();
+        assert!(create_dir_synced(&f.join("under")).is_err());
+        assert!(create_dir_synced(&f).is_err());
     }
 
     #[test]

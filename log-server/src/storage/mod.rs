@@ -417,8 +417,7 @@ impl Storage {
         driven: bool,
     ) -> Result<(Storage, Vec<RecoveredLog>, Option<File>), StorageError> {
         cfg.validate()?;
-        std::fs::create_dir_all(&cfg.dir)
-            .map_err(|e| StorageError::io("create data dir", &cfg.dir, e))?;
+        chainlog_hw::disk::create_dir_synced(&cfg.dir)?;
         let lock_path = cfg.dir.join(format::LOCK_FILE);
         let lock = chainlog_hw::disk::lock_exclusive(&lock_path).map_err(|e| {
             StorageError::Unsupported(format!(

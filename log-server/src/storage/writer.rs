@@ -233,8 +233,7 @@ impl Writer {
         let align = if direct { PAGE_BYTES as u32 } else { 1 };
         let logs_dir = cfg.dir.join(format::LOGS_DIR);
         let spare_dir = cfg.dir.join(format::SPARE_DIR);
-        std::fs::create_dir_all(&logs_dir)
-            .map_err(|e| StorageError::io("create logs dir", &logs_dir, e))?;
+        disk::create_dir_synced(&logs_dir)?;
         let mut ring = Ring::new(cfg.queue_depth)?;
         let waker = ring.waker()?;
         let spares = SpareFiles::start(
