@@ -1405,15 +1405,9 @@ fn sent_bases(effects: &[Effect]) -> Vec<Offset> {
         .collect()
 }
 
-/// Found by the simulator with long safety phases (seeds 100533 and 105569 at 12 000 steps):
-/// a successor asks for a resend from X while a storage read issued from a later offset is in
-/// flight. That read's batches must not move the stream past X again, or the successor asks
-/// again for ever (the head streams from storage one read at a time).
-#[test]
-fn a_resend_abandons_the_storage_read_in_flight() {
-    let mut h = in_chain(1, vec![recovered_from(0, 40, 40)], |_| {});
-    let session = h.r.succ_session;
-    let ack = |seq: u64, written: u64, resend: bool| PeerMessage::Ack {
+/// A successor's ack that it holds everything (durably, as far as the chain) below `written`.
+fn stream_ack(session: u64, seq: u64, written: u64, resend: bool) -> PeerMessage {
+    PeerMessage::Ack {
         epoch: Epoch(3),
         session,
         log: default_log(),
@@ -1424,7 +1418,18 @@ fn a_resend_abandons_the_storage_read_in_flight() {
         committed_end: Offset(written),
         resend,
         trim_point: Offset(0),
-    };
+    }
+}
+
+/// Found by the simulator with long safety phases (seeds 100533 and 105569 at 12 000 steps):
+/// a successor asks for a resend from X while a storage read issued from a later offset is in
+/// flight. That read's batches must not move the stream past X again, or the successor asks
+/// again for ever (the head streams from storage one read at a time).
+#[test]
+fn a_resend_abandons_the_storage_read_in_flight() {
+    let mut h = in_chain(1, vec![recovered_from(0, 40, 40)], |_| {});
+    let session = h.r.succ_session;
+    let ack = |seq: u64, written: u64, resend: bool| stream_ack(session, seq, written, resend);
     let stored = |base: u64| build_stored(base, &[b"a", b"b", b"c"]);
     // The successor holds 0..10: the head reads on from storage.
     let e = h.peer(2, ack(1, 10, false));
@@ -1470,18 +1475,7 @@ fn catching_up_from_storage_keeps_at_most_a_window_unreceived() {
     });
     let session = h.r.succ_session;
     let timeout = h.r.cfg.resend_timeout_us;
-    let ack = |seq: u64, written: u64| PeerMessage::Ack {
-        epoch: Epoch(3),
-        session,
-        log: default_log(),
-        seq,
-        written_end: Offset(written),
-        ack_end: Offset(written),
-        chain_end: Offset(written),
-        committed_end: Offset(written),
-        resend: false,
-        trim_point: Offset(0),
-    };
+    let ack = |seq: u64, written: u64| stream_ack(session, seq, written, false);
     let stored = |base: u64| build_stored(base, &[b"a", b"b", b"c"]);
     let e = h.peer(2, ack(1, 10));
     let r = reads(&e);
