@@ -112,6 +112,11 @@ pub struct NodeConfig {
     /// by them: a few connections past this are accepted while their Hello is awaited, and
     /// only the predecessor keeps one.
     pub connections_max: usize,
+    /// A client connection with no request in flight (a subscription counts) that sends
+    /// nothing for this long is closed, with an error saying so (default 600 000: ten
+    /// minutes; 0: never). Clients reconnect on their next request; idle ones cannot hold
+    /// every slot for good.
+    pub client_idle_timeout_ms: u64,
     /// CPUs this node's threads run on, as a CPU list (`"1"`, `"0,2-3"`); default: wherever the
     /// OS schedules them. On a small VM, where a wake-up across vCPUs is expensive, pinning a
     /// node next to the CPU that takes its disk's interrupts saves a cross-CPU wake-up on its
@@ -130,6 +135,7 @@ impl Default for NodeConfig {
             listen: "127.0.0.1:7400".into(),
             dir: PathBuf::from("chainlog-data"),
             connections_max: chainlog_core::limits::CONNECTIONS_MAX,
+            client_idle_timeout_ms: 600_000,
             cpus: None,
             chain: ChainSection::default(),
             storage: StorageSection::default(),

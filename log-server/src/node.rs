@@ -1025,6 +1025,8 @@ async fn client_session(
         queued_bytes.fetch_add(frame.len(), Ordering::Relaxed);
         let _ = tx.send(Out { frame, completes });
     };
+    let idle = (shared.cfg.client_idle_timeout_ms > 0)
+        .then(|| Duration::from_millis(shared.cfg.client_idle_timeout_ms));
     let result = loop {
         // Backpressure: stop reading when this connection has too many requests in flight.
         let permit = tokio::select! {
@@ -1032,10 +1034,39 @@ async fn client_session(
             _ = kicked.notified() => break Ok(()),
             p = inflight.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break Ok(()) },
         };
-        let frame = tokio::select! {
-            _ = stop.changed() => break Ok(()),
-            _ = kicked.notified() => break Ok(()),
-            f = r.recv() => f,
+        let next = {
+            // Pinned across the idle timer's checks: a frame half read when it fires (with
+            // other requests in flight) must not be lost.
+            let recv = r.recv();
+            tokio::pin!(recv);
+            loop {
+                tokio::select! {
+                    _ = stop.changed() => break Next::Stop,
+                    _ = kicked.notified() => break Next::Stop,
+                    f = &mut recv => break Next::Frame(f),
+                    _ = tokio::time::sleep(idle.unwrap_or(Duration::MAX)), if idle.is_some() => {
+                        // Only the permit for this frame is taken: nothing is in flight.
+                        if inflight.available_permits() + 1
+                            == chainlog_core::limits::CONNECTION_REQUESTS_MAX
+                        {
+                            break Next::Idle;
+                        }
+                    }
+                }
+            }
+        };
+        let frame = match next {
+            Next::Frame(f) => f,
+            Next::Stop => break Ok(()),
+            Next::Idle => {
+                let ms = shared.cfg.client_idle_timeout_ms;
+                let error = ClientReply::Error {
+                    code: ErrorCode::Timeout,
+                    message: format!("idle for {ms} ms with nothing in flight: closing"),
+                };
+                queue(error.encode(CONNECTION_REQUEST_ID), false);
+                break Ok(());
+            }
         };
         let frame: Frame = match frame {
             Ok(Some(f)) => f,
@@ -1076,6 +1107,15 @@ async fn client_session(
     drop(tx);
     let _ = writer.await;
     result
+}
+
+/// What a client connection's reader waits for next.
+enum Next {
+    Frame(Result<Option<Frame>, NetError>),
+    /// The node stops, or dropped the client (slow consumer).
+    Stop,
+    /// Nothing sent and nothing in flight for `client_idle_timeout_ms`.
+    Idle,
 }
 
 /// Writes queued frames, many per vectored write; frees in-flight slots as replies go out.

@@ -494,3 +494,65 @@ fn a_predecessor_that_never_reads_is_dropped_not_buffered() {
         ClientReply::StatusOk { .. }
     ));
 }
+
+/// A client that sends nothing and has nothing in flight for `client_idle_timeout_ms` is told
+/// so and closed (idle connections cannot hold every slot for good); one with a subscription
+/// open, or requests answered in time, is not.
+#[test]
+fn an_idle_client_is_closed_with_a_reason_and_a_subscriber_is_not() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let addrs = two_addrs();
+    let node = start_node(
+        tmp.path(),
+        &addrs[..1],
+        1,
+        0x5eed,
+        1,
+        "client_idle_timeout_ms = 300",
+    );
+    let (mut idle, hello) = Raw::client(node.addr, 0);
+    hello.expect("hello");
+    let (mut sub, hello) = Raw::client(node.addr, 0);
+    hello.expect("hello");
+    sub.send_bytes(
+        &ClientRequest::Subscribe {
+            log: LogId::from_name("default"),
+            from: Offset(0),
+        }
+        .encode(1)
+        .to_vec(),
+    );
+    let (mut busy, hello) = Raw::client(node.addr, 0);
+    hello.expect("hello");
+    let t0 = Instant::now();
+    // A client that keeps asking within the timeout stays.
+    for i in 0..6 {
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(matches!(
+            busy.request(10 + i, &ClientRequest::Status),
+            ClientReply::StatusOk { .. }
+        ));
+    }
+    let (h, body) = idle.recv().expect("a reason before the close");
+    assert_eq!(h.request_id, chainlog_core::wire::CONNECTION_REQUEST_ID);
+    match ClientReply::decode(h.kind, body).expect("error frame") {
+        ClientReply::Error { code, message } => {
+            assert_eq!(code, ErrorCode::Timeout);
+            assert!(message.contains("idle for 300 ms"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(idle.recv().is_none(), "closed after the reason");
+    assert!(t0.elapsed() >= Duration::from_millis(300));
+    // The subscriber, silent all along, is still served.
+    assert!(matches!(
+        append(&mut busy, 20, "default", &[b"to the subscriber"]),
+        ClientReply::AppendOk { .. }
+    ));
+    let (h, body) = sub.recv().expect("the subscriber is still served");
+    assert_eq!(h.request_id, 1);
+    assert!(matches!(
+        ClientReply::decode(h.kind, body),
+        Ok(ClientReply::Records { .. })
+    ));
+}
