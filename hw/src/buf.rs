@@ -284,8 +284,9 @@ impl AlignedBuf {
     /// The whole capacity, for filling in place (socket reads, disk reads); then `set_len`.
     pub fn as_mut_slice(&mut self) -> &mut [u8] {
         let r = self.raw();
-        // SAFETY: `ptr` points to `cap` initialised bytes (allocated zeroed, only ever written
-        // through safe slices) exclusively owned by `self`, borrowed mutably here.
+        // SAFETY: `ptr` points to `cap` initialised bytes (allocated zeroed; written since
+        // only through safe slices or by the kernel, whose writes leave them initialised)
+        // exclusively owned by `self`, borrowed mutably here.
         unsafe { std::slice::from_raw_parts_mut(r.ptr.as_ptr(), r.cap) }
     }
 

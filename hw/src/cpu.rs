@@ -88,9 +88,11 @@ pub fn current_thread_cpus() -> Result<Vec<usize>> {
     if r != 0 {
         return Err(HwError::io("sched_getaffinity", io::Error::last_os_error()));
     }
-    // SAFETY: every index is < CPUS_MAX, inside `set`.
     Ok((0..CPUS_MAX)
-        .filter(|&c| unsafe { libc::CPU_ISSET(c, &set) })
+        .filter(|&c| {
+            // SAFETY: every index is < CPUS_MAX, inside `set`.
+            unsafe { libc::CPU_ISSET(c, &set) }
+        })
         .collect())
 }
 

@@ -249,9 +249,11 @@ impl Ring {
     }
 
     fn push_one(&mut self, tag: u64, mut op: Op, link: bool) -> Result<()> {
-        let Some(idx) = self.free_slots.pop() else {
+        if self.free_slots.is_empty() {
             return Err(HwError::QueueFull(self.slots.len() as u32));
-        };
+        }
+        // The slot is taken only once the entry is built: an operation refused below must not
+        // leak it (in-flight would never reach zero, and the drop would wait for ever).
         let mut iovecs = None;
         let entry = match &mut op {
             Op::Writev {
@@ -260,7 +262,12 @@ impl Ring {
                 bufs,
                 dsync,
             } => {
-                assert!(bufs.len() <= IOV_MAX, "writev of {} buffers", bufs.len());
+                if bufs.len() > IOV_MAX {
+                    return Err(HwError::Invalid(format!(
+                        "writev of {} buffers",
+                        bufs.len()
+                    )));
+                }
                 let v: Vec<libc::iovec> = bufs
                     .iter()
                     .map(|b| libc::iovec {
@@ -321,6 +328,9 @@ impl Ring {
                 .offset(*offset)
                 .mode(*mode)
                 .build(),
+        };
+        let Some(idx) = self.free_slots.pop() else {
+            return Err(HwError::QueueFull(self.slots.len() as u32));
         };
         let entry = entry.user_data(idx as u64).flags(if link {
             squeue::Flags::IO_LINK
@@ -514,8 +524,14 @@ impl Drop for Ring {
                 }
                 return;
             }
-            if self.complete(&mut sink).is_err() {
-                break;
+            if let Err(e) = self.complete(&mut sink) {
+                // As above: what is still in flight keeps its buffers.
+                tracing::error!("io_uring drain failed ({e}); leaking in-flight buffers");
+                std::mem::forget(std::mem::take(&mut self.slots));
+                if let Some(w) = self.wake.take() {
+                    std::mem::forget(w);
+                }
+                return;
             }
             sink.clear();
         }
@@ -526,6 +542,43 @@ impl Drop for Ring {
 mod tests {
     use super::*;
     use std::os::unix::fs::FileExt;
+
+    /// An operation the ring refuses takes no slot: every slot stays usable, nothing counts
+    /// as in flight, and the ring drops without waiting for a completion that cannot come.
+    #[test]
+    fn a_refused_operation_takes_no_slot() {
+        let mut ring = match Ring::new(4) {
+            Ok(r) => r,
+            Err(e) => {
+                eprintln!("skipping: {e}");
+                return;
+            }
+        };
+        let dir = tempfile::tempdir().unwrap();
+        let f = Arc::new(std::fs::File::create(dir.path().join("f")).unwrap());
+        let slots = ring.capacity();
+        for _ in 0..slots + 2 {
+            let too_many = Op::Writev {
+                file: f.clone(),
+                offset: 0,
+                bufs: vec![Bytes::from_static(b"x"); IOV_MAX + 1],
+                dsync: false,
+            };
+            assert!(matches!(ring.push(1, too_many), Err(HwError::Invalid(_))));
+        }
+        assert_eq!(ring.in_flight(), 0);
+        let done = ring
+            .run_chain(vec![(
+                2,
+                Op::Sync {
+                    file: f.clone(),
+                    datasync: true,
+                },
+            )])
+            .unwrap();
+        assert!(done[0].result.is_ok());
+        drop(ring);
+    }
 
     #[test]
     fn write_sync_read_round_trip() {
