@@ -500,6 +500,18 @@ impl CompletionSignal {
     }
 }
 
+impl Ring {
+    /// The drain cannot tell when the kernel is done with what is in flight: leak those
+    /// buffers (and the waker's) rather than free them under an operation.
+    fn leak_in_flight(&mut self, e: &dyn std::fmt::Display) {
+        tracing::error!("io_uring drain failed ({e}); leaking in-flight buffers");
+        std::mem::forget(std::mem::take(&mut self.slots));
+        if let Some(w) = self.wake.take() {
+            std::mem::forget(w);
+        }
+    }
+}
+
 impl Drop for Ring {
     fn drop(&mut self) {
         self.closing = true;
@@ -515,22 +527,11 @@ impl Drop for Ring {
                 if e.raw_os_error() == Some(libc::EINTR) {
                     continue;
                 }
-                // Cannot tell when the kernel is done: leak the buffers rather than free them
-                // under an operation.
-                tracing::error!("io_uring drain failed ({e}); leaking in-flight buffers");
-                std::mem::forget(std::mem::take(&mut self.slots));
-                if let Some(w) = self.wake.take() {
-                    std::mem::forget(w);
-                }
+                self.leak_in_flight(&e);
                 return;
             }
             if let Err(e) = self.complete(&mut sink) {
-                // As above: what is still in flight keeps its buffers.
-                tracing::error!("io_uring drain failed ({e}); leaking in-flight buffers");
-                std::mem::forget(std::mem::take(&mut self.slots));
-                if let Some(w) = self.wake.take() {
-                    std::mem::forget(w);
-                }
+                self.leak_in_flight(&e);
                 return;
             }
             sink.clear();
