@@ -57,25 +57,52 @@ fn read_replica(bin: &PathBuf, args: &[&str], want: &str) -> (i32, String) {
     }
 }
 
+/// A running `log-server dev`, killed when dropped: a failing assertion must not leave the
+/// chain running (CI found one still up minutes after the test that started it failed).
+struct DevChain(std::process::Child);
+
+impl std::ops::Deref for DevChain {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for DevChain {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for DevChain {
+    fn drop(&mut self) {
+        // Already exited (the test stopped it) or not: either way it is gone after this.
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// `log-server dev` with `nodes` nodes on free ports, data under `dir`, and `extra` flags;
 /// returns once every node listens, with the head's port.
-fn start_dev(dir: &std::path::Path, nodes: u16, extra: &[&str]) -> (std::process::Child, u16) {
+fn start_dev(dir: &std::path::Path, nodes: u16, extra: &[&str]) -> (DevChain, u16) {
     let port = common::free_port_run();
-    let mut dev = Command::new(env!("CARGO_BIN_EXE_log-server"))
-        .args([
-            "dev",
-            "--nodes",
-            &nodes.to_string(),
-            "--port",
-            &port.to_string(),
-        ])
-        .args(extra)
-        .arg("--dir")
-        .arg(dir)
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .spawn()
-        .expect("spawn log-server dev");
+    let mut dev = DevChain(
+        Command::new(env!("CARGO_BIN_EXE_log-server"))
+            .args([
+                "dev",
+                "--nodes",
+                &nodes.to_string(),
+                "--port",
+                &port.to_string(),
+            ])
+            .args(extra)
+            .arg("--dir")
+            .arg(dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn log-server dev"),
+    );
     for i in 0..nodes {
         let a: SocketAddr = format!("127.0.0.1:{}", port + i).parse().expect("addr");
         common::wait_listening(a, Duration::from_secs(30), Some(&mut dev));
