@@ -60,13 +60,10 @@ type OutTx = mpsc::UnboundedSender<Out>;
 /// that is disconnected (with a `LimitExceeded` error) rather than allowed to grow memory.
 const CLIENT_QUEUE_BYTES_MAX: usize = 64 << 20;
 
-/// A peer link as the core loop sees it: which link session it is, its outbound queue and that
-/// queue's size, and how to end it.
+/// A peer link as the core loop sees it: which link session it is, and its outbound queue.
 struct PeerOut {
     gen: u64,
-    tx: OutTx,
-    queued_bytes: Arc<AtomicUsize>,
-    kicked: Arc<tokio::sync::Notify>,
+    out: OutQueue,
 }
 
 /// Bytes that may wait for one peer link's socket. An honest predecessor has at most its
@@ -79,18 +76,43 @@ fn peer_queue_bytes_max(pipeline_bytes_max: usize) -> usize {
         .saturating_add(2 * chainlog_core::limits::BATCH_BYTES_MAX)
 }
 
-/// A client connection as the core loop sees it: its outbound queue and that queue's size.
-struct ClientOut {
+/// A connection's outbound queue (client or peer) and its size in bytes, which its writer
+/// takes each frame off as it goes out; `kicked` tells the connection's reader that the core
+/// dropped it (a peer or client not reading).
+#[derive(Clone)]
+struct OutQueue {
     tx: OutTx,
     queued_bytes: Arc<AtomicUsize>,
-    /// Told when the core drops the client (slow consumer): the reader stops too.
     kicked: Arc<tokio::sync::Notify>,
+}
+
+impl OutQueue {
+    /// A queue and the receiver its writer drains.
+    fn new() -> (OutQueue, mpsc::UnboundedReceiver<Out>) {
+        let (tx, rx) = mpsc::unbounded_channel::<Out>();
+        let q = OutQueue {
+            tx,
+            queued_bytes: Arc::new(AtomicUsize::new(0)),
+            kicked: Arc::new(tokio::sync::Notify::new()),
+        };
+        (q, rx)
+    }
+
+    fn push(&self, frame: Encoded, completes: bool) {
+        self.queued_bytes.fetch_add(frame.len(), Ordering::Relaxed);
+        let _ = self.tx.send(Out { frame, completes });
+    }
+
+    /// Whether `len` bytes more would put over `limit` in wait.
+    fn over(&self, len: usize, limit: usize) -> bool {
+        self.queued_bytes.load(Ordering::Relaxed) + len > limit
+    }
 }
 
 enum Event {
     ClientUp {
         id: ClientId,
-        out: ClientOut,
+        out: OutQueue,
     },
     Client {
         id: ClientId,
@@ -324,7 +346,7 @@ struct CoreLoop {
     storage: Option<Storage>,
     /// Readable when the storage ring has posted completions: the loop then drives storage.
     ring_fd: Option<CompletionSignal>,
-    clients: BTreeMap<ClientId, ClientOut>,
+    clients: BTreeMap<ClientId, OutQueue>,
     links: BTreeMap<NodeId, PeerOut>,
     /// Bytes that may wait for one peer link's socket (`peer_queue_bytes_max`).
     peer_queue_bytes_max: usize,
@@ -585,23 +607,18 @@ impl CoreLoop {
         let Some(link) = self.links.get(&to) else {
             return;
         };
-        let len = frame.len();
-        if link.queued_bytes.load(Ordering::Relaxed) + len > self.peer_queue_bytes_max {
+        if link.out.over(frame.len(), self.peer_queue_bytes_max) {
             tracing::warn!(
                 peer = to.0,
                 limit = self.peer_queue_bytes_max,
                 "peer link not reading: dropping it"
             );
-            link.kicked.notify_one();
+            link.out.kicked.notify_one();
             self.links.remove(&to);
             self.links_dropped.push(to);
             return;
         }
-        link.queued_bytes.fetch_add(len, Ordering::Relaxed);
-        let _ = link.tx.send(Out {
-            frame,
-            completes: false,
-        });
+        link.out.push(frame, false);
     }
 
     fn reply(&mut self, client: ClientId, request_id: u64, reply: &ClientReply) {
@@ -610,27 +627,22 @@ impl CoreLoop {
         };
         let completes = !matches!(reply, ClientReply::Records { .. });
         let frame = reply.encode(request_id);
-        let len = frame.len();
-        if c.queued_bytes.load(Ordering::Relaxed) + len > CLIENT_QUEUE_BYTES_MAX {
+        if c.over(frame.len(), CLIENT_QUEUE_BYTES_MAX) {
             tracing::warn!(client = client.0, "slow consumer: disconnecting");
-            let _ = c.tx.send(Out {
-                frame: ClientReply::Error {
-                    code: ErrorCode::LimitExceeded,
-                    message: format!(
-                        "slow consumer: over {CLIENT_QUEUE_BYTES_MAX} bytes wait for this connection"
-                    ),
-                }
-                .encode(request_id),
-                completes: true,
-            });
+            let error = ClientReply::Error {
+                code: ErrorCode::LimitExceeded,
+                message: format!(
+                    "slow consumer: over {CLIENT_QUEUE_BYTES_MAX} bytes wait for this connection"
+                ),
+            };
+            c.push(error.encode(request_id), true);
             c.kicked.notify_one();
             self.clients.remove(&client);
             // The core forgets the client's subscriptions and reads on the next turn.
             self.gone.push(client);
             return;
         }
-        c.queued_bytes.fetch_add(len, Ordering::Relaxed);
-        let _ = c.tx.send(Out { frame, completes });
+        c.push(frame, completes);
     }
 
     fn carry_out(&mut self, effects: &mut Vec<Effect>) {
@@ -999,32 +1011,24 @@ async fn client_session(
     mut stop: watch::Receiver<bool>,
 ) -> Result<(), NetError> {
     let id = ClientId(shared.next_client.fetch_add(1, Ordering::Relaxed));
-    let (tx, rx) = mpsc::unbounded_channel::<Out>();
+    let (out, rx) = OutQueue::new();
     let inflight = Arc::new(Semaphore::new(
         chainlog_core::limits::CONNECTION_REQUESTS_MAX,
     ));
-    let queued_bytes = Arc::new(AtomicUsize::new(0));
-    let kicked = Arc::new(tokio::sync::Notify::new());
+    let kicked = out.kicked.clone();
     let _ = ev_tx.send(Event::ClientUp {
         id,
-        out: ClientOut {
-            tx: tx.clone(),
-            queued_bytes: queued_bytes.clone(),
-            kicked: kicked.clone(),
-        },
+        out: out.clone(),
     });
     let writer = tokio::spawn(writer_loop(
         w,
         rx,
         Some(inflight.clone()),
-        Some(queued_bytes.clone()),
+        Some(out.queued_bytes.clone()),
     ));
-    // This task's own replies (errors for frames that do not decode) count against the same
-    // bound as the core's: the writer takes every frame it sends off it.
-    let queue = |frame: Encoded, completes: bool| {
-        queued_bytes.fetch_add(frame.len(), Ordering::Relaxed);
-        let _ = tx.send(Out { frame, completes });
-    };
+    // This task's own replies (errors for frames that do not decode) go through the same
+    // queue, and count against the same bound, as the core's.
+    let queue = |frame: Encoded, completes: bool| out.push(frame, completes);
     let idle = (shared.cfg.client_idle_timeout_ms > 0)
         .then(|| Duration::from_millis(shared.cfg.client_idle_timeout_ms));
     let result = loop {
@@ -1104,7 +1108,7 @@ async fn client_session(
         }
     };
     let _ = ev_tx.send(Event::ClientGone { id });
-    drop(tx);
+    drop(out);
     let _ = writer.await;
     result
 }
@@ -1163,17 +1167,13 @@ async fn peer_session(
     mut stop: watch::Receiver<bool>,
 ) {
     let gen = shared.next_link_gen.fetch_add(1, Ordering::Relaxed);
-    let (tx, rx) = mpsc::unbounded_channel::<Out>();
-    let queued_bytes = Arc::new(AtomicUsize::new(0));
-    let kicked = Arc::new(tokio::sync::Notify::new());
-    let link = PeerOut {
-        gen,
-        tx,
-        queued_bytes: queued_bytes.clone(),
-        kicked: kicked.clone(),
-    };
-    let _ = ev_tx.send(Event::LinkUp { peer, link });
-    let writer = tokio::spawn(writer_loop(w, rx, None, Some(queued_bytes)));
+    let (out, rx) = OutQueue::new();
+    let kicked = out.kicked.clone();
+    let writer = tokio::spawn(writer_loop(w, rx, None, Some(out.queued_bytes.clone())));
+    let _ = ev_tx.send(Event::LinkUp {
+        peer,
+        link: PeerOut { gen, out },
+    });
     loop {
         let f = tokio::select! {
             _ = stop.changed() => break,

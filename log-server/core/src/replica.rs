@@ -221,26 +221,27 @@ struct SuccLog {
     /// less than `pipeline_bytes_max`: a successor catching up from far behind would otherwise
     /// be streamed to as fast as storage reads, and the link's queue grow without bound.
     streamed: VecDeque<(Offset, usize)>,
-    streamed_bytes: usize,
 }
 
 impl SuccLog {
     /// The successor's acks show it has everything below `written_end`.
     fn streamed_received(&mut self, written_end: Offset) {
-        while let Some(&(end, bytes)) = self.streamed.front() {
+        while let Some(&(end, _)) = self.streamed.front() {
             if end > written_end {
                 break;
             }
             self.streamed.pop_front();
-            self.streamed_bytes -= bytes;
         }
+    }
+
+    fn streamed_bytes(&self) -> usize {
+        self.streamed.iter().map(|&(_, bytes)| bytes).sum()
     }
 
     /// Streamed reads are presumed lost (a rewind or a silent successor): they no longer
     /// hold back the next read.
     fn streamed_forget(&mut self) {
         self.streamed.clear();
-        self.streamed_bytes = 0;
     }
 }
 
@@ -1935,7 +1936,6 @@ impl Replica {
                         l.succ.commit_sent = l.succ.commit_sent.max(l.committed_end);
                         let bytes = crate::wire::total_len(&v);
                         l.succ.streamed.push_back((last.end_offset(), bytes));
-                        l.succ.streamed_bytes += bytes;
                         out.push(Effect::Send {
                             to: succ,
                             msg: PeerMessage::Append {
@@ -2485,7 +2485,7 @@ impl Replica {
             }
             if l.succ.reading.is_some()
                 || l.succ.read_backoff_until.is_some_and(|t| now < t)
-                || l.succ.streamed_bytes >= self.cfg.pipeline_bytes_max
+                || l.succ.streamed_bytes() >= self.cfg.pipeline_bytes_max
             {
                 break;
             }

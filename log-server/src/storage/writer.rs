@@ -100,13 +100,11 @@ struct LogW {
     /// A rolled segment's directory entry is not yet durable: groups in it may complete but
     /// are not reported durable until it is.
     dir_sync_pending: bool,
-    /// That directory fsync failed: the segment's name may not survive a crash, so nothing
-    /// written into it is ever reported durable (the log fails and stays failed).
-    dir_sync_failed: bool,
     /// After a failed write: appends that do not start at `accepted_end` were sent before the
     /// caller saw the failure and are dropped.
     failed: bool,
-    /// A failure we could not clean up after (zeroing the failed range failed): refuse writes.
+    /// A failure we could not clean up after (zeroing the failed range failed, or a rolled
+    /// segment's directory fsync): refuse writes and report nothing more durable.
     broken: bool,
     /// Failed with `StorageFull`: the tick reopens it (`DiskEvent::Reopened`) once space is
     /// free. Other failures stay until a restart (the device is suspect).
@@ -350,7 +348,6 @@ impl Writer {
             inflight: VecDeque::new(),
             failing: None,
             dir_sync_pending: false,
-            dir_sync_failed: false,
             failed: false,
             broken: false,
             full: false,
@@ -822,7 +819,7 @@ impl Writer {
                     tracing::error!(log = %id, "fsync of the log directory failed: {e}; the log refuses writes until the node is restarted");
                     // Not `StorageFull` even for ENOSPC: a log reopened after a full disk
                     // would go on writing into the segment whose name is not durable.
-                    l.dir_sync_failed = true;
+                    // Broken: nothing written into it is ever reported durable either.
                     l.broken = true;
                     l.failing = Some(ErrorCode::StorageError);
                 }
@@ -976,10 +973,7 @@ impl Writer {
             return;
         };
         let before = l.durable_end;
-        while !l.dir_sync_pending
-            && !l.dir_sync_failed
-            && l.inflight.front().is_some_and(|g| g.synced)
-        {
+        while !l.dir_sync_pending && !l.broken && l.inflight.front().is_some_and(|g| g.synced) {
             let Some(g) = l.inflight.pop_front() else {
                 break;
             };
