@@ -137,16 +137,41 @@ pub fn lock_exclusive(path: &Path) -> Result<File> {
 /// Creates `path` (which must not exist) with `len` bytes allocated and written as zeros, then
 /// fdatasync: afterwards writes inside it are pure data writes. `len` must be page-aligned.
 pub fn create_prezeroed(path: &Path, len: u64, direct: bool) -> Result<()> {
+    create_prezeroed_unless(path, len, direct, &AtomicBool::new(false)).map(|_| ())
+}
+
+/// [`create_prezeroed`] that gives up between chunks of zeros once `stop` is set (a node
+/// stopping must not wait for a whole large segment to be zeroed at idle I/O priority).
+/// Returns whether the file was completed; an abandoned one is left for the caller to remove.
+pub fn create_prezeroed_unless(
+    path: &Path,
+    len: u64,
+    direct: bool,
+    stop: &AtomicBool,
+) -> Result<bool> {
     if len == 0 || !len.is_multiple_of(PAGE_BYTES as u64) {
         return Err(HwError::Invalid(format!(
             "segment length {len} not a positive multiple of {PAGE_BYTES}"
         )));
     }
     let f = create_allocated(path, len, direct)?;
-    write_zeros(&f, 0, len)?;
+    // Whole chunks per step (each a multiple of the page), so O_DIRECT alignment holds.
+    let step = (ZERO_CHUNK_BYTES as u64) * ZERO_CHUNKS_PER_STOP_CHECK;
+    let mut at = 0;
+    while at < len {
+        if stop.load(Ordering::Acquire) {
+            return Ok(false);
+        }
+        let n = (len - at).min(step);
+        write_zeros(&f, at, n)?;
+        at += n;
+    }
     fdatasync(&f)?;
-    Ok(())
+    Ok(true)
 }
+
+/// Chunks of zeros written between checks of a preparer's stop flag.
+const ZERO_CHUNKS_PER_STOP_CHECK: u64 = 64;
 
 /// Creates a file of `len` bytes that is only allocated (`fallocate`: unwritten extents, no
 /// zeroing), open for reading and writing, with O_DIRECT when `direct`. A durable write into
@@ -379,9 +404,13 @@ impl SpareShared {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
         let tmp = self.dir.join(format!("{n:020}{SPARE_SUFFIX}{TMP_SUFFIX}"));
         let done = self.dir.join(format!("{n:020}{SPARE_SUFFIX}"));
-        let r = create_prezeroed(&tmp, self.len, self.direct).and_then(|()| {
-            std::fs::rename(&tmp, &done).map_err(|e| HwError::io("rename spare", e))
-        });
+        let r =
+            create_prezeroed_unless(&tmp, self.len, self.direct, &self.stop).and_then(|complete| {
+                if !complete {
+                    return Err(HwError::Invalid("spare preparer stopped".into()));
+                }
+                std::fs::rename(&tmp, &done).map_err(|e| HwError::io("rename spare", e))
+            });
         if r.is_err() {
             let _ = std::fs::remove_file(&tmp);
         } else {
@@ -411,6 +440,7 @@ impl SpareShared {
                     st.last_error = None;
                     self.cv.notify_all();
                 }
+                Err(_) if self.stop.load(Ordering::Acquire) => return,
                 Err(e) => {
                     tracing::warn!("preparing a spare segment failed: {e}");
                     let mut st = self.lock.lock().unwrap_or_else(|e| e.into_inner());
@@ -486,6 +516,21 @@ mod tests {
             "must not overwrite"
         );
         assert!(create_prezeroed(&dir.path().join("b"), 100, false).is_err());
+    }
+
+    /// A stopping preparer leaves a large spare half done instead of zeroing all of it.
+    #[test]
+    fn prezeroing_gives_up_once_told_to_stop() {
+        let dir = tempfile::tempdir().unwrap();
+        let stop = AtomicBool::new(true);
+        let len = 256 << 20;
+        let p = dir.path().join("big.spare");
+        assert!(!create_prezeroed_unless(&p, len, false, &stop).unwrap());
+        // Left allocated at its length for the caller to remove.
+        assert_eq!(std::fs::metadata(&p).unwrap().len(), len);
+        stop.store(false, Ordering::Release);
+        let q = dir.path().join("small.spare");
+        assert!(create_prezeroed_unless(&q, 1 << 20, false, &stop).unwrap());
     }
 
     #[test]
