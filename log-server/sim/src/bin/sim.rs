@@ -13,7 +13,7 @@ use std::time::Instant;
 )]
 struct Args {
     /// Run one seed and print its report (trace hash included).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "seeds")]
     seed: Option<u64>,
     /// Run a range of seeds, `A..B` (B excluded).
     #[arg(long)]
@@ -21,9 +21,9 @@ struct Args {
     /// Events in the safety phase of each seed.
     #[arg(long, default_value_t = SimOptions::default().steps)]
     steps: u64,
-    /// Fix the chain length instead of drawing it from the seed.
-    #[arg(long)]
-    nodes: Option<usize>,
+    /// Fix the chain length (1..=8) instead of drawing it from the seed.
+    #[arg(long, value_parser = clap::value_parser!(u8).range(1..=8))]
+    nodes: Option<u8>,
     /// No random faults in the safety phase.
     #[arg(long)]
     no_faults: bool,
@@ -53,7 +53,7 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let opts = SimOptions {
         steps: args.steps,
-        nodes: args.nodes,
+        nodes: args.nodes.map(usize::from),
         faults: !args.no_faults,
         bug_ack_before_successor: args.bug_ack_before_successor,
         bug_no_restart_at_pred_start: args.bug_no_restart_at_pred_start,
