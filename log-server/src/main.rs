@@ -28,10 +28,14 @@ enum Cmd {
     Run {
         #[arg(long)]
         config: Option<PathBuf>,
-        #[arg(long, default_value = "chainlog-data")]
-        dir: PathBuf,
-        #[arg(long, default_value = "127.0.0.1:7400")]
-        listen: String,
+        /// Data directory of a single-node chain (default ./chainlog-data); with `--config`,
+        /// the config's `dir` says where.
+        #[arg(long, conflicts_with = "config")]
+        dir: Option<PathBuf>,
+        /// Listen address of a single-node chain (default 127.0.0.1:7400); with `--config`,
+        /// the config's `listen` says where.
+        #[arg(long, conflicts_with = "config")]
+        listen: Option<String>,
         /// auto | direct | buffered
         #[arg(long)]
         io_mode: Option<String>,
@@ -124,7 +128,10 @@ fn main() -> anyhow::Result<()> {
                         .with_context(|| format!("reading {}", path.display()))?;
                     NodeConfig::from_toml(&text)?
                 }
-                None => NodeConfig::single(dir, listen),
+                None => NodeConfig::single(
+                    dir.unwrap_or_else(|| PathBuf::from("chainlog-data")),
+                    listen.unwrap_or_else(|| "127.0.0.1:7400".into()),
+                ),
             };
             apply_storage_flags(&mut cfg, parse_io_mode(&io_mode)?, flushes_in_flight);
             if cpus.is_some() {
@@ -147,10 +154,21 @@ fn run_node(cfg: NodeConfig) -> anyhow::Result<()> {
             h.node, h.listen, h.cluster_id.0
         );
         wait_for_signal().await;
-        eprintln!("shutting down");
-        h.shutdown().await;
+        eprintln!("shutting down (Ctrl-C again to exit at once)");
+        tokio::select! {
+            () = h.shutdown() => {}
+            () = wait_for_signal() => exit_at_once(),
+        }
         Ok(())
     })
+}
+
+/// A second Ctrl-C (or SIGTERM) during shutdown: exit without waiting for the drain. Nothing
+/// acknowledged is lost (an ack means durable on every replica); what was in flight is in
+/// doubt for its clients, as after a crash.
+fn exit_at_once() -> ! {
+    eprintln!("second signal: exiting without finishing the shutdown");
+    std::process::exit(130)
 }
 
 /// `log-server dev`: every node on a thread of its own with its own current-thread runtime, as
@@ -172,12 +190,17 @@ fn run_dev(args: DevArgs) -> anyhow::Result<()> {
         chainlog_hw::cpu::parse_cpu_list(c).map_err(|e| anyhow::anyhow!("--cpus: {e}"))?;
     }
     anyhow::ensure!((1..=16).contains(&nodes), "--nodes must be 1..=16");
+    anyhow::ensure!(
+        port != 0 && u32::from(port) + nodes - 1 <= u32::from(u16::MAX),
+        "--port {port}: the chain takes ports {port}..{} (each must be 1..=65535)",
+        u32::from(port) + nodes - 1
+    );
     let cluster = load_or_create_cluster_id(&dir)
         .with_context(|| format!("cluster id in {}", dir.display()))?;
     let chain: Vec<ChainNode> = (0..nodes)
         .map(|i| ChainNode {
             id: i + 1,
-            addr: format!("{host}:{}", u32::from(port) + i),
+            addr: host_port(&host, port + i as u16),
         })
         .collect();
     let io = parse_io_mode(&io_mode)?;
@@ -234,12 +257,29 @@ fn run_dev(args: DevArgs) -> anyhow::Result<()> {
         );
     }
     println!("try: chainlog append <<< 'hello'   then: chainlog read --from 0");
-    current_thread_runtime()?.block_on(wait_for_signal());
-    eprintln!("shutting down");
-    for h in handles {
-        h.shutdown();
-    }
+    let rt = current_thread_runtime()?;
+    rt.block_on(wait_for_signal());
+    eprintln!("shutting down (Ctrl-C again to exit at once)");
+    rt.block_on(async move {
+        let all = tokio::task::spawn_blocking(move || {
+            for h in handles {
+                h.shutdown();
+            }
+        });
+        tokio::select! {
+            _ = all => {}
+            () = wait_for_signal() => exit_at_once(),
+        }
+    });
     Ok(())
+}
+
+/// `host:port`, with an IPv6 literal in brackets.
+fn host_port(host: &str, port: u16) -> String {
+    match host.parse::<std::net::IpAddr>() {
+        Ok(ip) => std::net::SocketAddr::new(ip, port).to_string(),
+        Err(_) => format!("{host}:{port}"),
+    }
 }
 
 fn current_thread_runtime() -> anyhow::Result<tokio::runtime::Runtime> {
@@ -319,5 +359,20 @@ async fn wait_for_signal() {
     tokio::select! {
         _ = tokio::signal::ctrl_c() => {}
         _ = term.recv() => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::host_port;
+
+    #[test]
+    fn dev_addresses_bracket_ipv6() {
+        assert_eq!(host_port("127.0.0.1", 7400), "127.0.0.1:7400");
+        assert_eq!(host_port("::1", 7400), "[::1]:7400");
+        assert_eq!(host_port("localhost", 7401), "localhost:7401");
+        assert!(host_port("::1", 7400)
+            .parse::<std::net::SocketAddr>()
+            .is_ok());
     }
 }

@@ -5,7 +5,7 @@
 //! replica is touched only by the core loop, so it needs no locks; everything reaches it as an
 //! `Event` over one channel, in arrival order.
 
-use crate::config::{load_or_create_cluster_id, IoModeSetting, NodeConfig};
+use crate::config::{claim_data_dir, IoModeSetting, NodeConfig};
 use crate::metrics::Metrics;
 use crate::storage::{IoMode, Storage, StorageConfig};
 use anyhow::Context;
@@ -193,12 +193,7 @@ pub async fn start(mut cfg: NodeConfig) -> anyhow::Result<NodeHandle> {
     }
     std::fs::create_dir_all(&cfg.dir)
         .with_context(|| format!("creating data directory {}", cfg.dir.display()))?;
-    let cluster_id = if cfg.cluster_id != 0 {
-        ClusterId(cfg.cluster_id)
-    } else {
-        load_or_create_cluster_id(&cfg.dir)
-            .with_context(|| format!("cluster id in {}", cfg.dir.display()))?
-    };
+    let cluster_id = claim_data_dir(&cfg.dir, cfg.cluster_id, cfg.node_id, cfg.chain.nodes.len())?;
     let listener = TcpListener::bind(&cfg.listen)
         .await
         .with_context(|| format!("binding {}", cfg.listen))?;
@@ -446,6 +441,11 @@ impl CoreLoop {
                 tick_at = want;
                 tick.as_mut().reset(want);
             }
+        }
+        // Every client hears why before its connection closes (the writers send it while
+        // storage drains); replies already queued go out first.
+        for out in std::mem::take(&mut self.clients).into_values() {
+            out.push(shutting_down(self.shared.node), false);
         }
         if let Some(s) = self.storage.take() {
             let _ = tokio::task::spawn_blocking(move || s.shutdown()).await;
@@ -1113,10 +1113,21 @@ async fn client_session(
     result
 }
 
+/// The connection-level error a client gets when the node stops: its requests in flight then
+/// fail as a lost connection that says why (appends among them may be stored), and it knows
+/// to go elsewhere rather than wait for this node.
+fn shutting_down(node: NodeId) -> Encoded {
+    ClientReply::Error {
+        code: ErrorCode::ShuttingDown,
+        message: format!("node {} is shutting down", node.0),
+    }
+    .encode(CONNECTION_REQUEST_ID)
+}
+
 /// What a client connection's reader waits for next.
 enum Next {
     Frame(Result<Option<Frame>, NetError>),
-    /// The node stops, or dropped the client (slow consumer).
+    /// The node stops (the core loop says so), or dropped the client (slow consumer).
     Stop,
     /// Nothing sent and nothing in flight for `client_idle_timeout_ms`.
     Idle,

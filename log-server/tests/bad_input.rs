@@ -556,3 +556,119 @@ fn an_idle_client_is_closed_with_a_reason_and_a_subscriber_is_not() {
         Ok(ClientReply::Records { .. })
     ));
 }
+
+/// A node that stops tells each client why before it closes the connection (the error for the
+/// whole connection), so a client knows to go elsewhere instead of seeing a bare reset.
+#[test]
+fn a_stopping_node_tells_its_clients_why() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let mut node = Server::single(&tmp.path().join("d"), "auto");
+    let (mut raw, hello) = Raw::client(node.addr, 0);
+    hello.expect("hello");
+    assert!(matches!(
+        append(&mut raw, 1, "default", &[b"before the stop"]),
+        ClientReply::AppendOk { .. }
+    ));
+    node.stop();
+    let (h, body) = raw.recv().expect("a reason before the close");
+    assert_eq!(h.request_id, chainlog_core::wire::CONNECTION_REQUEST_ID);
+    match ClientReply::decode(h.kind, body).expect("error frame") {
+        ClientReply::Error { code, message } => {
+            assert_eq!(code, ErrorCode::ShuttingDown);
+            assert!(message.contains("shutting down"), "{message}");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert!(raw.recv().is_none(), "closed after the reason");
+}
+
+/// `log-server` with `args`, expected to refuse to start: its stderr. One that is still
+/// running after 20 s started: it is killed and the test fails.
+fn refused_start(args: &[&str]) -> String {
+    let err_path = tempfile::NamedTempFile::new().expect("stderr file");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_log-server"))
+        .args(args)
+        .env_remove("RUST_BACKTRACE")
+        .stdout(std::process::Stdio::null())
+        .stderr(err_path.reopen().expect("stderr file"))
+        .spawn()
+        .expect("run log-server");
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let status = loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            break status;
+        }
+        if Instant::now() > deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{args:?} started");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(!status.success(), "{args:?} exited 0");
+    std::fs::read_to_string(err_path.path()).expect("stderr")
+}
+
+/// A data directory is the node and the cluster it was first started as: a config that points
+/// another node or another cluster at it is refused before anything is served, and so is a
+/// chain whose nodes would each make up their own cluster id.
+#[test]
+fn a_data_dir_of_another_node_or_cluster_is_refused() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let addrs = two_addrs();
+    let mut first = start_node(tmp.path(), &addrs, 2, 0x5eed, 1, "");
+    first.stop();
+    let config = |name: &str, cluster: &str, id: u32| {
+        let text = format!(
+            "{cluster}node_id = {id}\nlisten = \"{}\"\ndir = \"{}\"\n[chain]\nepoch = 1\n\
+             nodes = [{{ id = 1, addr = \"{}\" }}, {{ id = 2, addr = \"{}\" }}, {{ id = 7, addr = \"127.0.0.1:1\" }}]\n",
+            addrs[1],
+            tmp.path().join("node-2").display(),
+            addrs[0],
+            addrs[1],
+        );
+        let path = tmp.path().join(name);
+        std::fs::write(&path, text).expect("config");
+        path.display().to_string()
+    };
+    let err = refused_start(&[
+        "run",
+        "--config",
+        &config("c.toml", "cluster_id = 0x6eed\n", 2),
+    ]);
+    assert!(err.contains("belongs to cluster 5eed"), "{err}");
+    let err = refused_start(&[
+        "run",
+        "--config",
+        &config("n.toml", "cluster_id = 0x5eed\n", 7),
+    ]);
+    assert!(err.contains("belongs to node 2"), "{err}");
+    // The same directory with its own ids still starts.
+    let mut again = Server::start(
+        addrs[1],
+        vec![
+            "run".into(),
+            "--config".into(),
+            config("ok.toml", "cluster_id = \"5eed\"\n", 2),
+        ],
+        tmp.path().join("again.log"),
+    );
+    again.stop();
+    // A fresh directory in a chain of three with no cluster id: refused, with an id to use.
+    let fresh = tmp.path().join("fresh.toml");
+    let text = std::fs::read_to_string(config("f.toml", "", 2))
+        .expect("config")
+        .replace("node-2", "fresh");
+    std::fs::write(&fresh, text).expect("config");
+    let err = refused_start(&["run", "--config", &fresh.display().to_string()]);
+    assert!(err.contains("needs `cluster_id` set"), "{err}");
+    // Flags the config overrides are refused rather than silently ignored.
+    let err = refused_start(&[
+        "run",
+        "--config",
+        &fresh.display().to_string(),
+        "--dir",
+        "x",
+    ]);
+    assert!(err.contains("--dir"), "{err}");
+}
