@@ -53,9 +53,24 @@ pub(crate) struct Inner {
     cluster_id: AtomicU64,
     pub(crate) producer_id: ProducerId,
     producers: Mutex<HashMap<LogId, mpsc::Sender<Item>>>,
+    /// Per log, the highest committed end this client has learned (appends' `AppendOk`,
+    /// reads' and subscriptions' `committed_end`): a read below it has records to return
+    /// even from a replica that has not heard of the commit yet. At most
+    /// `COMMITTED_ENDS_MAX` logs.
+    committed: Mutex<HashMap<LogId, Offset>>,
     /// Payload bytes accepted by `append` and not yet answered.
     pub(crate) buffer: Arc<Semaphore>,
 }
+
+/// Logs whose committed end a client remembers: as many as a server holds. Past that one is
+/// forgotten, which only costs a later read of it the wait below.
+const COMMITTED_ENDS_MAX: usize = LOGS_MAX;
+
+/// How long a read below the committed end this client knows may wait at a replica that has
+/// not learned that commit yet. A commit reaches every replica within one hop (on the head's
+/// next batch or its idle `Commit`), so this is many hops' worth even on a loaded machine;
+/// a replica still behind after it is passed over for the head, which knows every commit.
+pub(crate) const READ_COMMIT_WAIT: Duration = Duration::from_millis(300);
 
 /// How to read.
 #[derive(Clone, Debug)]
@@ -66,6 +81,10 @@ pub struct ReadOptions {
     /// back). Default: the config's `read_bytes_max`.
     pub max_bytes: Option<u32>,
     /// If nothing at `from` is committed yet, how long the node may wait for it. Default 0.
+    /// A read from below a committed end this client has learned (from its own appends, say)
+    /// waits at least `READ_COMMIT_WAIT` (300 ms) at a replica that has not learned it yet,
+    /// and is then sent to the head unless `node` pins the replica: such a read does not come
+    /// back empty because one replica lags.
     pub wait: Duration,
     /// Read from `addrs[i]` instead of the config's choice.
     pub node: Option<usize>,
@@ -138,6 +157,7 @@ impl Client {
                 cluster_id: AtomicU64::new(cfg.cluster_id.0),
                 producer_id,
                 producers: Mutex::new(HashMap::new()),
+                committed: Mutex::new(HashMap::new()),
                 buffer: Arc::new(Semaphore::new(cfg.buffer_bytes_max)),
                 cfg,
             }),
@@ -239,6 +259,9 @@ impl Client {
     }
 
     /// A read with every knob (long-poll wait, byte budget, node).
+    ///
+    /// Below a committed end this client has learned, the read returns at least one record
+    /// (see [`ReadOptions::wait`]); at or past it, possibly none.
     pub async fn read_with(
         &self,
         log: &str,
@@ -246,37 +269,39 @@ impl Client {
         opts: &ReadOptions,
     ) -> Result<ReadResult> {
         let log = log_id(log)?;
-        let wait_ms = u32::try_from(opts.wait.as_millis()).unwrap_or(u32::MAX);
+        let known = self.inner.known_committed(log);
+        let behind = from < known;
+        let wait = if behind {
+            opts.wait.max(READ_COMMIT_WAIT)
+        } else {
+            opts.wait
+        };
         let req = ClientRequest::Read {
             log,
             from,
             max_records: opts.max_records,
             max_bytes: opts.max_bytes.unwrap_or(self.inner.cfg.read_bytes_max),
-            wait_ms,
+            wait_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX),
         };
-        let timeout = self.inner.cfg.request_timeout() + opts.wait;
+        let timeout = self.inner.cfg.request_timeout() + wait;
         let pinned = opts.node.or(self.inner.cfg.read_from);
-        match self
+        let (index, addr, reply) = self
             .inner
             .call_replica(&req, timeout, "read", pinned)
-            .await?
-        {
-            (
-                addr,
-                ClientReply::ReadOk {
-                    committed_end,
-                    batches,
-                },
-            ) => {
-                let records =
-                    decode_records(&addr, log, from, opts.max_records as usize, &batches)?;
-                Ok(ReadResult {
-                    records,
-                    committed_end,
-                })
+            .await?;
+        let mut res = read_result(&addr, log, from, opts, reply)?;
+        if behind && res.records.is_empty() && pinned.is_none() {
+            // The replica did not learn within the wait what this client knows committed (it
+            // restarted, or its predecessor's link is slow): the head knows every commit.
+            let (head_index, slot) = self.inner.nodes.head();
+            if head_index != index {
+                let conn = self.inner.conn(&slot).await?;
+                let reply = conn.call(&req, timeout, "read").await?;
+                res = read_result(&slot.addr, log, from, opts, reply)?;
             }
-            (addr, other) => Err(unexpected(&addr, "ReadOk", &other)),
         }
+        self.inner.learn_committed(log, res.committed_end);
+        Ok(res)
     }
 
     /// One past the last committed offset of `log`, as a replica knows it.
@@ -371,6 +396,26 @@ impl Client {
     }
 }
 
+/// A read's reply as a `ReadResult`.
+fn read_result(
+    addr: &str,
+    log: LogId,
+    from: Offset,
+    opts: &ReadOptions,
+    reply: ClientReply,
+) -> Result<ReadResult> {
+    match reply {
+        ClientReply::ReadOk {
+            committed_end,
+            batches,
+        } => Ok(ReadResult {
+            records: decode_records(addr, log, from, opts.max_records as usize, &batches)?,
+            committed_end,
+        }),
+        other => Err(unexpected(addr, "ReadOk", &other)),
+    }
+}
+
 pub(crate) fn unexpected(addr: &str, want: &str, got: &ClientReply) -> Error {
     let kind = match got {
         ClientReply::CreateLogOk { .. } => "CreateLogOk",
@@ -448,6 +493,31 @@ impl Inner {
 
     pub(crate) fn cluster_id(&self) -> ClusterId {
         ClusterId(self.cluster_id.load(Ordering::Relaxed))
+    }
+
+    /// Remembers that `log` is committed up to `end` (it never decreases).
+    pub(crate) fn learn_committed(&self, log: LogId, end: Offset) {
+        let mut map = self.committed.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(known) = map.get_mut(&log) {
+            *known = (*known).max(end);
+            return;
+        }
+        if end == Offset::ZERO {
+            return;
+        }
+        if map.len() >= COMMITTED_ENDS_MAX {
+            // Forgetting a log's end only costs a later read of it the wait.
+            if let Some(k) = map.keys().next().copied() {
+                map.remove(&k);
+            }
+        }
+        map.insert(log, end);
+    }
+
+    /// The highest committed end of `log` this client has learned (0 if none).
+    pub(crate) fn known_committed(&self, log: LogId) -> Offset {
+        let map = self.committed.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&log).copied().unwrap_or(Offset::ZERO)
     }
 
     /// Opens a fresh connection (not shared) and checks its cluster.
@@ -536,7 +606,7 @@ impl Inner {
         timeout: Duration,
         what: &'static str,
         pinned: Option<usize>,
-    ) -> Result<(String, ClientReply)> {
+    ) -> Result<(usize, String, ClientReply)> {
         let tries = if pinned.is_some() {
             1
         } else {
@@ -544,13 +614,13 @@ impl Inner {
         };
         let mut last = Error::Closed;
         for _ in 0..tries {
-            let (_, slot) = self.nodes.for_read(pinned);
+            let (index, slot) = self.nodes.for_read(pinned);
             let r = match self.conn(&slot).await {
                 Ok(c) => c.call(req, timeout, what).await,
                 Err(e) => Err(e),
             };
             match r {
-                Ok(reply) => return Ok((slot.addr.clone(), reply)),
+                Ok(reply) => return Ok((index, slot.addr.clone(), reply)),
                 Err(e @ (Error::Io { .. } | Error::ConnectionLost { .. })) => last = e,
                 Err(e) => return Err(e),
             }

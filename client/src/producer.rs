@@ -452,7 +452,11 @@ impl Pipeline {
             Ok(ClientReply::AppendOk {
                 base_offset,
                 record_count,
-            }) if record_count == batch.count => batch.succeed(base_offset),
+            }) if record_count == batch.count => {
+                // Acknowledged means committed: reads of it must find it on every replica.
+                inner.learn_committed(self.log, base_offset.plus(u64::from(record_count)));
+                batch.succeed(base_offset);
+            }
             Ok(ClientReply::AppendOk { record_count, .. }) => {
                 let addr = inner
                     .nodes

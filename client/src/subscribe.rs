@@ -157,7 +157,11 @@ async fn follow(
                         reason: "subscription stream ended".into(),
                     }
                 }
-                Some(Ok(ClientReply::Records { batches, .. })) => {
+                Some(Ok(ClientReply::Records {
+                    committed_end,
+                    batches,
+                })) => {
+                    inner.learn_committed(log, committed_end);
                     let recs = match decode_records(conn.addr(), log, next, usize::MAX, &batches) {
                         Ok(r) => r,
                         Err(e) => {

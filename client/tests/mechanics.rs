@@ -6,7 +6,9 @@
 #![allow(clippy::unwrap_used)]
 
 use bytes::{Bytes, BytesMut};
-use chainlog_client::{Client, ClientConfig, ClusterId, Error, ErrorCode, Offset, ProducerId};
+use chainlog_client::{
+    Client, ClientConfig, ClusterId, Error, ErrorCode, Offset, ProducerId, ReadOptions,
+};
 use chainlog_core::record;
 use chainlog_core::session::{Dedup, ProducerTable};
 use chainlog_core::wire::{
@@ -14,6 +16,7 @@ use chainlog_core::wire::{
     FRAME_HEADER_LEN, PROTOCOL_VERSION,
 };
 use chainlog_core::{Epoch, LogId, NodeId};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -74,6 +77,35 @@ async fn listener() -> (TcpListener, String) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let a = l.local_addr().unwrap().to_string();
     (l, a)
+}
+
+/// Serves every connection to `l` (each on a task of its own), answering each request with
+/// the frames `answer` gives (none: the request stays unanswered).
+fn serve_with<F>(l: TcpListener, answer: F)
+where
+    F: Fn(ClientRequest) -> Vec<ClientReply> + Send + Sync + 'static,
+{
+    let answer = Arc::new(answer);
+    tokio::spawn(async move {
+        loop {
+            let mut p = Peer::accept(&l).await;
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                while let Some((id, req)) = p.request().await {
+                    for r in answer(req) {
+                        p.reply(id, r).await;
+                    }
+                }
+            });
+        }
+    });
+}
+
+fn not_head(head: &str) -> ClientReply {
+    ClientReply::Error {
+        code: ErrorCode::NotHead,
+        message: format!("not head; head is node 1 at {head}"),
+    }
 }
 
 fn cfg(addrs: &[&str]) -> ClientConfig {
@@ -854,4 +886,64 @@ async fn a_storage_full_refusal_still_frees_its_sequence() {
     let stored = server.await.unwrap();
     assert_eq!(payloads(&stored), vec![&b"b"[..]]);
     assert_eq!((stored[0].0, stored[0].1), (producer, 0));
+}
+
+/// Read-your-writes across replicas: a replica answers a read at its committed end with no
+/// records (at once when the read does not wait), so an append acknowledged by the head and
+/// then read from a replica that has not heard of the commit came back `Ok(vec![])`. The
+/// client now remembers the acknowledged end: the read asks the replica to wait for it and,
+/// the replica still behind, goes to the head.
+#[tokio::test]
+async fn a_read_below_an_acknowledged_append_waits_then_goes_to_the_head() {
+    let (la, a) = listener().await;
+    let (lb, b) = listener().await;
+    let log = LogId::from_name("default");
+    let stored = record::build(log, Offset(0), Epoch(1), &[b"mine"]).unwrap();
+    serve_with(la, move |req| match req {
+        ClientRequest::Append { .. } => vec![ClientReply::AppendOk {
+            base_offset: Offset(0),
+            record_count: 1,
+        }],
+        ClientRequest::Read {
+            from: Offset(0), ..
+        } => vec![ClientReply::ReadOk {
+            committed_end: Offset(1),
+            batches: vec![stored.clone()],
+        }],
+        other => panic!("head: unexpected {other:?}"),
+    });
+    // A replica that never learns the commit, whatever it is asked to wait.
+    let waits = Arc::new(Mutex::new(Vec::new()));
+    let seen = waits.clone();
+    let head = a.clone();
+    serve_with(lb, move |req| match req {
+        ClientRequest::Append { .. } => vec![not_head(&head)],
+        ClientRequest::Read { wait_ms, .. } => {
+            seen.lock().unwrap().push(wait_ms);
+            vec![ClientReply::ReadOk {
+                committed_end: Offset(0),
+                batches: vec![],
+            }]
+        }
+        other => panic!("replica: unexpected {other:?}"),
+    });
+    let c = Client::connect(cfg(&[&b, &a])).await.unwrap();
+    assert_eq!(c.append("default", "mine").await.unwrap(), Offset(0));
+    // Round-robin sends the first read to addrs[0], the lagging replica.
+    let recs = c.read("default", Offset(0), 10).await.unwrap();
+    let got: Vec<&[u8]> = recs.iter().map(|r| &r.payload[..]).collect();
+    assert_eq!(got, vec![&b"mine"[..]]);
+    assert!(waits.lock().unwrap()[0] >= 100, "{waits:?}");
+    // At the acknowledged end there is nothing to wait for, and a pinned read stays where
+    // it was pinned.
+    let pinned = ReadOptions {
+        node: Some(0),
+        ..ReadOptions::default()
+    };
+    let r = c.read_with("default", Offset(1), &pinned).await.unwrap();
+    assert!(r.records.is_empty());
+    assert_eq!(waits.lock().unwrap()[1], 0);
+    let r = c.read_with("default", Offset(0), &pinned).await.unwrap();
+    assert!(r.records.is_empty(), "a pinned read is not sent elsewhere");
+    assert_eq!(waits.lock().unwrap().len(), 3);
 }
