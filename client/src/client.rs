@@ -72,6 +72,9 @@ const COMMITTED_ENDS_MAX: usize = LOGS_MAX;
 /// a replica still behind after it is passed over for the head, which knows every commit.
 pub(crate) const READ_COMMIT_WAIT: Duration = Duration::from_millis(300);
 
+/// An offset past the end of any log: a read from it asks only for the committed end.
+const PAST_ANY_END: Offset = Offset(u64::MAX);
+
 /// How to read.
 #[derive(Clone, Debug)]
 pub struct ReadOptions {
@@ -304,14 +307,20 @@ impl Client {
         Ok(res)
     }
 
-    /// One past the last committed offset of `log`, as a replica knows it.
+    /// One past the last committed offset of `log`: what a replica answers, or more if this
+    /// client has learned more (its own appends, say).
     pub async fn committed_end(&self, log: &str) -> Result<Offset> {
         let opts = ReadOptions {
             max_records: 1,
             max_bytes: Some(1),
             ..ReadOptions::default()
         };
-        Ok(self.read_with(log, Offset(0), &opts).await?.committed_end)
+        // From past any end: a replica answers at once with no records and its committed end,
+        // wherever the log starts (a read below a trimmed log's start is `OffsetTrimmed`).
+        let res = self.read_with(log, PAST_ANY_END, &opts).await?;
+        Ok(res
+            .committed_end
+            .max(self.inner.known_committed(log_id(log)?)))
     }
 
     /// Every committed record from `from` on, as it commits. Survives lost connections by

@@ -947,3 +947,24 @@ async fn a_read_below_an_acknowledged_append_waits_then_goes_to_the_head() {
     assert!(r.records.is_empty(), "a pinned read is not sent elsewhere");
     assert_eq!(waits.lock().unwrap().len(), 3);
 }
+
+/// `committed_end` read from offset 0, which a replica answers with `OffsetTrimmed` once the
+/// log's start has moved past it: `chainlog tail` failed on every trimmed log. The scripted
+/// node refuses reads below the start as a replica does (`Replica::readable_log`).
+#[tokio::test]
+async fn committed_end_of_a_trimmed_log() {
+    let (l, addr) = listener().await;
+    serve_with(l, |req| match req {
+        ClientRequest::Read { from, .. } if from < Offset(5) => vec![ClientReply::Error {
+            code: ErrorCode::OffsetTrimmed,
+            message: "log starts at 5".into(),
+        }],
+        ClientRequest::Read { .. } => vec![ClientReply::ReadOk {
+            committed_end: Offset(9),
+            batches: vec![],
+        }],
+        other => panic!("unexpected {other:?}"),
+    });
+    let c = Client::connect(cfg(&[&addr])).await.unwrap();
+    assert_eq!(c.committed_end("default").await.unwrap(), Offset(9));
+}
