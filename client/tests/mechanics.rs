@@ -968,3 +968,101 @@ async fn committed_end_of_a_trimmed_log() {
     let c = Client::connect(cfg(&[&addr])).await.unwrap();
     assert_eq!(c.committed_end("default").await.unwrap(), Offset(9));
 }
+
+/// One record per batch, at `offset`, with payload "r{offset}".
+fn rec(offset: u64) -> Bytes {
+    let payload = format!("r{offset}");
+    record::build(
+        LogId::from_name("default"),
+        Offset(offset),
+        Epoch(1),
+        &[payload.as_bytes()],
+    )
+    .unwrap()
+}
+
+/// A replica whose committed end is `knows`: reads get the records below it; a subscription
+/// gets every record from where it asks up to 11 (one more commit arrives after `tail` starts).
+fn replica_knowing(knows: u64) -> impl Fn(ClientRequest) -> Vec<ClientReply> {
+    move |req| match req {
+        ClientRequest::Read { from, .. } => vec![ClientReply::ReadOk {
+            committed_end: Offset(knows),
+            batches: (from.0..knows).map(rec).collect(),
+        }],
+        ClientRequest::Subscribe { from, .. } => (from.0..11)
+            .map(|o| ClientReply::Records {
+                committed_end: Offset(o + 1),
+                batches: vec![rec(o)],
+            })
+            .collect(),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+/// Runs the CLI with `args`; returns the first `lines` lines it prints (fewer if it exits or
+/// 10 s pass), then kills it.
+fn cli_lines(args: &[&str], lines: usize) -> Vec<String> {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_chainlog"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(stdout).lines() {
+            if tx.send(l.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut got = Vec::new();
+    while got.len() < lines {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => got.push(l),
+            Err(_) => break,
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    got
+}
+
+/// `tail -n 5 -f` over two replicas: the committed end (10) came from one, the last five
+/// records from the other, which knew only up to 7, and the subscription started at 10, so
+/// records 7..10 were never printed. It now follows from where printing got to.
+#[test]
+fn tail_follow_over_replicas_prints_every_record_once() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (la, a) = rt.block_on(listener());
+    let (lb, b) = rt.block_on(listener());
+    rt.block_on(async {
+        serve_with(la, replica_knowing(10));
+        serve_with(lb, replica_knowing(7));
+    });
+    let addrs = format!("{a},{b}");
+    let got = cli_lines(&["--addr", &addrs, "tail", "-n", "5", "-f"], 6);
+    let want: Vec<String> = (5..11).map(|o| format!("r{o}")).collect();
+    assert_eq!(got, want);
+}
+
+/// `tail -n` asking for more records than a trimmed log still holds prints from its start.
+#[test]
+fn tail_of_a_trimmed_log_prints_from_its_start() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (l, addr) = rt.block_on(listener());
+    rt.block_on(async {
+        serve_with(l, |req| match req {
+            ClientRequest::Read { from, .. } if from < Offset(5) => vec![ClientReply::Error {
+                code: ErrorCode::OffsetTrimmed,
+                message: "log starts at 5".into(),
+            }],
+            other => replica_knowing(8)(other),
+        })
+    });
+    let got = cli_lines(&["--addr", &addr, "tail", "-n", "10"], 10);
+    assert_eq!(got, vec!["r5", "r6", "r7"]);
+}
