@@ -252,7 +252,9 @@ impl Client {
     }
 
     /// Reads up to `max_records` committed records from `from` on, from one replica (the
-    /// pinned one, else round-robin). Returns fewer (possibly none) at the end of the log.
+    /// pinned one, else round-robin; unless pinned, a replica that cannot answer is passed
+    /// over for the next, each tried once). Returns fewer (possibly none) at the end of the
+    /// log.
     pub async fn read(&self, log: &str, from: Offset, max_records: u32) -> Result<Vec<Record>> {
         let opts = ReadOptions {
             max_records,
@@ -323,8 +325,10 @@ impl Client {
             .max(self.inner.known_committed(log_id(log)?)))
     }
 
-    /// Every committed record from `from` on, as it commits. Survives lost connections by
-    /// resubscribing (to the next replica unless pinned) after the last record delivered.
+    /// Every committed record from `from` on, as it commits, from one replica (the pinned
+    /// one, else the next in round-robin order, or the others in turn while that fails).
+    /// Survives lost connections by resubscribing (to the next replica unless pinned) after
+    /// the last record delivered.
     pub async fn subscribe(&self, log: &str, from: Offset) -> Result<Subscription> {
         let id = log_id(log)?;
         Subscription::start(self.inner.clone(), id, from).await
@@ -607,8 +611,9 @@ impl Inner {
         }
     }
 
-    /// A request any replica can answer: tries the next replica when a connection fails
-    /// (unless pinned), other errors are returned as they are.
+    /// A request any replica can answer: the pinned replica, else the next in round-robin
+    /// order and, while one fails in a way another may not (`another_replica_may_answer`),
+    /// each of the others once. Other errors are returned as they are.
     pub(crate) async fn call_replica(
         &self,
         req: &ClientRequest,
@@ -616,25 +621,44 @@ impl Inner {
         what: &'static str,
         pinned: Option<usize>,
     ) -> Result<(usize, String, ClientReply)> {
-        let tries = if pinned.is_some() {
-            1
-        } else {
-            self.nodes.len()
-        };
+        let (first, _) = self.nodes.for_read(pinned);
+        let count = self.nodes.len();
+        let tries = if pinned.is_some() { 1 } else { count };
         let mut last = Error::Closed;
-        for _ in 0..tries {
-            let (index, slot) = self.nodes.for_read(pinned);
+        for k in 0..tries {
+            let index = (first + k) % count;
+            let Some(slot) = self.nodes.get(index) else {
+                break;
+            };
             let r = match self.conn(&slot).await {
                 Ok(c) => c.call(req, timeout, what).await,
                 Err(e) => Err(e),
             };
             match r {
                 Ok(reply) => return Ok((index, slot.addr.clone(), reply)),
-                Err(e @ (Error::Io { .. } | Error::ConnectionLost { .. })) => last = e,
+                Err(e) if another_replica_may_answer(&e) => last = e,
                 Err(e) => return Err(e),
             }
         }
         Err(last)
+    }
+}
+
+/// Whether a read or subscription that failed this way at one replica may succeed at another:
+/// the node is unreachable, slow or going away, or out of room for one more reader (its
+/// limits are its own). A refusal about the request itself (unknown log, trimmed offset)
+/// would be the same everywhere.
+pub(crate) fn another_replica_may_answer(e: &Error) -> bool {
+    match e {
+        Error::Io { .. } | Error::ConnectionLost { .. } | Error::Timeout { .. } => true,
+        Error::Server { code, .. } => matches!(
+            code,
+            ErrorCode::ShuttingDown
+                | ErrorCode::Unavailable
+                | ErrorCode::LimitExceeded
+                | ErrorCode::Timeout
+        ),
+        _ => false,
     }
 }
 

@@ -1066,3 +1066,73 @@ fn tail_of_a_trimmed_log_prints_from_its_start() {
     let got = cli_lines(&["--addr", &addr, "tail", "-n", "10"], 10);
     assert_eq!(got, vec!["r5", "r6", "r7"]);
 }
+
+/// With one replica unreachable (it takes the connection but never answers the Hello: a
+/// connect timeout), a subscription tried only the round-robin node and returned its error,
+/// and a read moved on only after an i/o error or a lost connection. Both now try the other
+/// replicas, each once.
+#[tokio::test]
+async fn reads_and_subscriptions_pass_over_an_unreachable_replica() {
+    // Bound and never accepted: the kernel completes the TCP handshake, nobody answers.
+    let (_silent, dead) = listener().await;
+    let (l, live) = listener().await;
+    serve_with(l, replica_knowing(3));
+    let mut cfg = cfg(&[&dead, &live]);
+    cfg.connect_timeout_ms = 200;
+    let c = Client::new(cfg).unwrap();
+    // Round-robin: the subscription, then the second read, go to addrs[0] first.
+    let mut sub = c.subscribe("default", Offset(0)).await.unwrap();
+    assert_eq!(sub.next().await.unwrap().unwrap().offset, Offset(0));
+    for _ in 0..2 {
+        let recs = c.read("default", Offset(1), 10).await.unwrap();
+        assert_eq!(recs.len(), 2);
+    }
+    // A pinned read does not move.
+    let pinned = ReadOptions {
+        node: Some(0),
+        ..ReadOptions::default()
+    };
+    let e = c
+        .read_with("default", Offset(0), &pinned)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Timeout { .. }), "{e:?}");
+}
+
+/// A replica answering `ShuttingDown`, `Unavailable` or `LimitExceeded` (too many reads or
+/// subscriptions in progress there) failed the read or the subscription; another replica
+/// may well answer.
+#[tokio::test]
+async fn reads_and_subscriptions_pass_over_a_replica_that_refuses_for_itself() {
+    let (lbusy, busy) = listener().await;
+    let (l, live) = listener().await;
+    let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    serve_with(lbusy, move |req| {
+        let code = match req {
+            ClientRequest::Subscribe { .. } => ErrorCode::LimitExceeded,
+            _ => {
+                let codes = [
+                    ErrorCode::ShuttingDown,
+                    ErrorCode::Unavailable,
+                    ErrorCode::LimitExceeded,
+                ];
+                codes[n.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % codes.len()]
+            }
+        };
+        vec![ClientReply::Error {
+            code,
+            message: "scripted".into(),
+        }]
+    });
+    serve_with(l, replica_knowing(3));
+    let c = Client::new(cfg(&[&busy, &live])).unwrap();
+    for _ in 0..6 {
+        let recs = c.read("default", Offset(0), 10).await.unwrap();
+        assert_eq!(recs.len(), 3);
+    }
+    // Round-robin: the subscription goes to the busy node first.
+    let mut sub = c.subscribe("default", Offset(0)).await.unwrap();
+    for want in 0..3 {
+        assert_eq!(sub.next().await.unwrap().unwrap().offset, Offset(want));
+    }
+}
