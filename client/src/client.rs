@@ -89,7 +89,8 @@ pub struct ReadOptions {
     /// and is then sent to the head unless `node` pins the replica: such a read does not come
     /// back empty because one replica lags.
     pub wait: Duration,
-    /// Read from `addrs[i]` instead of the config's choice.
+    /// Read from `addrs[i]` instead of the config's choice. An index past the known
+    /// addresses is `InvalidArgument`.
     pub node: Option<usize>,
 }
 
@@ -621,7 +622,7 @@ impl Inner {
         what: &'static str,
         pinned: Option<usize>,
     ) -> Result<(usize, String, ClientReply)> {
-        let (first, _) = self.nodes.for_read(pinned);
+        let (first, _) = self.nodes.for_read(pinned)?;
         let count = self.nodes.len();
         let tries = if pinned.is_some() { 1 } else { count };
         let mut last = Error::Closed;
@@ -700,6 +701,26 @@ mod tests {
             "{skipped:?}"
         );
         assert!(decode_records("x:1", log, Offset(13), 100, &[b2]).is_ok());
+    }
+
+    /// `ReadOptions.node = Some(5)` with three addresses read from node `5 % 3` without a
+    /// word; it is the caller's mistake, refused before anything is sent.
+    #[tokio::test]
+    async fn a_pinned_node_out_of_range_is_an_invalid_argument() {
+        let c = Client::new(ClientConfig::new([
+            "127.0.0.1:1",
+            "127.0.0.1:2",
+            "127.0.0.1:3",
+        ]))
+        .unwrap();
+        for node in [3, 5] {
+            let opts = ReadOptions {
+                node: Some(node),
+                ..ReadOptions::default()
+            };
+            let e = c.read_with("l", Offset(0), &opts).await.unwrap_err();
+            assert!(matches!(e, Error::InvalidArgument(_)), "{e:?}");
+        }
     }
 
     #[test]

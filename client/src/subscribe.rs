@@ -114,7 +114,7 @@ async fn open(
     log: LogId,
     from: Offset,
 ) -> Result<(Conn, mpsc::Receiver<Result<ClientReply>>)> {
-    let (first, _) = inner.nodes.for_read(inner.cfg.read_from);
+    let (first, _) = inner.nodes.for_read(inner.cfg.read_from)?;
     let count = inner.nodes.len();
     let tries = if inner.cfg.read_from.is_some() {
         1
