@@ -1136,3 +1136,25 @@ async fn reads_and_subscriptions_pass_over_a_replica_that_refuses_for_itself() {
         assert_eq!(sub.next().await.unwrap().unwrap().offset, Offset(want));
     }
 }
+
+/// A request whose caller stops waiting (a `read_with` future dropped inside the caller's
+/// own timeout) kept its route and its in-flight slot until the server replied: with one
+/// slot, every later request on the connection waited for a reply that never came.
+#[tokio::test]
+async fn a_dropped_request_gives_its_in_flight_slot_back() {
+    let (l, addr) = listener().await;
+    serve_with(l, |req| match req {
+        ClientRequest::Read { .. } => vec![], // never answered
+        ClientRequest::Status => vec![ClientReply::StatusOk { json: "{}".into() }],
+        other => panic!("unexpected {other:?}"),
+    });
+    let mut cfg = cfg(&[&addr]);
+    cfg.in_flight_max = 1;
+    let c = Client::connect(cfg).await.unwrap();
+    let read = c.read("default", Offset(0), 1);
+    assert!(tokio::time::timeout(Duration::from_millis(100), read)
+        .await
+        .is_err());
+    let status = c.status_raw_of(0).await;
+    assert_eq!(status.unwrap(), Bytes::from_static(b"{}"));
+}
