@@ -53,9 +53,27 @@ pub(crate) struct Inner {
     cluster_id: AtomicU64,
     pub(crate) producer_id: ProducerId,
     producers: Mutex<HashMap<LogId, mpsc::Sender<Item>>>,
+    /// Per log, the highest committed end this client has learned (appends' `AppendOk`,
+    /// reads' and subscriptions' `committed_end`): a read below it has records to return
+    /// even from a replica that has not heard of the commit yet. At most
+    /// `COMMITTED_ENDS_MAX` logs.
+    committed: Mutex<HashMap<LogId, Offset>>,
     /// Payload bytes accepted by `append` and not yet answered.
     pub(crate) buffer: Arc<Semaphore>,
 }
+
+/// Logs whose committed end a client remembers: as many as a server holds. Past that one is
+/// forgotten, which only costs a later read of it the wait below.
+const COMMITTED_ENDS_MAX: usize = LOGS_MAX;
+
+/// How long a read below the committed end this client knows may wait at a replica that has
+/// not learned that commit yet. A commit reaches every replica within one hop (on the head's
+/// next batch or its idle `Commit`), so this is many hops' worth even on a loaded machine;
+/// a replica still behind after it is passed over for the head, which knows every commit.
+pub(crate) const READ_COMMIT_WAIT: Duration = Duration::from_millis(300);
+
+/// An offset past the end of any log: a read from it asks only for the committed end.
+const PAST_ANY_END: Offset = Offset(u64::MAX);
 
 /// How to read.
 #[derive(Clone, Debug)]
@@ -66,8 +84,13 @@ pub struct ReadOptions {
     /// back). Default: the config's `read_bytes_max`.
     pub max_bytes: Option<u32>,
     /// If nothing at `from` is committed yet, how long the node may wait for it. Default 0.
+    /// A read from below a committed end this client has learned (from its own appends, say)
+    /// waits at least `READ_COMMIT_WAIT` (300 ms) at a replica that has not learned it yet,
+    /// and is then sent to the head unless `node` pins the replica: such a read does not come
+    /// back empty because one replica lags.
     pub wait: Duration,
-    /// Read from `addrs[i]` instead of the config's choice.
+    /// Read from `addrs[i]` instead of the config's choice. An index past the known
+    /// addresses is `InvalidArgument`.
     pub node: Option<usize>,
 }
 
@@ -138,6 +161,7 @@ impl Client {
                 cluster_id: AtomicU64::new(cfg.cluster_id.0),
                 producer_id,
                 producers: Mutex::new(HashMap::new()),
+                committed: Mutex::new(HashMap::new()),
                 buffer: Arc::new(Semaphore::new(cfg.buffer_bytes_max)),
                 cfg,
             }),
@@ -229,7 +253,9 @@ impl Client {
     }
 
     /// Reads up to `max_records` committed records from `from` on, from one replica (the
-    /// pinned one, else round-robin). Returns fewer (possibly none) at the end of the log.
+    /// pinned one, else round-robin; unless pinned, a replica that cannot answer is passed
+    /// over for the next, each tried once). Returns fewer (possibly none) at the end of the
+    /// log.
     pub async fn read(&self, log: &str, from: Offset, max_records: u32) -> Result<Vec<Record>> {
         let opts = ReadOptions {
             max_records,
@@ -239,6 +265,9 @@ impl Client {
     }
 
     /// A read with every knob (long-poll wait, byte budget, node).
+    ///
+    /// Below a committed end this client has learned, the read returns at least one record
+    /// (see [`ReadOptions::wait`]); at or past it, possibly none.
     pub async fn read_with(
         &self,
         log: &str,
@@ -246,51 +275,61 @@ impl Client {
         opts: &ReadOptions,
     ) -> Result<ReadResult> {
         let log = log_id(log)?;
-        let wait_ms = u32::try_from(opts.wait.as_millis()).unwrap_or(u32::MAX);
+        let known = self.inner.known_committed(log);
+        let behind = from < known;
+        let wait = if behind {
+            opts.wait.max(READ_COMMIT_WAIT)
+        } else {
+            opts.wait
+        };
         let req = ClientRequest::Read {
             log,
             from,
             max_records: opts.max_records,
             max_bytes: opts.max_bytes.unwrap_or(self.inner.cfg.read_bytes_max),
-            wait_ms,
+            wait_ms: u32::try_from(wait.as_millis()).unwrap_or(u32::MAX),
         };
-        let timeout = self.inner.cfg.request_timeout() + opts.wait;
+        let timeout = self.inner.cfg.request_timeout() + wait;
         let pinned = opts.node.or(self.inner.cfg.read_from);
-        match self
+        let (index, addr, reply) = self
             .inner
             .call_replica(&req, timeout, "read", pinned)
-            .await?
-        {
-            (
-                addr,
-                ClientReply::ReadOk {
-                    committed_end,
-                    batches,
-                },
-            ) => {
-                let records =
-                    decode_records(&addr, log, from, opts.max_records as usize, &batches)?;
-                Ok(ReadResult {
-                    records,
-                    committed_end,
-                })
+            .await?;
+        let mut res = read_result(&addr, log, from, opts, reply)?;
+        if behind && res.records.is_empty() && pinned.is_none() {
+            // The replica did not learn within the wait what this client knows committed (it
+            // restarted, or its predecessor's link is slow): the head knows every commit.
+            let (head_index, slot) = self.inner.nodes.head();
+            if head_index != index {
+                let conn = self.inner.conn(&slot).await?;
+                let reply = conn.call(&req, timeout, "read").await?;
+                res = read_result(&slot.addr, log, from, opts, reply)?;
             }
-            (addr, other) => Err(unexpected(&addr, "ReadOk", &other)),
         }
+        self.inner.learn_committed(log, res.committed_end);
+        Ok(res)
     }
 
-    /// One past the last committed offset of `log`, as a replica knows it.
+    /// One past the last committed offset of `log`: what a replica answers, or more if this
+    /// client has learned more (its own appends, say).
     pub async fn committed_end(&self, log: &str) -> Result<Offset> {
         let opts = ReadOptions {
             max_records: 1,
             max_bytes: Some(1),
             ..ReadOptions::default()
         };
-        Ok(self.read_with(log, Offset(0), &opts).await?.committed_end)
+        // From past any end: a replica answers at once with no records and its committed end,
+        // wherever the log starts (a read below a trimmed log's start is `OffsetTrimmed`).
+        let res = self.read_with(log, PAST_ANY_END, &opts).await?;
+        Ok(res
+            .committed_end
+            .max(self.inner.known_committed(log_id(log)?)))
     }
 
-    /// Every committed record from `from` on, as it commits. Survives lost connections by
-    /// resubscribing (to the next replica unless pinned) after the last record delivered.
+    /// Every committed record from `from` on, as it commits, from one replica (the pinned
+    /// one, else the next in round-robin order, or the others in turn while that fails).
+    /// Survives lost connections by resubscribing (to the next replica unless pinned) after
+    /// the last record delivered.
     pub async fn subscribe(&self, log: &str, from: Offset) -> Result<Subscription> {
         let id = log_id(log)?;
         Subscription::start(self.inner.clone(), id, from).await
@@ -368,6 +407,26 @@ impl Client {
             (_, ClientReply::TrimOk { start }) => Ok(start),
             (addr, other) => Err(unexpected(&addr, "TrimOk", &other)),
         }
+    }
+}
+
+/// A read's reply as a `ReadResult`.
+fn read_result(
+    addr: &str,
+    log: LogId,
+    from: Offset,
+    opts: &ReadOptions,
+    reply: ClientReply,
+) -> Result<ReadResult> {
+    match reply {
+        ClientReply::ReadOk {
+            committed_end,
+            batches,
+        } => Ok(ReadResult {
+            records: decode_records(addr, log, from, opts.max_records as usize, &batches)?,
+            committed_end,
+        }),
+        other => Err(unexpected(addr, "ReadOk", &other)),
     }
 }
 
@@ -450,6 +509,31 @@ impl Inner {
         ClusterId(self.cluster_id.load(Ordering::Relaxed))
     }
 
+    /// Remembers that `log` is committed up to `end` (it never decreases).
+    pub(crate) fn learn_committed(&self, log: LogId, end: Offset) {
+        let mut map = self.committed.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(known) = map.get_mut(&log) {
+            *known = (*known).max(end);
+            return;
+        }
+        if end == Offset::ZERO {
+            return;
+        }
+        if map.len() >= COMMITTED_ENDS_MAX {
+            // Forgetting a log's end only costs a later read of it the wait.
+            if let Some(k) = map.keys().next().copied() {
+                map.remove(&k);
+            }
+        }
+        map.insert(log, end);
+    }
+
+    /// The highest committed end of `log` this client has learned (0 if none).
+    pub(crate) fn known_committed(&self, log: LogId) -> Offset {
+        let map = self.committed.lock().unwrap_or_else(|p| p.into_inner());
+        map.get(&log).copied().unwrap_or(Offset::ZERO)
+    }
+
     /// Opens a fresh connection (not shared) and checks its cluster.
     pub(crate) async fn open(&self, addr: &str) -> Result<Conn> {
         let conn = Conn::connect(addr, &self.conn_options()).await?;
@@ -528,34 +612,54 @@ impl Inner {
         }
     }
 
-    /// A request any replica can answer: tries the next replica when a connection fails
-    /// (unless pinned), other errors are returned as they are.
+    /// A request any replica can answer: the pinned replica, else the next in round-robin
+    /// order and, while one fails in a way another may not (`another_replica_may_answer`),
+    /// each of the others once. Other errors are returned as they are.
     pub(crate) async fn call_replica(
         &self,
         req: &ClientRequest,
         timeout: Duration,
         what: &'static str,
         pinned: Option<usize>,
-    ) -> Result<(String, ClientReply)> {
-        let tries = if pinned.is_some() {
-            1
-        } else {
-            self.nodes.len()
-        };
+    ) -> Result<(usize, String, ClientReply)> {
+        let (first, _) = self.nodes.for_read(pinned)?;
+        let count = self.nodes.len();
+        let tries = if pinned.is_some() { 1 } else { count };
         let mut last = Error::Closed;
-        for _ in 0..tries {
-            let (_, slot) = self.nodes.for_read(pinned);
+        for k in 0..tries {
+            let index = (first + k) % count;
+            let Some(slot) = self.nodes.get(index) else {
+                break;
+            };
             let r = match self.conn(&slot).await {
                 Ok(c) => c.call(req, timeout, what).await,
                 Err(e) => Err(e),
             };
             match r {
-                Ok(reply) => return Ok((slot.addr.clone(), reply)),
-                Err(e @ (Error::Io { .. } | Error::ConnectionLost { .. })) => last = e,
+                Ok(reply) => return Ok((index, slot.addr.clone(), reply)),
+                Err(e) if another_replica_may_answer(&e) => last = e,
                 Err(e) => return Err(e),
             }
         }
         Err(last)
+    }
+}
+
+/// Whether a read or subscription that failed this way at one replica may succeed at another:
+/// the node is unreachable, slow or going away, or out of room for one more reader (its
+/// limits are its own). A refusal about the request itself (unknown log, trimmed offset)
+/// would be the same everywhere.
+pub(crate) fn another_replica_may_answer(e: &Error) -> bool {
+    match e {
+        Error::Io { .. } | Error::ConnectionLost { .. } | Error::Timeout { .. } => true,
+        Error::Server { code, .. } => matches!(
+            code,
+            ErrorCode::ShuttingDown
+                | ErrorCode::Unavailable
+                | ErrorCode::LimitExceeded
+                | ErrorCode::Timeout
+        ),
+        _ => false,
     }
 }
 
@@ -597,6 +701,26 @@ mod tests {
             "{skipped:?}"
         );
         assert!(decode_records("x:1", log, Offset(13), 100, &[b2]).is_ok());
+    }
+
+    /// `ReadOptions.node = Some(5)` with three addresses read from node `5 % 3` without a
+    /// word; it is the caller's mistake, refused before anything is sent.
+    #[tokio::test]
+    async fn a_pinned_node_out_of_range_is_an_invalid_argument() {
+        let c = Client::new(ClientConfig::new([
+            "127.0.0.1:1",
+            "127.0.0.1:2",
+            "127.0.0.1:3",
+        ]))
+        .unwrap();
+        for node in [3, 5] {
+            let opts = ReadOptions {
+                node: Some(node),
+                ..ReadOptions::default()
+            };
+            let e = c.read_with("l", Offset(0), &opts).await.unwrap_err();
+            assert!(matches!(e, Error::InvalidArgument(_)), "{e:?}");
+        }
     }
 
     #[test]

@@ -148,6 +148,15 @@ impl PendingReply {
     }
 }
 
+impl Drop for PendingReply {
+    fn drop(&mut self) {
+        // A caller that stops waiting (its future dropped inside its own timeout, say) gives
+        // the in-flight slot back now: the route holds its permit, and a late reply finds no
+        // route and is dropped. After a reply or a timeout the route is already gone.
+        self.shared.remove(self.id);
+    }
+}
+
 fn server_error(r: Result<ClientReply>) -> Result<ClientReply> {
     match r? {
         ClientReply::Error { code, message } => Err(Error::Server { code, message }),
@@ -267,16 +276,19 @@ impl Conn {
                 _permit: permit,
             },
         )?;
-        self.enqueue(id, req.encode(id), deadline, timed_out)
-            .await?;
-        Ok(PendingReply {
+        // Made before the frame is queued, so a caller dropped while it waits for room there
+        // also releases the route (`PendingReply`'s drop).
+        let pending = PendingReply {
             shared: self.shared.clone(),
             id,
             rx,
             deadline,
             timeout,
             what,
-        })
+        };
+        self.enqueue(id, req.encode(id), deadline, timed_out)
+            .await?;
+        Ok(pending)
     }
 
     /// Sends a request and waits for its reply.

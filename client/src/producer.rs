@@ -15,7 +15,9 @@
 //! code that proves the request stored nothing ([`ErrorCode::proves_not_stored`]). When a
 //! batch gives up:
 //! - if no attempt may have stored it, its callers get the error, and the batches after it
-//!   that still need sending are re-sequenced down so the producer's sequence has no gap;
+//!   that still need sending are re-sequenced down so the producer's sequence has no gap
+//!   (unless a batch after it was or may have been stored: then, as below, the log moves
+//!   to a fresh producer id, since a rewind would hand that batch's sequence to new records);
 //! - otherwise its callers get [`Error::InDoubt`]. Its sequence is never given to other
 //!   records: the server's dedup (producer id + sequence) would answer them with the old
 //!   batch's offsets, losing them silently. The later batches' sequences may now have a hole
@@ -413,6 +415,9 @@ struct Pipeline {
     /// A batch of `producer` went in doubt: its sequence can never be reused, so once nothing
     /// is in flight the log moves to a fresh producer id.
     abandon: bool,
+    /// One past the highest sequence of a batch of `producer` the server acknowledged: a
+    /// rewind below it would give stored sequences to new records.
+    stored_end: u64,
     /// Bytes of the last batch sealed: the next one's buffer starts that large.
     last_batch_bytes: usize,
 }
@@ -452,7 +457,14 @@ impl Pipeline {
             Ok(ClientReply::AppendOk {
                 base_offset,
                 record_count,
-            }) if record_count == batch.count => batch.succeed(base_offset),
+            }) if record_count == batch.count => {
+                // Acknowledged means committed: reads of it must find it on every replica.
+                inner.learn_committed(self.log, base_offset.plus(u64::from(record_count)));
+                if batch.producer == self.producer {
+                    self.stored_end = self.stored_end.max(batch.seq + u64::from(batch.count));
+                }
+                batch.succeed(base_offset);
+            }
             Ok(ClientReply::AppendOk { record_count, .. }) => {
                 let addr = inner
                     .nodes
@@ -543,6 +555,7 @@ impl Pipeline {
         assert!(self.window.is_empty(), "switch with batches in flight");
         self.abandon = false;
         self.rewind = None;
+        self.stored_end = 0;
         self.producer = fresh;
         let mut seq = 0;
         for b in self.resend.iter_mut() {
@@ -559,6 +572,20 @@ impl Pipeline {
         let Some(mut seq) = self.rewind.take() else {
             return;
         };
+        // A later batch of this producer was stored, or may be: the refused one was sent
+        // before it and failed after it was sent (a log still being created refused the
+        // first, the second arrived once it existed). Rewinding would give that batch's
+        // sequence to new records, and dedup would answer them with its offsets; restamping
+        // one that may be stored could store it twice. A fresh producer id instead.
+        let later_stored = self.stored_end > seq
+            || self
+                .resend
+                .iter()
+                .any(|b| b.producer == self.producer && b.seq > seq && b.maybe_stored);
+        if later_stored && self.producer.0 != 0 {
+            self.abandon = true;
+            return;
+        }
         // Batches of an older producer id (kept, in doubt, for dedup) are not in this sequence.
         for b in self
             .resend
@@ -572,8 +599,8 @@ impl Pipeline {
                 seq = b.seq + u64::from(b.count);
             }
         }
-        // Only refused or resent batches were above the rewind point, so nothing stored uses
-        // a sequence at or past `seq`.
+        // Only batches refused or never stored were above the rewind point, so nothing stored
+        // uses a sequence at or past `seq`.
         self.next_seq = seq;
     }
 }
@@ -602,6 +629,7 @@ async fn run(weak: Weak<Inner>, log: LogId, rx: mpsc::Receiver<Item>) {
         resend: VecDeque::new(),
         rewind: None,
         abandon: false,
+        stored_end: 0,
         last_batch_bytes: 0,
     };
     loop {
@@ -744,6 +772,7 @@ mod tests {
             resend: VecDeque::from(resend),
             rewind,
             abandon: false,
+            stored_end: 0,
             last_batch_bytes: 0,
         }
     }
@@ -1039,5 +1068,59 @@ mod tests {
         );
         assert!(matches!(rx.await.unwrap(), Err(Error::InDoubt { .. })));
         assert!(!p.abandon);
+    }
+
+    /// b0 was refused with proof it was stored nowhere (`UnknownLog`: the log was still being
+    /// created) and b1, sent after it, was stored (it arrived once the log existed); b1's
+    /// acknowledgement came after the rewind to b0's sequence was set. The rewind gave
+    /// sequence 1 to new records, and the server's dedup answered them with b1's offsets: an
+    /// acknowledged append lost. The log moves to a fresh producer id instead.
+    #[tokio::test]
+    async fn a_refusal_before_a_stored_batch_moves_to_a_fresh_producer_instead_of_rewinding() {
+        let sem = Arc::new(Semaphore::new(1 << 20));
+        let c = client(3);
+        let mut p = pipeline(2, vec![], None);
+        let (b0, rx0) = batch_rx(&sem, 0, 1);
+        let (b1, rx1) = batch_rx(&sem, 1, 1);
+        p.complete(
+            &c.inner,
+            in_flight(b0, true),
+            Err(server(ErrorCode::UnknownLog)),
+        );
+        let e = rx0.await.unwrap().unwrap_err();
+        assert_eq!(e.code(), Some(ErrorCode::UnknownLog));
+        let ok = ClientReply::AppendOk {
+            base_offset: Offset(0),
+            record_count: 1,
+        };
+        p.complete(&c.inner, in_flight(b1, true), Ok(ok));
+        assert_eq!(rx1.await.unwrap().unwrap(), (Offset(0), 1));
+        p.apply_rewind();
+        assert!(
+            p.producer != P || p.next_seq >= 2,
+            "new records of {P} would reuse stored sequences from {}",
+            p.next_seq
+        );
+        assert!(p.abandon);
+        p.switch_producer(ProducerId(9));
+        assert_eq!((p.producer, p.next_seq), (ProducerId(9), 0));
+
+        // A later batch that may be stored (its connection was lost) keeps its identity, so
+        // dedup can answer its resend; it is not restamped down into the refused sequence.
+        let mut p = pipeline(2, vec![], None);
+        let (b0, _) = batch_rx(&sem, 0, 1);
+        let (b1, _) = batch_rx(&sem, 1, 1);
+        p.complete(
+            &c.inner,
+            in_flight(b0, true),
+            Err(server(ErrorCode::StorageFull)),
+        );
+        p.complete(&c.inner, in_flight(b1, true), Err(lost()));
+        p.apply_rewind();
+        assert!(p.abandon);
+        p.switch_producer(ProducerId(9));
+        let ids: Vec<(ProducerId, u64)> = p.resend.iter().map(|b| (b.producer, b.seq)).collect();
+        assert_eq!(ids, vec![(P, 1)]);
+        assert_eq!((p.producer, p.next_seq), (ProducerId(9), 0));
     }
 }

@@ -2,6 +2,7 @@
 //! the `NotHead` redirect parsing.
 
 use crate::conn::Conn;
+use crate::error::{Error, Result};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 
@@ -65,13 +66,20 @@ impl Nodes {
     }
 
     /// The node for the next read: the pinned one, else the next in round-robin order.
-    pub(crate) fn for_read(&self, pinned: Option<usize>) -> (usize, Arc<Slot>) {
+    /// A pin past the known nodes is the caller's mistake, not another node to read from.
+    pub(crate) fn for_read(&self, pinned: Option<usize>) -> Result<(usize, Arc<Slot>)> {
         let slots = self.lock();
         let i = match pinned {
-            Some(p) => p % slots.len(),
+            Some(p) if p >= slots.len() => {
+                return Err(Error::InvalidArgument(format!(
+                    "node {p} pinned for reading, but only {} addresses are known",
+                    slots.len()
+                )))
+            }
+            Some(p) => p,
             None => self.read_next.fetch_add(1, Ordering::Relaxed) % slots.len(),
         };
-        (i, slots[i].clone())
+        Ok((i, slots[i].clone()))
     }
 
     /// A `NotHead` answer: go to the named head (tracking it if new), else try the next node.
@@ -162,10 +170,19 @@ mod tests {
     #[test]
     fn reads_round_robin_or_pinned() {
         let n = Nodes::new(&["a:1".to_string(), "b:2".to_string(), "c:3".to_string()]);
-        let got: Vec<usize> = (0..6).map(|_| n.for_read(None).0).collect();
+        let got: Vec<usize> = (0..6).map(|_| n.for_read(None).unwrap().0).collect();
         assert_eq!(got, vec![0, 1, 2, 0, 1, 2]);
-        assert_eq!(n.for_read(Some(1)).0, 1);
-        assert_eq!(n.for_read(Some(1)).0, 1);
+        assert_eq!(n.for_read(Some(1)).unwrap().0, 1);
+        assert_eq!(n.for_read(Some(1)).unwrap().0, 1);
+        // Out of range is refused, not wrapped round to another node (5 % 3 read from 2).
+        assert!(matches!(
+            n.for_read(Some(3)),
+            Err(Error::InvalidArgument(_))
+        ));
+        assert!(matches!(
+            n.for_read(Some(5)),
+            Err(Error::InvalidArgument(_))
+        ));
     }
 
     #[test]

@@ -2,7 +2,7 @@
 //! resumes after the last delivered record when the connection fails, and hands records over
 //! through a bounded channel (a slow consumer slows the socket, not the client's memory).
 
-use crate::client::{decode_records, Inner};
+use crate::client::{another_replica_may_answer, decode_records, Inner};
 use crate::conn::Conn;
 use crate::error::{Error, Result};
 use crate::Record;
@@ -107,20 +107,42 @@ impl futures_core::Stream for Subscription {
     }
 }
 
+/// Opens the subscription at the pinned replica, else at the next in round-robin order and,
+/// while that fails in a way another may not, at each of the others once.
 async fn open(
     inner: &Inner,
     log: LogId,
     from: Offset,
 ) -> Result<(Conn, mpsc::Receiver<Result<ClientReply>>)> {
-    let (_, slot) = inner.nodes.for_read(inner.cfg.read_from);
-    let conn = inner.open(&slot.addr).await?;
-    let stream = conn
-        .open_stream(
-            &ClientRequest::Subscribe { log, from },
-            inner.cfg.request_timeout(),
-        )
-        .await?;
-    Ok((conn, stream))
+    let (first, _) = inner.nodes.for_read(inner.cfg.read_from)?;
+    let count = inner.nodes.len();
+    let tries = if inner.cfg.read_from.is_some() {
+        1
+    } else {
+        count
+    };
+    let mut last = Error::Closed;
+    for k in 0..tries {
+        let Some(slot) = inner.nodes.get((first + k) % count) else {
+            break;
+        };
+        let opened = async {
+            let conn = inner.open(&slot.addr).await?;
+            let stream = conn
+                .open_stream(
+                    &ClientRequest::Subscribe { log, from },
+                    inner.cfg.request_timeout(),
+                )
+                .await?;
+            Ok((conn, stream))
+        };
+        match opened.await {
+            Ok(c) => return Ok(c),
+            Err(e) if another_replica_may_answer(&e) => last = e,
+            Err(e) => return Err(e),
+        }
+    }
+    Err(last)
 }
 
 async fn follow(
@@ -140,7 +162,8 @@ async fn follow(
                 Ok(c) => c,
                 Err(e) => {
                     failures += 1;
-                    if !e.is_retriable() || failures > inner.cfg.retries_max {
+                    let retriable = e.is_retriable() || another_replica_may_answer(&e);
+                    if !retriable || failures > inner.cfg.retries_max {
                         let _ = tx.send(Err(e)).await;
                         return;
                     }
@@ -157,7 +180,11 @@ async fn follow(
                         reason: "subscription stream ended".into(),
                     }
                 }
-                Some(Ok(ClientReply::Records { batches, .. })) => {
+                Some(Ok(ClientReply::Records {
+                    committed_end,
+                    batches,
+                })) => {
+                    inner.learn_committed(log, committed_end);
                     let recs = match decode_records(conn.addr(), log, next, usize::MAX, &batches) {
                         Ok(r) => r,
                         Err(e) => {
@@ -183,7 +210,8 @@ async fn follow(
                         .await;
                     return;
                 }
-                Some(Err(e)) if e.is_retriable() => break e,
+                // A node going away or out of room for subscribers: resume at the next one.
+                Some(Err(e)) if e.is_retriable() || another_replica_may_answer(&e) => break e,
                 Some(Err(e)) => {
                     let _ = tx.send(Err(e)).await;
                     return;

@@ -6,7 +6,9 @@
 #![allow(clippy::unwrap_used)]
 
 use bytes::{Bytes, BytesMut};
-use chainlog_client::{Client, ClientConfig, ClusterId, Error, ErrorCode, Offset, ProducerId};
+use chainlog_client::{
+    Client, ClientConfig, ClusterId, Error, ErrorCode, Offset, ProducerId, ReadOptions,
+};
 use chainlog_core::record;
 use chainlog_core::session::{Dedup, ProducerTable};
 use chainlog_core::wire::{
@@ -14,6 +16,7 @@ use chainlog_core::wire::{
     FRAME_HEADER_LEN, PROTOCOL_VERSION,
 };
 use chainlog_core::{Epoch, LogId, NodeId};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
@@ -74,6 +77,35 @@ async fn listener() -> (TcpListener, String) {
     let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let a = l.local_addr().unwrap().to_string();
     (l, a)
+}
+
+/// Serves every connection to `l` (each on a task of its own), answering each request with
+/// the frames `answer` gives (none: the request stays unanswered).
+fn serve_with<F>(l: TcpListener, answer: F)
+where
+    F: Fn(ClientRequest) -> Vec<ClientReply> + Send + Sync + 'static,
+{
+    let answer = Arc::new(answer);
+    tokio::spawn(async move {
+        loop {
+            let mut p = Peer::accept(&l).await;
+            let answer = answer.clone();
+            tokio::spawn(async move {
+                while let Some((id, req)) = p.request().await {
+                    for r in answer(req) {
+                        p.reply(id, r).await;
+                    }
+                }
+            });
+        }
+    });
+}
+
+fn not_head(head: &str) -> ClientReply {
+    ClientReply::Error {
+        code: ErrorCode::NotHead,
+        message: format!("not head; head is node 1 at {head}"),
+    }
 }
 
 fn cfg(addrs: &[&str]) -> ClientConfig {
@@ -854,4 +886,275 @@ async fn a_storage_full_refusal_still_frees_its_sequence() {
     let stored = server.await.unwrap();
     assert_eq!(payloads(&stored), vec![&b"b"[..]]);
     assert_eq!((stored[0].0, stored[0].1), (producer, 0));
+}
+
+/// Read-your-writes across replicas: a replica answers a read at its committed end with no
+/// records (at once when the read does not wait), so an append acknowledged by the head and
+/// then read from a replica that has not heard of the commit came back `Ok(vec![])`. The
+/// client now remembers the acknowledged end: the read asks the replica to wait for it and,
+/// the replica still behind, goes to the head.
+#[tokio::test]
+async fn a_read_below_an_acknowledged_append_waits_then_goes_to_the_head() {
+    let (la, a) = listener().await;
+    let (lb, b) = listener().await;
+    let log = LogId::from_name("default");
+    let stored = record::build(log, Offset(0), Epoch(1), &[b"mine"]).unwrap();
+    serve_with(la, move |req| match req {
+        ClientRequest::Append { .. } => vec![ClientReply::AppendOk {
+            base_offset: Offset(0),
+            record_count: 1,
+        }],
+        ClientRequest::Read {
+            from: Offset(0), ..
+        } => vec![ClientReply::ReadOk {
+            committed_end: Offset(1),
+            batches: vec![stored.clone()],
+        }],
+        other => panic!("head: unexpected {other:?}"),
+    });
+    // A replica that never learns the commit, whatever it is asked to wait.
+    let waits = Arc::new(Mutex::new(Vec::new()));
+    let seen = waits.clone();
+    let head = a.clone();
+    serve_with(lb, move |req| match req {
+        ClientRequest::Append { .. } => vec![not_head(&head)],
+        ClientRequest::Read { wait_ms, .. } => {
+            seen.lock().unwrap().push(wait_ms);
+            vec![ClientReply::ReadOk {
+                committed_end: Offset(0),
+                batches: vec![],
+            }]
+        }
+        other => panic!("replica: unexpected {other:?}"),
+    });
+    let c = Client::connect(cfg(&[&b, &a])).await.unwrap();
+    assert_eq!(c.append("default", "mine").await.unwrap(), Offset(0));
+    // Round-robin sends the first read to addrs[0], the lagging replica.
+    let recs = c.read("default", Offset(0), 10).await.unwrap();
+    let got: Vec<&[u8]> = recs.iter().map(|r| &r.payload[..]).collect();
+    assert_eq!(got, vec![&b"mine"[..]]);
+    assert!(waits.lock().unwrap()[0] >= 100, "{waits:?}");
+    // At the acknowledged end there is nothing to wait for, and a pinned read stays where
+    // it was pinned.
+    let pinned = ReadOptions {
+        node: Some(0),
+        ..ReadOptions::default()
+    };
+    let r = c.read_with("default", Offset(1), &pinned).await.unwrap();
+    assert!(r.records.is_empty());
+    assert_eq!(waits.lock().unwrap()[1], 0);
+    let r = c.read_with("default", Offset(0), &pinned).await.unwrap();
+    assert!(r.records.is_empty(), "a pinned read is not sent elsewhere");
+    assert_eq!(waits.lock().unwrap().len(), 3);
+}
+
+/// `committed_end` read from offset 0, which a replica answers with `OffsetTrimmed` once the
+/// log's start has moved past it: `chainlog tail` failed on every trimmed log. The scripted
+/// node refuses reads below the start as a replica does (`Replica::readable_log`).
+#[tokio::test]
+async fn committed_end_of_a_trimmed_log() {
+    let (l, addr) = listener().await;
+    serve_with(l, |req| match req {
+        ClientRequest::Read { from, .. } if from < Offset(5) => vec![ClientReply::Error {
+            code: ErrorCode::OffsetTrimmed,
+            message: "log starts at 5".into(),
+        }],
+        ClientRequest::Read { .. } => vec![ClientReply::ReadOk {
+            committed_end: Offset(9),
+            batches: vec![],
+        }],
+        other => panic!("unexpected {other:?}"),
+    });
+    let c = Client::connect(cfg(&[&addr])).await.unwrap();
+    assert_eq!(c.committed_end("default").await.unwrap(), Offset(9));
+}
+
+/// One record per batch, at `offset`, with payload "r{offset}".
+fn rec(offset: u64) -> Bytes {
+    let payload = format!("r{offset}");
+    record::build(
+        LogId::from_name("default"),
+        Offset(offset),
+        Epoch(1),
+        &[payload.as_bytes()],
+    )
+    .unwrap()
+}
+
+/// A replica whose committed end is `knows`: reads get the records below it; a subscription
+/// gets every record from where it asks up to 11 (one more commit arrives after `tail` starts).
+fn replica_knowing(knows: u64) -> impl Fn(ClientRequest) -> Vec<ClientReply> {
+    move |req| match req {
+        ClientRequest::Read { from, .. } => vec![ClientReply::ReadOk {
+            committed_end: Offset(knows),
+            batches: (from.0..knows).map(rec).collect(),
+        }],
+        ClientRequest::Subscribe { from, .. } => (from.0..11)
+            .map(|o| ClientReply::Records {
+                committed_end: Offset(o + 1),
+                batches: vec![rec(o)],
+            })
+            .collect(),
+        other => panic!("unexpected {other:?}"),
+    }
+}
+
+/// Runs the CLI with `args`; returns the first `lines` lines it prints (fewer if it exits or
+/// 10 s pass), then kills it.
+fn cli_lines(args: &[&str], lines: usize) -> Vec<String> {
+    use std::io::BufRead;
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_chainlog"))
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for l in std::io::BufReader::new(stdout).lines() {
+            if tx.send(l.unwrap()).is_err() {
+                return;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let mut got = Vec::new();
+    while got.len() < lines {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(l) => got.push(l),
+            Err(_) => break,
+        }
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    got
+}
+
+/// `tail -n 5 -f` over two replicas: the committed end (10) came from one, the last five
+/// records from the other, which knew only up to 7, and the subscription started at 10, so
+/// records 7..10 were never printed. It now follows from where printing got to.
+#[test]
+fn tail_follow_over_replicas_prints_every_record_once() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (la, a) = rt.block_on(listener());
+    let (lb, b) = rt.block_on(listener());
+    rt.block_on(async {
+        serve_with(la, replica_knowing(10));
+        serve_with(lb, replica_knowing(7));
+    });
+    let addrs = format!("{a},{b}");
+    let got = cli_lines(&["--addr", &addrs, "tail", "-n", "5", "-f"], 6);
+    let want: Vec<String> = (5..11).map(|o| format!("r{o}")).collect();
+    assert_eq!(got, want);
+}
+
+/// `tail -n` asking for more records than a trimmed log still holds prints from its start.
+#[test]
+fn tail_of_a_trimmed_log_prints_from_its_start() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (l, addr) = rt.block_on(listener());
+    rt.block_on(async {
+        serve_with(l, |req| match req {
+            ClientRequest::Read { from, .. } if from < Offset(5) => vec![ClientReply::Error {
+                code: ErrorCode::OffsetTrimmed,
+                message: "log starts at 5".into(),
+            }],
+            other => replica_knowing(8)(other),
+        })
+    });
+    let got = cli_lines(&["--addr", &addr, "tail", "-n", "10"], 10);
+    assert_eq!(got, vec!["r5", "r6", "r7"]);
+}
+
+/// With one replica unreachable (it takes the connection but never answers the Hello: a
+/// connect timeout), a subscription tried only the round-robin node and returned its error,
+/// and a read moved on only after an i/o error or a lost connection. Both now try the other
+/// replicas, each once.
+#[tokio::test]
+async fn reads_and_subscriptions_pass_over_an_unreachable_replica() {
+    // Bound and never accepted: the kernel completes the TCP handshake, nobody answers.
+    let (_silent, dead) = listener().await;
+    let (l, live) = listener().await;
+    serve_with(l, replica_knowing(3));
+    let mut cfg = cfg(&[&dead, &live]);
+    cfg.connect_timeout_ms = 200;
+    let c = Client::new(cfg).unwrap();
+    // Round-robin: the subscription, then the second read, go to addrs[0] first.
+    let mut sub = c.subscribe("default", Offset(0)).await.unwrap();
+    assert_eq!(sub.next().await.unwrap().unwrap().offset, Offset(0));
+    for _ in 0..2 {
+        let recs = c.read("default", Offset(1), 10).await.unwrap();
+        assert_eq!(recs.len(), 2);
+    }
+    // A pinned read does not move.
+    let pinned = ReadOptions {
+        node: Some(0),
+        ..ReadOptions::default()
+    };
+    let e = c
+        .read_with("default", Offset(0), &pinned)
+        .await
+        .unwrap_err();
+    assert!(matches!(e, Error::Timeout { .. }), "{e:?}");
+}
+
+/// A replica answering `ShuttingDown`, `Unavailable` or `LimitExceeded` (too many reads or
+/// subscriptions in progress there) failed the read or the subscription; another replica
+/// may well answer.
+#[tokio::test]
+async fn reads_and_subscriptions_pass_over_a_replica_that_refuses_for_itself() {
+    let (lbusy, busy) = listener().await;
+    let (l, live) = listener().await;
+    let n = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    serve_with(lbusy, move |req| {
+        let code = match req {
+            ClientRequest::Subscribe { .. } => ErrorCode::LimitExceeded,
+            _ => {
+                let codes = [
+                    ErrorCode::ShuttingDown,
+                    ErrorCode::Unavailable,
+                    ErrorCode::LimitExceeded,
+                ];
+                codes[n.fetch_add(1, std::sync::atomic::Ordering::Relaxed) % codes.len()]
+            }
+        };
+        vec![ClientReply::Error {
+            code,
+            message: "scripted".into(),
+        }]
+    });
+    serve_with(l, replica_knowing(3));
+    let c = Client::new(cfg(&[&busy, &live])).unwrap();
+    for _ in 0..6 {
+        let recs = c.read("default", Offset(0), 10).await.unwrap();
+        assert_eq!(recs.len(), 3);
+    }
+    // Round-robin: the subscription goes to the busy node first.
+    let mut sub = c.subscribe("default", Offset(0)).await.unwrap();
+    for want in 0..3 {
+        assert_eq!(sub.next().await.unwrap().unwrap().offset, Offset(want));
+    }
+}
+
+/// A request whose caller stops waiting (a `read_with` future dropped inside the caller's
+/// own timeout) kept its route and its in-flight slot until the server replied: with one
+/// slot, every later request on the connection waited for a reply that never came.
+#[tokio::test]
+async fn a_dropped_request_gives_its_in_flight_slot_back() {
+    let (l, addr) = listener().await;
+    serve_with(l, |req| match req {
+        ClientRequest::Read { .. } => vec![], // never answered
+        ClientRequest::Status => vec![ClientReply::StatusOk { json: "{}".into() }],
+        other => panic!("unexpected {other:?}"),
+    });
+    let mut cfg = cfg(&[&addr]);
+    cfg.in_flight_max = 1;
+    let c = Client::connect(cfg).await.unwrap();
+    let read = c.read("default", Offset(0), 1);
+    assert!(tokio::time::timeout(Duration::from_millis(100), read)
+        .await
+        .is_err());
+    let status = c.status_raw_of(0).await;
+    assert_eq!(status.unwrap(), Bytes::from_static(b"{}"));
 }

@@ -276,10 +276,17 @@ async fn read(
 
 async fn tail(client: &Client, log: &str, n: u64, follow: bool) -> Result<()> {
     let end = client.committed_end(log).await?;
-    let from = Offset(end.0.saturating_sub(n));
+    let mut from = Offset(end.0.saturating_sub(n));
     let mut out = std::io::BufWriter::new(std::io::stdout().lock());
     let next = if n > 0 {
-        read(client, log, from, Some(end.0 - from.0), &mut out).await?
+        match read(client, log, from, Some(end.0 - from.0), &mut out).await {
+            // Fewer than n records are left after a trim: print from the log's start.
+            Err(e) if trimmed_start(&e).is_some_and(|s| s > from && s <= end) => {
+                from = trimmed_start(&e).unwrap_or(end);
+                read(client, log, from, Some(end.0 - from.0), &mut out).await?
+            }
+            r => r?,
+        }
     } else {
         end
     };
@@ -287,7 +294,9 @@ async fn tail(client: &Client, log: &str, n: u64, follow: bool) -> Result<()> {
     if !follow {
         return Ok(());
     }
-    let mut sub = client.subscribe(log, next.max(end)).await?;
+    // From where printing got to, not from `end`: the read may have stopped short of it (its
+    // replica knew a smaller committed end), and the records between would never be printed.
+    let mut sub = client.subscribe(log, next).await?;
     while let Some(r) = sub.next().await {
         let r = r?;
         out.write_all(&r.payload)?;
@@ -295,6 +304,19 @@ async fn tail(client: &Client, log: &str, n: u64, follow: bool) -> Result<()> {
         out.flush()?;
     }
     Ok(())
+}
+
+/// Where a log starts, from the `OffsetTrimmed` ("log starts at S") a read below it gets.
+fn trimmed_start(e: &anyhow::Error) -> Option<Offset> {
+    let e = e.downcast_ref::<chainlog_client::Error>()?;
+    let chainlog_client::Error::Server {
+        code: ErrorCode::OffsetTrimmed,
+        message,
+    } = e
+    else {
+        return None;
+    };
+    message.split_whitespace().last()?.parse().ok().map(Offset)
 }
 
 async fn status(cfg: ClientConfig, json: bool) -> Result<()> {
