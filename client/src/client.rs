@@ -60,6 +60,8 @@ pub(crate) struct Inner {
     committed: Mutex<HashMap<LogId, Offset>>,
     /// Payload bytes accepted by `append` and not yet answered.
     pub(crate) buffer: Arc<Semaphore>,
+    /// Subscriptions open (`subscriptions_max`); each holds a permit until dropped.
+    pub(crate) subscriptions: Arc<Semaphore>,
 }
 
 /// Logs whose committed end a client remembers: as many as a server holds. Past that one is
@@ -163,6 +165,7 @@ impl Client {
                 producers: Mutex::new(HashMap::new()),
                 committed: Mutex::new(HashMap::new()),
                 buffer: Arc::new(Semaphore::new(cfg.buffer_bytes_max)),
+                subscriptions: Arc::new(Semaphore::new(cfg.subscriptions_max)),
                 cfg,
             }),
         })

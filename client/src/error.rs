@@ -41,6 +41,10 @@ pub enum Error {
     /// record or batch over the limits, node index out of range).
     #[error("invalid argument: {0}")]
     InvalidArgument(String),
+    /// A limit of this client's own configuration is reached (e.g. `subscriptions_max`): the
+    /// call would need more than it allows until something held is given back.
+    #[error("client limit reached: at most {max} {what}")]
+    LimitExceeded { what: &'static str, max: usize },
     /// The client is shutting down (its handles were dropped while a call was pending).
     #[error("client closed")]
     Closed,
@@ -64,6 +68,7 @@ impl Error {
             Error::Protocol { .. }
             | Error::WrongCluster { .. }
             | Error::InvalidArgument(_)
+            | Error::LimitExceeded { .. }
             | Error::Closed
             // Retrying under the same sequence already ran out (or cannot be trusted).
             | Error::InDoubt { .. } => false,

@@ -49,8 +49,12 @@ pub use bytes::Bytes;
 pub use chainlog_core::{ClusterId, ErrorCode, LogId, Offset, ProducerId};
 
 use chainlog_core::limits::{
-    BATCH_BYTES_MAX, CONNECTION_REQUESTS_MAX, PRODUCER_BATCHES_IN_FLIGHT_MAX,
+    BATCH_BYTES_MAX, CONNECTIONS_MAX, CONNECTION_REQUESTS_MAX, PRODUCER_BATCHES_IN_FLIGHT_MAX,
 };
+
+/// Most subscriptions a client may be configured to hold (one connection each): a node's
+/// default connection limit.
+const SUBSCRIPTIONS_MAX: usize = CONNECTIONS_MAX;
 use chainlog_core::record::{HEADER_LEN, RECORD_OVERHEAD};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
@@ -107,6 +111,10 @@ pub struct ClientConfig {
     pub retry_backoff_ms: u64,
     /// Bytes of batches asked for per read request. Default 1 MiB; min 1.
     pub read_bytes_max: u32,
+    /// Subscriptions open at once; each holds a connection of its own, so past this
+    /// `subscribe` fails with `LimitExceeded` instead of taking every slot a node has.
+    /// Default 64; 1..=1024 (a node's default connection limit).
+    pub subscriptions_max: usize,
 }
 
 impl Default for ClientConfig {
@@ -126,6 +134,7 @@ impl Default for ClientConfig {
             retries_max: 10,
             retry_backoff_ms: 10,
             read_bytes_max: 1 << 20,
+            subscriptions_max: 64,
         }
     }
 }
@@ -159,6 +168,9 @@ impl ClientConfig {
                     self.addrs.len()
                 ));
             }
+        }
+        if !(1..=SUBSCRIPTIONS_MAX).contains(&self.subscriptions_max) {
+            return bad(format!("subscriptions_max must be 1..={SUBSCRIPTIONS_MAX}"));
         }
         if self.request_timeout_ms == 0 || self.connect_timeout_ms == 0 {
             return bad("timeouts must be at least 1 ms".into());

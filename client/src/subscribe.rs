@@ -12,7 +12,7 @@ use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, OwnedSemaphorePermit};
 use tokio::task::JoinHandle;
 
 /// Pushed frames' worth of records buffered between the task and the consumer.
@@ -41,6 +41,8 @@ pub struct Subscription {
     buffered: VecDeque<Record>,
     task: JoinHandle<()>,
     ended: bool,
+    /// This subscription's place under `subscriptions_max`, given back on drop.
+    _slot: OwnedSemaphorePermit,
 }
 
 impl std::fmt::Debug for Subscription {
@@ -59,7 +61,15 @@ impl Drop for Subscription {
 
 impl Subscription {
     pub(crate) async fn start(inner: Arc<Inner>, log: LogId, from: Offset) -> Result<Subscription> {
-        // The first subscribe happens here so a bad address or unknown log fails the call.
+        let slot = inner
+            .subscriptions
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| Error::LimitExceeded {
+                what: "subscriptions open (subscriptions_max)",
+                max: inner.cfg.subscriptions_max,
+            })?;
+        // The first subscribe happens here so a bad address fails the call.
         let (conn, stream) = open(&inner, log, from).await?;
         let (tx, rx) = mpsc::channel(DELIVERIES_QUEUED_MAX);
         let task = tokio::spawn(follow(inner, log, from, conn, stream, tx));
@@ -68,6 +78,7 @@ impl Subscription {
             buffered: VecDeque::new(),
             task,
             ended: false,
+            _slot: slot,
         })
     }
 

@@ -1158,3 +1158,30 @@ async fn a_dropped_request_gives_its_in_flight_slot_back() {
     let status = c.status_raw_of(0).await;
     assert_eq!(status.unwrap(), Bytes::from_static(b"{}"));
 }
+
+/// Each subscription holds a connection of its own: past `subscriptions_max` a subscribe is
+/// refused with a typed error instead of taking every slot a node has, and a dropped
+/// subscription gives its place back.
+#[tokio::test]
+async fn subscriptions_past_the_limit_are_refused_until_one_is_dropped() {
+    let (l, addr) = listener().await;
+    // Subscribes are left open with nothing to push.
+    serve_with(l, |_| vec![]);
+    let c = Client::new(ClientConfig {
+        subscriptions_max: 2,
+        ..cfg(&[&addr])
+    })
+    .unwrap();
+    let a = c.subscribe("default", Offset(0)).await.unwrap();
+    let _b = c.subscribe("default", Offset(0)).await.unwrap();
+    let e = c.subscribe("default", Offset(0)).await.unwrap_err();
+    assert!(matches!(e, Error::LimitExceeded { max: 2, .. }), "{e:?}");
+    assert!(!e.is_retriable());
+    drop(a);
+    let _c = c.subscribe("default", Offset(0)).await.unwrap();
+    let bad = ClientConfig {
+        subscriptions_max: 0,
+        ..cfg(&[&addr])
+    };
+    assert!(matches!(bad.validate(), Err(Error::InvalidArgument(_))));
+}
