@@ -1185,3 +1185,29 @@ async fn subscriptions_past_the_limit_are_refused_until_one_is_dropped() {
     };
     assert!(matches!(bad.validate(), Err(Error::InvalidArgument(_))));
 }
+
+/// `chainlog read` over two replicas: the first reply showed the log committed up to 10, the
+/// next came from a replica that knew only 4 and ended the read there (records 4..10 were
+/// never printed, and the CLI exited 0). The read now goes on to the highest end any reply
+/// showed.
+#[test]
+fn cli_read_over_replicas_goes_on_to_the_highest_committed_end_seen() {
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (la, a) = rt.block_on(listener());
+    let (lb, b) = rt.block_on(listener());
+    rt.block_on(async {
+        // Two records per reply, so the read takes several requests.
+        serve_with(la, |req| match req {
+            ClientRequest::Read { from, .. } => vec![ClientReply::ReadOk {
+                committed_end: Offset(10),
+                batches: (from.0..(from.0 + 2).min(10)).map(rec).collect(),
+            }],
+            other => panic!("unexpected {other:?}"),
+        });
+        serve_with(lb, replica_knowing(4));
+    });
+    let addrs = format!("{a},{b}");
+    let got = cli_lines(&["--addr", &addrs, "read", "--from", "0"], 10);
+    let want: Vec<String> = (0..10).map(|o| format!("r{o}")).collect();
+    assert_eq!(got, want);
+}

@@ -247,6 +247,9 @@ async fn read(
 ) -> Result<Offset> {
     let mut next = from;
     let mut left = count.unwrap_or(u64::MAX);
+    // The highest committed end any reply showed: replicas learn commits a hop apart, and a
+    // reply from one that lags must not end the read before what another already showed.
+    let mut end = Offset::ZERO;
     while left > 0 {
         let opts = ReadOptions {
             max_records: left.min(READ_RECORDS_PER_REQUEST) as u32,
@@ -267,7 +270,8 @@ async fn read(
             next = r.offset.plus(1);
             left -= 1;
         }
-        if next >= res.committed_end {
+        end = end.max(res.committed_end);
+        if next >= end {
             break;
         }
     }
