@@ -625,15 +625,8 @@ impl Inner {
         what: &'static str,
         pinned: Option<usize>,
     ) -> Result<(usize, String, ClientReply)> {
-        let (first, _) = self.nodes.for_read(pinned)?;
-        let count = self.nodes.len();
-        let tries = if pinned.is_some() { 1 } else { count };
         let mut last = Error::Closed;
-        for k in 0..tries {
-            let index = (first + k) % count;
-            let Some(slot) = self.nodes.get(index) else {
-                break;
-            };
+        for (index, slot) in self.nodes.read_order(pinned)? {
             let r = match self.conn(&slot).await {
                 Ok(c) => c.call(req, timeout, what).await,
                 Err(e) => Err(e),

@@ -82,6 +82,20 @@ impl Nodes {
         Ok((i, slots[i].clone()))
     }
 
+    /// The nodes a read or subscription tries, in order: the pinned one alone, else every
+    /// node once, from the next in round-robin order on.
+    pub(crate) fn read_order(&self, pinned: Option<usize>) -> Result<Vec<(usize, Arc<Slot>)>> {
+        let (first, _) = self.for_read(pinned)?;
+        let slots = self.lock();
+        let tries = if pinned.is_some() { 1 } else { slots.len() };
+        Ok((0..tries)
+            .map(|k| {
+                let i = (first + k) % slots.len();
+                (i, slots[i].clone())
+            })
+            .collect())
+    }
+
     /// A `NotHead` answer: go to the named head (tracking it if new), else try the next node.
     /// `from` is the index that answered, so concurrent redirects do not skip nodes twice.
     pub(crate) fn redirect(&self, from: usize, message: &str) {

@@ -125,18 +125,8 @@ async fn open(
     log: LogId,
     from: Offset,
 ) -> Result<(Conn, mpsc::Receiver<Result<ClientReply>>)> {
-    let (first, _) = inner.nodes.for_read(inner.cfg.read_from)?;
-    let count = inner.nodes.len();
-    let tries = if inner.cfg.read_from.is_some() {
-        1
-    } else {
-        count
-    };
     let mut last = Error::Closed;
-    for k in 0..tries {
-        let Some(slot) = inner.nodes.get((first + k) % count) else {
-            break;
-        };
+    for (_, slot) in inner.nodes.read_order(inner.cfg.read_from)? {
         let opened = async {
             let conn = inner.open(&slot.addr).await?;
             let stream = conn

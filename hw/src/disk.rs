@@ -337,7 +337,10 @@ impl SpareFiles {
             return Ok(p);
         }
         tracing::debug!("no spare segment ready; preparing one inline");
-        self.shared.make_one()
+        // Only `Drop` sets the stop flag, and it cannot run while `self` is borrowed.
+        self.shared
+            .make_one()?
+            .ok_or_else(|| HwError::Invalid("spare preparer stopped".into()))
     }
 
     /// A prepared spare if one is ready (see [`SpareFiles::take`] on replenishing).
@@ -400,23 +403,27 @@ impl SpareFiles {
 }
 
 impl SpareShared {
-    fn make_one(&self) -> Result<PathBuf> {
+    /// A new spare, or `None` if the preparer was stopped while zeroing it.
+    fn make_one(&self) -> Result<Option<PathBuf>> {
         let n = self.seq.fetch_add(1, Ordering::Relaxed);
         let tmp = self.dir.join(format!("{n:020}{SPARE_SUFFIX}{TMP_SUFFIX}"));
         let done = self.dir.join(format!("{n:020}{SPARE_SUFFIX}"));
         let r =
             create_prezeroed_unless(&tmp, self.len, self.direct, &self.stop).and_then(|complete| {
-                if !complete {
-                    return Err(HwError::Invalid("spare preparer stopped".into()));
-                }
-                std::fs::rename(&tmp, &done).map_err(|e| HwError::io("rename spare", e))
+                complete
+                    .then(|| std::fs::rename(&tmp, &done).map(|()| done))
+                    .transpose()
+                    .map_err(|e| HwError::io("rename spare", e))
             });
-        if r.is_err() {
-            let _ = std::fs::remove_file(&tmp);
-        } else {
-            self.zeroed.fetch_add(1, Ordering::Relaxed);
+        match &r {
+            Ok(Some(_)) => {
+                self.zeroed.fetch_add(1, Ordering::Relaxed);
+            }
+            Ok(None) | Err(_) => {
+                let _ = std::fs::remove_file(&tmp);
+            }
         }
-        r.map(|()| done)
+        r
     }
 
     fn run(&self) {
@@ -432,7 +439,8 @@ impl SpareShared {
                 }
             }
             match self.make_one() {
-                Ok(p) => {
+                Ok(None) => return,
+                Ok(Some(p)) => {
                     let mut st = self.lock.lock().unwrap_or_else(|e| e.into_inner());
                     st.ready.push(p);
                     st.wanted = st.wanted.saturating_sub(1);

@@ -398,8 +398,9 @@ pub fn claim_data_dir(
     };
     let io = |e: std::io::Error| ConfigError(format!("data directory {}: {e}", dir.display()));
     let cluster = match (read_id_file(dir, CLUSTER_ID_FILE).map_err(io)?, cluster_id) {
-        (Some(found), 0) => found,
-        (Some(found), want) if found != want => return Err(foreign("cluster", found, want)),
+        (Some(found), want) if want != 0 && found != want => {
+            return Err(foreign("cluster", found, want))
+        }
         (Some(found), _) => found,
         (None, 0) if chain_nodes > 1 => {
             return Err(ConfigError(format!(
