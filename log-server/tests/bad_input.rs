@@ -7,7 +7,7 @@ use chainlog_core::record::{self, BatchBuilder, HEADER_LEN};
 use chainlog_core::types::{ClusterId, LogId, Offset, ProducerId};
 use chainlog_core::wire::{ClientReply, ClientRequest, FrameHeader, Kind};
 use chainlog_core::ErrorCode;
-use common::{free_port, Raw, Server};
+use common::{Raw, Server};
 use std::time::{Duration, Instant};
 
 fn append(raw: &mut Raw, id: u64, log: &str, payloads: &[&[u8]]) -> ClientReply {
@@ -362,10 +362,13 @@ fn start_node(
     )
 }
 
+/// Two distinct free loopback addresses: both listeners are held until both are chosen, so
+/// the second cannot be the port the first just released.
 fn two_addrs() -> Vec<std::net::SocketAddr> {
-    (0..2)
-        .map(|_| format!("127.0.0.1:{}", free_port()).parse().expect("addr"))
-        .collect()
+    let held: Vec<std::net::TcpListener> = (0..2)
+        .map(|_| std::net::TcpListener::bind("127.0.0.1:0").expect("bind"))
+        .collect();
+    held.iter().map(|l| l.local_addr().expect("addr")).collect()
 }
 
 /// Waits until `server`'s log has a line with `what`, and returns it.
